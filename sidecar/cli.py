@@ -1,0 +1,162 @@
+"""Command line: ``sidecar run``, ``check``, ``init`` and ``route``.
+
+Exit codes: 0 success, 1 an operational failure (e.g. ``init`` would overwrite a file),
+2 a configuration or usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from typing import TypeVar
+
+import click
+import tomli_w
+import trio
+
+from sidecar.config import Config, ConfigError, config_to_dict, load_config
+from sidecar.explain import explain_route
+from sidecar.server import run_until_signal
+from sidecar.smtp.commands import CommandError, parse_rcpt_to
+from sidecar.starter import STARTER_CONFIG
+
+CONFIG_ENVVAR = "SIDECAR_CONFIG"
+EXIT_CONFIG_ERROR = 2
+
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sidecar")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def config_option(f: _F) -> _F:
+    """``-c/--config FILE`` (or ``$SIDECAR_CONFIG``), passed as ``config_path``."""
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        envvar=CONFIG_ENVVAR,
+        required=True,
+        metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=str),
+        help=f"Configuration file (TOML). Default: ${CONFIG_ENVVAR}.",
+    )(f)
+
+
+def _load(config_path: str) -> Config:
+    """Load and validate the configuration, or print ``error: ...`` and exit 2."""
+    try:
+        return load_config(config_path)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "-V", "--version", prog_name="sidecar")
+def main() -> None:
+    """Local SMTP-to-PROXY sidecar: delivers each message to its MX through an HAProxy egress
+    with the binding's source address."""
+
+
+@main.command()
+@config_option
+def check(config_path: str) -> None:
+    """Validate the configuration and print the effective one (defaults filled in).
+
+    Exits 0 when valid, 2 with "error: <key path>: <problem>" on stderr when not.
+    """
+    config = _load(config_path)
+    click.echo(tomli_w.dumps(config_to_dict(config)), nl=False)
+
+
+@main.command()
+@click.argument("path", default="sidecar.toml", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-f", "--force", is_flag=True, help="Overwrite PATH if it exists.")
+def init(path: str, force: bool) -> None:
+    """Write a commented starter configuration to PATH (default: sidecar.toml; "-": stdout)."""
+    if path == "-":
+        click.echo(STARTER_CONFIG, nl=False)
+        return
+    try:
+        with open(path, "w" if force else "x", encoding="utf-8") as f:
+            f.write(STARTER_CONFIG)
+    except FileExistsError:
+        click.echo(f"error: {path} already exists (use --force to overwrite it)", err=True)
+        sys.exit(1)
+    except OSError as e:
+        click.echo(f"error: cannot write {path}: {e.strerror or e}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {path}; edit it, then run: sidecar check -c {os.fspath(path)}", err=True)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@main.command()
+@config_option
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="Log level.",
+)
+def run(config_path: str, log_level: str) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    config = _load(config_path)
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(run_until_signal, config)
+    except OSError as e:
+        click.echo(f"error: cannot listen: {e.strerror or e}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@config_option
+@click.option(
+    "-l",
+    "--listener",
+    "listener_address",
+    metavar="HOST:PORT",
+    help="Route as mail arriving on this listener (default: the first one).",
+)
+@click.argument("address")
+def route(config_path: str, listener_address: str | None, address: str) -> None:
+    """Explain how mail to ADDRESS would go, without sending anything: binding, proxy or
+    bypass, the proxy server and whether it answers now, and each MX address with the source
+    address written for it."""
+    config = _load(config_path)
+    listener = config.listeners[0]
+    if listener_address is not None:
+        matches = [item for item in config.listeners if str(item.address) == listener_address]
+        if not matches:
+            known = ", ".join(str(item.address) for item in config.listeners)
+            click.echo(f"error: no listener {listener_address} (have: {known})", err=True)
+            sys.exit(EXIT_CONFIG_ERROR)
+        listener = matches[0]
+    try:
+        recipient = parse_rcpt_to(f"TO:<{address.strip('<>')}>").recipient
+    except CommandError as e:
+        click.echo(f"error: {address}: {e.reply.text}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    lines, ok = trio.run(explain_route, config, listener, recipient)
+    for line in lines:
+        click.echo(line)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name="sidecar")

@@ -1,0 +1,204 @@
+"""MX, A and AAAA look-ups with dnspython's async resolver under trio.
+
+RFC 5321 section 5.1 and RFC 7505 rules: MX hosts by preference with equal preferences shuffled;
+no MX records -> the domain itself is the implicit MX; a null MX (``0 .``) means the domain
+accepts no mail. dnspython's LRU cache keeps answers for their TTL (negative answers too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import trio
+
+from sidecar.config import DnsConfig
+from sidecar.smtp.replies import Reply, reply
+
+IPAddress = IPv4Address | IPv6Address
+
+# Bounds on what one answer may make us do.
+MAX_MX_HOSTS = 10
+MAX_ADDRESSES_PER_HOST = 10
+
+
+class ResolutionError(Exception):
+    """The domain cannot be routed now (4xx reply) or ever (5xx reply)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class MXHost:
+    name: str  # host name without the trailing dot, or the IP literal's text
+    preference: int
+    addresses: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True)
+class MXResult:
+    domain: str
+    hosts: tuple[MXHost, ...]  # in the order to try them
+    implicit: bool = False  # no MX records: the domain's own addresses
+
+
+def nxdomain(domain: str) -> Reply:
+    return reply(550, "5.1.2", f"Domain {domain} does not exist")
+
+
+def no_mail_domain(domain: str) -> Reply:
+    return reply(550, "5.1.2", f"Domain {domain} has no mail exchanger and no address")
+
+
+def null_mx(domain: str) -> Reply:
+    return reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
+
+
+def dns_temporary(domain: str, why: str) -> Reply:
+    return reply(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why}), try later")
+
+
+def order_by_preference(
+    records: Sequence[tuple[int, str]], rng: random.Random | None = None
+) -> list[tuple[int, str]]:
+    """Sort (preference, host) pairs, shuffling hosts of equal preference (RFC 5321 5.1 MUST)."""
+    rng = rng or random.Random()
+    shuffled = list(records)
+    rng.shuffle(shuffled)
+    return sorted(shuffled, key=lambda record: record[0])
+
+
+class Resolver:
+    def __init__(self, config: DnsConfig) -> None:
+        self._config = config
+        if config.nameservers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in config.nameservers
+            ]
+        else:
+            resolver = dns.asyncresolver.Resolver()
+        resolver.lifetime = config.timeout
+        resolver.timeout = min(config.timeout, 2.0)
+        self.cache = dns.resolver.LRUCache(config.cache_size)
+        resolver.cache = self.cache
+        self._resolver = resolver
+        self.queries = 0
+
+    async def resolve_mx(self, domain: str) -> MXResult:
+        """The MX hosts of ``domain`` with their addresses, or :class:`ResolutionError`."""
+        static = self._config.static.get(domain)
+        if static is not None:
+            return await self._static(domain, static)
+        try:
+            answer = await self._query(domain, "MX")
+        except dns.resolver.NXDOMAIN:
+            raise ResolutionError(nxdomain(domain)) from None
+        except dns.resolver.NoAnswer:
+            addresses = await self._host_addresses(domain)
+            if not addresses:
+                raise ResolutionError(no_mail_domain(domain)) from None
+            return MXResult(domain, (MXHost(domain, 0, addresses),), implicit=True)
+        records = [
+            (int(rdata.preference), rdata.exchange.to_text(omit_final_dot=True).lower())
+            for rdata in answer
+        ]
+        real = [(pref, host) for pref, host in records if host not in ("", ".")]
+        if not real:
+            raise ResolutionError(null_mx(domain))
+        ordered = order_by_preference(real)[:MAX_MX_HOSTS]
+        return MXResult(domain, await self._hosts_with_addresses(domain, ordered))
+
+    async def _static(self, domain: str, entries: Sequence[str]) -> MXResult:
+        ordered: list[tuple[int, str]] = []
+        literal_hosts: dict[str, tuple[IPAddress, ...]] = {}
+        for index, entry in enumerate(entries):
+            ordered.append((index * 10, entry))
+            with contextlib.suppress(ValueError):
+                literal_hosts[entry] = (ip_address(entry),)
+        hosts = await self._hosts_with_addresses(domain, ordered, literal_hosts)
+        return MXResult(domain, hosts)
+
+    async def _hosts_with_addresses(
+        self,
+        domain: str,
+        ordered: list[tuple[int, str]],
+        known: dict[str, tuple[IPAddress, ...]] | None = None,
+    ) -> tuple[MXHost, ...]:
+        results: dict[int, tuple[IPAddress, ...]] = {}
+        failures: list[ResolutionError] = []
+
+        async def look_up(index: int, host: str) -> None:
+            if known and host in known:
+                results[index] = known[host]
+                return
+            try:
+                results[index] = await self._host_addresses(host)
+            except ResolutionError as error:
+                failures.append(error)
+
+        async with trio.open_nursery() as nursery:
+            for index, (_, host) in enumerate(ordered):
+                nursery.start_soon(look_up, index, host)
+        hosts = tuple(
+            MXHost(host, pref, results[index])
+            for index, (pref, host) in enumerate(ordered)
+            if results.get(index)
+        )
+        if not hosts:
+            if failures:
+                raise failures[0]
+            raise ResolutionError(
+                reply(451, "4.4.3", f"No MX host of {domain} has an address, try later")
+            )
+        return hosts
+
+    async def _host_addresses(self, host: str) -> tuple[IPAddress, ...]:
+        """A then AAAA addresses of ``host``; a missing family is not an error."""
+        found: dict[str, list[IPAddress]] = {"A": [], "AAAA": []}
+        temporary: list[str] = []
+
+        async def look_up(rdtype: str) -> None:
+            try:
+                answer = await self._query(host, rdtype)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                return
+            except ResolutionError as error:
+                temporary.append(error.reply.text)
+                return
+            found[rdtype] = [ip_address(rdata.address) for rdata in answer][:MAX_ADDRESSES_PER_HOST]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look_up, "A")
+            nursery.start_soon(look_up, "AAAA")
+        addresses = tuple(found["A"] + found["AAAA"])
+        if not addresses and temporary:
+            raise ResolutionError(dns_temporary(host, "no answer for its addresses"))
+        return addresses
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """One query; NXDOMAIN and NoAnswer propagate, every other failure is temporary."""
+        self.queries += 1
+        try:
+            return await self._resolver.resolve(
+                dns.name.from_text(name), rdtype, search=False, lifetime=self._config.timeout
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            raise
+        except dns.resolver.NoNameservers:
+            raise ResolutionError(dns_temporary(name, "SERVFAIL or refused")) from None
+        except dns.exception.Timeout:
+            raise ResolutionError(dns_temporary(name, "timeout")) from None
+        except dns.exception.DNSException as error:
+            raise ResolutionError(dns_temporary(name, type(error).__name__)) from None

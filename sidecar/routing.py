@@ -1,0 +1,170 @@
+"""Recipient -> Route: which binding, proxy or bypass, which MX addresses in which order, and the
+source address written in the PROXY header for each (DESIGN.md invariants 2 and 3)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from sidecar.config import Binding, Config, HostPort, Listener
+from sidecar.health import HealthRegistry
+from sidecar.resolver import MXHost, MXResult, ResolutionError, Resolver
+from sidecar.smtp.replies import Reply, reply
+
+IPAddress = IPv4Address | IPv6Address
+
+
+class RouteError(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One MX address to try, and the source address HAProxy must use for it."""
+
+    mx: str
+    address: IPAddress
+    source: IPAddress | None  # None: bypass, delivered directly from this host
+
+
+@dataclass(frozen=True)
+class Route:
+    domain: str
+    binding: Binding
+    bypass: bool
+    mx: MXResult
+    candidates: tuple[Candidate, ...]
+    skipped: tuple[str, ...] = ()  # addresses left out, and why
+
+    @property
+    def key(self) -> tuple[str, bool, frozenset[str]]:
+        """Two recipients share a transaction only when their keys are equal."""
+        return (self.binding.name, self.bypass, frozenset(host.name for host in self.mx.hosts))
+
+    @property
+    def servers(self) -> tuple[HostPort, ...]:
+        return () if self.bypass else self.binding.ha_proxy_server
+
+
+def refused_destination(address: IPAddress) -> str | None:
+    """Why an MX address must not be connected to by default, or ``None``."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for reason in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+        if getattr(address, f"is_{reason}"):
+            return reason.replace("_", "-")
+    return None
+
+
+def source_for(binding: Binding, address: IPAddress) -> IPAddress | None:
+    if isinstance(address, IPv4Address):
+        return binding.ha_proxy_src_addr
+    return binding.ha_proxy_ipv6_src_addr
+
+
+def unplumbed(binding: Binding) -> Reply:
+    servers = ", ".join(str(server) for server in binding.ha_proxy_server)
+    return reply(451, "4.4.1", f"No HAProxy server of binding {binding.name} is up ({servers})")
+
+
+class Router:
+    def __init__(self, config: Config, resolver: Resolver, health: HealthRegistry) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.health = health
+        self._turns = {name: itertools.count() for name in config.binding_groups}
+
+    def is_bypass(self, binding: Binding, group: str | None, domain: str) -> bool:
+        scopes = [binding.domains]
+        if group is not None:
+            scopes.append(self.config.binding_groups[group].domains)
+        scopes.append(self.config.domains)
+        for scope in scopes:
+            policy = scope.get(domain)
+            if policy is not None and policy.ha_proxy_bypass is not None:
+                return policy.ha_proxy_bypass
+        return False
+
+    def has_plumbed_server(self, binding: Binding) -> bool:
+        return any(self.health.is_plumbed(server) for server in binding.ha_proxy_server)
+
+    def pick_binding(self, listener: Listener, domain: str, prefer: str | None = None) -> Binding:
+        """The binding for this listener's mail to ``domain``; in a group, a plumbed member
+        (the transaction's current one when it is still usable, else round-robin)."""
+        if listener.binding is not None:
+            return self.config.bindings[listener.binding]
+        group = listener.target
+        members = [
+            self.config.bindings[name] for name in self.config.binding_groups[group].bindings
+        ]
+        usable = [
+            member
+            for member in members
+            if self.is_bypass(member, group, domain) or self.has_plumbed_server(member)
+        ]
+        if not usable:
+            raise RouteError(
+                reply(451, "4.4.1", f"No binding of group {group} has an HAProxy server up")
+            )
+        for member in usable:
+            if member.name == prefer:
+                return member
+        return usable[next(self._turns[group]) % len(usable)]
+
+    async def route(
+        self, listener: Listener, domain: str, literal: IPAddress | None, prefer: str | None = None
+    ) -> Route:
+        binding = self.pick_binding(listener, domain, prefer)
+        group = listener.binding_group
+        bypass = self.is_bypass(binding, group, domain)
+        if not bypass and not self.has_plumbed_server(binding):
+            raise RouteError(unplumbed(binding))
+        if literal is not None:
+            mx = MXResult(domain, (MXHost(str(literal), 0, (literal,)),))
+        else:
+            try:
+                mx = await self.resolver.resolve_mx(domain)
+            except ResolutionError as error:
+                raise RouteError(error.reply) from None
+        return self.candidates(domain, binding, bypass, mx)
+
+    def candidates(self, domain: str, binding: Binding, bypass: bool, mx: MXResult) -> Route:
+        delivery = self.config.delivery
+        chosen: list[Candidate] = []
+        skipped: list[str] = []
+        for host in mx.hosts:
+            for address in host.addresses:
+                if not delivery.allow_private_destinations:
+                    why = refused_destination(address)
+                    if why is not None:
+                        skipped.append(f"{host.name} {address}: {why} destination refused")
+                        continue
+                source = None if bypass else source_for(binding, address)
+                if not bypass and source is None:
+                    option = (
+                        "ha_proxy_src_addr"
+                        if isinstance(address, IPv4Address)
+                        else "ha_proxy_ipv6_src_addr"
+                    )
+                    skipped.append(f"{host.name} {address}: binding {binding.name} has no {option}")
+                    continue
+                chosen.append(Candidate(host.name, address, source))
+        if not chosen:
+            detail = "; ".join(skipped[:3]) or "no addresses"
+            raise RouteError(
+                reply(
+                    451, "4.4.4", f"No usable MX address for {domain} via {binding.name}: {detail}"
+                )
+            )
+        route = Route(
+            domain,
+            binding,
+            bypass,
+            mx,
+            tuple(chosen[: delivery.max_mx_addresses]),
+            tuple(skipped),
+        )
+        return route

@@ -1,0 +1,469 @@
+"""One client connection: the front SMTP dialogue, the route per transaction, the upstream
+switching, and the DATA relay.
+
+The sidecar answers EHLO, MAIL, RSET, NOOP, VRFY, HELP and QUIT itself. The first RCPT of a
+transaction resolves the route and opens the upstream (all while the client waits for that RCPT
+reply); from there every reply that decides the message's fate is the MX's own, byte for byte.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from sidecar.config import Config, Listener
+from sidecar.health import HealthRegistry
+from sidecar.routing import Route, RouteError, Router
+from sidecar.smtp import replies
+from sidecar.smtp.commands import (
+    Address,
+    Command,
+    CommandError,
+    MailFrom,
+    parse_command,
+    parse_mail_from,
+    parse_rcpt_to,
+)
+from sidecar.smtp.data import DataScanner
+from sidecar.smtp.lines import LineReader, LineTooLong
+from sidecar.smtp.replies import Reply, reply
+from sidecar.upstream import Upstream, UpstreamError, UpstreamLost, open_upstream
+
+log = logging.getLogger("sidecar.session")
+
+RECEIVE_SIZE = 262_144
+_session_ids = itertools.count(1)
+
+# MAIL parameters the sidecar accepts, and the MX capability each needs to be replayed.
+MAIL_PARAMETER_CAPABILITY = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8"}
+BODY_VALUES = ("7BIT", "8BITMIME")
+
+
+@dataclass
+class Counters:
+    sessions: int = 0
+    active_sessions: int = 0
+    transactions: int = 0
+    messages_delivered: int = 0
+
+
+@dataclass
+class ServerContext:
+    """What every session shares: built once per configuration."""
+
+    config: Config
+    router: Router
+    health: HealthRegistry
+    counters: Counters = field(default_factory=Counters)
+    shutting_down: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class Transaction:
+    mail: MailFrom
+    route: Route | None = None  # fixed by the first accepted RCPT
+    recipients: int = 0
+    accepted: int = 0
+    mail_sent: bool = False  # MAIL replayed on the current upstream
+    broken: bool = False  # the upstream was lost after a recipient was accepted
+
+
+def _has_param(mail: MailFrom, keyword: str) -> bool:
+    return any(name == keyword for name, _ in mail.params)
+
+
+class _CloseSession(Exception):
+    pass
+
+
+def _lost(what: str) -> Reply:
+    return reply(
+        451, "4.4.2", f"Connection to the MX lost {what}; message not delivered, try later"
+    )
+
+
+class Session:
+    def __init__(
+        self, stream: trio.abc.Stream, client: str, listener: Listener, context: ServerContext
+    ) -> None:
+        self.stream = stream
+        self.client = client
+        self.listener = listener
+        self.context = context
+        self.config = context.config
+        self.id = f"{next(_session_ids):x}"
+        self.reader = LineReader(self.config.server.max_line_length)
+        self.out: list[bytes] = []
+        self.greeted = False
+        self.errors = 0
+        self.txn: Transaction | None = None
+        self.upstream: Upstream | None = None
+
+    # ---- I/O helpers -------------------------------------------------------------------------
+
+    def queue(self, answer: Reply) -> None:
+        self.out.append(answer.to_bytes())
+
+    async def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
+            with trio.move_on_after(self.config.server.command_timeout) as scope:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    raise _CloseSession from None
+            if scope.cancelled_caught:
+                raise _CloseSession
+
+    async def receive(self, timeout: float) -> bytes | bytearray:
+        """Bytes from the client; on silence past ``timeout``, 421 and close."""
+        with trio.move_on_after(timeout):
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise _CloseSession from None
+            if not data:
+                raise _CloseSession
+            return data
+        self.queue(replies.TIMEOUT)
+        await self.flush()
+        raise _CloseSession
+
+    # ---- the session -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            self.queue(reply(220, None, f"{self.config.server.hostname} ESMTP sidecar ready"))
+            while True:
+                line = self.reader.next_line()
+                if line is None:
+                    await self.flush()
+                    self.reader.feed(await self.receive(self.config.server.command_timeout))
+                    continue
+                await self.handle_line(line)
+        except _CloseSession:
+            pass
+        finally:
+            if self.upstream is not None:
+                with trio.CancelScope(shield=True):
+                    await self._drop_upstream(polite=self.txn is None)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def handle_line(self, line: bytes | LineTooLong) -> None:
+        if isinstance(line, LineTooLong):
+            await self.error(replies.LINE_TOO_LONG)
+            return
+        try:
+            command = parse_command(line)
+        except CommandError as error:
+            await self.error(error.reply)
+            return
+        handler = HANDLERS.get(command.verb)
+        if handler is None:
+            known = command.verb in NOT_IMPLEMENTED
+            await self.error(replies.NOT_IMPLEMENTED if known else replies.UNKNOWN_COMMAND)
+            return
+        await handler(self, command)
+
+    async def error(self, answer: Reply) -> None:
+        self.queue(answer)
+        self.errors += 1
+        if self.errors >= self.config.server.max_errors:
+            self.queue(replies.TOO_MANY_ERRORS)
+            await self.flush()
+            raise _CloseSession
+
+    # ---- commands answered locally -----------------------------------------------------------
+
+    async def do_ehlo(self, command: Command) -> None:
+        if not command.argument.strip():
+            await self.error(reply(501, "5.5.4", "EHLO needs a domain or address literal"))
+            return
+        await self._reset()
+        self.greeted = True
+        server = self.config.server
+        lines = [
+            f"{server.hostname} greets {command.argument.split()[0]}",
+            "PIPELINING",
+            "8BITMIME",
+            f"SIZE {server.max_message_size}",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            f"LIMITS RCPTMAX={server.max_recipients} RCPTDOMAINMAX=1",
+        ]
+        self.queue(Reply(250, tuple(lines)))
+
+    async def do_helo(self, command: Command) -> None:
+        if not command.argument.strip():
+            await self.error(reply(501, "5.5.4", "HELO needs a domain"))
+            return
+        await self._reset()
+        self.greeted = True
+        self.queue(Reply(250, (self.config.server.hostname,)))
+
+    async def do_mail(self, command: Command) -> None:
+        if not self.greeted:
+            await self.error(reply(503, "5.5.1", "Send EHLO or HELO first"))
+            return
+        if self.txn is not None:
+            await self.error(reply(503, "5.5.1", "Nested MAIL command"))
+            return
+        try:
+            mail = parse_mail_from(command.argument)
+        except CommandError as error:
+            await self.error(error.reply)
+            return
+        for keyword, value in mail.params:
+            if keyword not in MAIL_PARAMETER_CAPABILITY:
+                await self.error(reply(555, "5.5.4", f"Unsupported MAIL parameter {keyword}"))
+                return
+            if keyword == "SIZE":
+                if value is None or not value.isdigit():
+                    await self.error(reply(501, "5.5.4", "SIZE needs a number"))
+                    return
+                if int(value) > self.config.server.max_message_size:
+                    self.queue(replies.MESSAGE_TOO_BIG)
+                    return
+            if keyword == "BODY" and (value or "").upper() not in BODY_VALUES:
+                await self.error(reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
+                return
+        self.txn = Transaction(mail)
+        self.context.counters.transactions += 1
+        self.queue(reply(250, "2.1.0", "Sender OK"))
+
+    async def do_rset(self, command: Command) -> None:
+        await self._reset()
+        self.queue(replies.OK)
+
+    async def do_noop(self, command: Command) -> None:
+        self.queue(replies.OK)
+
+    async def do_vrfy(self, command: Command) -> None:
+        self.queue(replies.VRFY_CANNOT)
+
+    async def do_help(self, command: Command) -> None:
+        self.queue(replies.HELP)
+
+    async def do_quit(self, command: Command) -> None:
+        self.queue(replies.GOODBYE)
+        await self.flush()
+        if self.upstream is not None:
+            await self._drop_upstream(polite=True)
+        raise _CloseSession
+
+    # ---- RCPT: route, upstream, replay -------------------------------------------------------
+
+    async def do_rcpt(self, command: Command) -> None:
+        txn = self.txn
+        if txn is None:
+            await self.error(reply(503, "5.5.1", "Need MAIL before RCPT"))
+            return
+        try:
+            rcpt = parse_rcpt_to(command.argument)
+        except CommandError as error:
+            await self.error(error.reply)
+            return
+        if rcpt.params:
+            await self.error(reply(555, "5.5.4", f"Unsupported RCPT parameter {rcpt.params[0][0]}"))
+            return
+        if txn.recipients >= self.config.server.max_recipients:
+            self.queue(replies.TOO_MANY_RECIPIENTS)
+            return
+        txn.recipients += 1
+        if not rcpt.recipient.domain:
+            self.queue(reply(550, "5.1.1", "This relay needs a recipient with a domain"))
+            return
+        # Earlier pipelined replies go out now: the upstream set-up may take a while.
+        await self.flush()
+        delivery = self.config.delivery
+        answer: Reply | None = None
+        with trio.move_on_after(delivery.setup_timeout):
+            answer = await self._route_and_replay(txn, rcpt.recipient, rcpt.to_line())
+        if answer is None:
+            if self.upstream is not None:
+                await self._drop_upstream(polite=False)
+            answer = reply(451, "4.4.1", "Timed out setting up delivery to the MX, try later")
+        self.queue(answer)
+
+    async def _route_and_replay(self, txn: Transaction, recipient: Address, line: bytes) -> Reply:
+        prefer = txn.route.binding.name if txn.route is not None else None
+        try:
+            route = await self.context.router.route(
+                self.listener, recipient.routing_domain, recipient.literal, prefer
+            )
+        except RouteError as error:
+            return error.reply
+        if txn.route is not None and route.key != txn.route.key:
+            return replies.OTHER_ROUTE
+        if txn.broken:
+            return _lost("earlier in this transaction")
+        upstream = self.upstream
+        if upstream is not None and (upstream.closed or upstream.route_key != route.key):
+            await self._drop_upstream(polite=True)
+            upstream = None
+        try:
+            if upstream is None:
+                ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
+                upstream = await open_upstream(
+                    route, ehlo_name, self.config.delivery, self.context.health
+                )
+                self.upstream = upstream
+                txn.mail_sent = False
+            if not txn.mail_sent:
+                if _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8"):
+                    return reply(553, "5.6.7", "The MX does not support SMTPUTF8")
+                mail_line = txn.mail.to_line(
+                    keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword])
+                )
+                answer = await upstream.command(mail_line)
+                if not answer.is_positive:
+                    return answer
+                txn.mail_sent = True
+            answer = await upstream.command(line)
+        except UpstreamError as error:
+            return error.reply
+        except UpstreamLost as error:
+            log.info("session %s: upstream lost during RCPT: %s", self.id, error)
+            await self._drop_upstream(polite=False)
+            if txn.accepted:
+                txn.broken = True
+            return _lost("while sending the envelope")
+        if answer.code in (250, 251):
+            txn.accepted += 1
+            txn.route = route
+        return answer
+
+    # ---- DATA: relay to the end marker, pass the MX's final reply ---------------------------
+
+    async def do_data(self, command: Command) -> None:
+        txn = self.txn
+        if txn is None:
+            await self.error(reply(503, "5.5.1", "Need MAIL before DATA"))
+            return
+        if command.argument:
+            await self.error(reply(501, "5.5.4", "DATA takes no argument"))
+            return
+        if not txn.accepted:
+            if txn.recipients:
+                self.queue(replies.NO_VALID_RECIPIENTS)
+            else:
+                await self.error(reply(503, "5.5.1", "Need RCPT before DATA"))
+            return
+        upstream = self.upstream
+        if txn.broken or upstream is None or upstream.closed:
+            self.queue(_lost("before DATA"))
+            await self._reset()
+            return
+        await self.flush()
+        try:
+            answer = await upstream.command(b"DATA\r\n")
+        except UpstreamLost:
+            await self._drop_upstream(polite=False)
+            self.queue(_lost("at DATA"))
+            self.txn = None
+            return
+        if answer.code != 354:
+            self.queue(answer)
+            await self._reset()
+            return
+        self.queue(answer)
+        await self.flush()
+        final = await self._relay_data(upstream)
+        self.queue(final)
+        self.txn = None
+        if final.code == 250:
+            self.context.counters.messages_delivered += 1
+        if final.code == 421 and self.upstream is not None:
+            await self._drop_upstream(polite=False)
+
+    async def _relay_data(self, upstream: Upstream) -> Reply:
+        """Copy the client's bytes to the MX up to and including ``<CRLF>.<CRLF>``; the reply
+        that goes to the client is the MX's own, or a 4xx/5xx when the MX must not see an end."""
+        server = self.config.server
+        scanner = DataScanner()
+        forwarding = True
+        chunk: bytes | bytearray = self.reader.take_buffer()
+        while True:
+            if not chunk:
+                chunk = await self._receive_data(server.data_timeout, upstream)
+            end = scanner.feed(chunk)
+            part = chunk if end is None else chunk[:end]
+            if scanner.bad_byte or scanner.size > server.max_message_size:
+                forwarding = False
+            elif forwarding:
+                try:
+                    await upstream.send(part, self.config.delivery.command_timeout)
+                except UpstreamLost:
+                    forwarding = False
+            if end is not None:
+                self.reader.feed(chunk[end:])
+                break
+            chunk = b""
+        if scanner.bad_byte:
+            await self._drop_upstream(polite=False)
+            return replies.BARE_NEWLINE
+        if scanner.size > server.max_message_size:
+            await self._drop_upstream(polite=False)
+            return replies.MESSAGE_TOO_BIG
+        if not forwarding:
+            await self._drop_upstream(polite=False)
+            return _lost("during DATA")
+        try:
+            return await upstream.read_reply(self.config.delivery.data_done_timeout)
+        except UpstreamLost as error:
+            log.warning("session %s: no final reply from the MX: %s", self.id, error)
+            await self._drop_upstream(polite=False)
+            return _lost("before its final reply")
+
+    async def _receive_data(self, timeout: float, upstream: Upstream) -> bytes | bytearray:
+        """Like :meth:`receive`, but a client that vanishes or stalls mid-DATA makes the
+        upstream close without an end of data, so the MX discards the partial message."""
+        try:
+            return await self.receive(timeout)
+        except _CloseSession:
+            await self._drop_upstream(polite=False)
+            raise
+
+    # ---- transaction and upstream housekeeping ----------------------------------------------
+
+    async def _reset(self) -> None:
+        txn, self.txn = self.txn, None
+        if txn is not None and txn.mail_sent and self.upstream is not None:
+            try:
+                answer = await self.upstream.command(b"RSET\r\n")
+            except UpstreamLost:
+                answer = None
+            if answer is None or answer.code != 250:
+                await self._drop_upstream(polite=False)
+
+    async def _drop_upstream(self, polite: bool) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        if polite:
+            await upstream.quit()
+        else:
+            await upstream.abort()
+
+
+Handler = Callable[[Session, Command], Awaitable[None]]
+
+HANDLERS: dict[str, Handler] = {
+    "EHLO": Session.do_ehlo,
+    "HELO": Session.do_helo,
+    "MAIL": Session.do_mail,
+    "RCPT": Session.do_rcpt,
+    "DATA": Session.do_data,
+    "RSET": Session.do_rset,
+    "NOOP": Session.do_noop,
+    "QUIT": Session.do_quit,
+    "VRFY": Session.do_vrfy,
+    "HELP": Session.do_help,
+}
+NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "STARTTLS", "AUTH", "ATRN"})

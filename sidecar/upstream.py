@@ -1,0 +1,253 @@
+"""The connection to the MX: through the binding's HAProxy (PROXY v2 header) or direct for
+bypass domains; banner, EHLO, STARTTLS, EHLO again. Failures are told apart as DESIGN.md
+section 5 says: a proxy that cannot be reached is the proxy's fault (no next MX), an MX that
+closes or stays silent before its banner is the MX's fault (next address)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+import trio
+
+from sidecar import proxy_v2
+from sidecar.config import DeliveryConfig, HostPort
+from sidecar.health import HealthRegistry
+from sidecar.routing import Candidate, Route
+from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities, reply
+
+log = logging.getLogger("sidecar.upstream")
+
+RECEIVE_SIZE = 65536
+
+
+class UpstreamError(Exception):
+    """No usable upstream for this route; ``reply`` is what the client gets."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+class UpstreamLost(Exception):
+    """The MX connection closed, timed out or spoke garbage."""
+
+
+class _CandidateFailed(Exception):
+    """This MX address did not work out; try the next one."""
+
+
+def _opportunistic_context() -> ssl.SSLContext:
+    # Opportunistic TLS (RFC 3207 as MTAs practise it): encrypt, but do not authenticate the MX.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class Upstream:
+    stream: trio.abc.Stream
+    candidate: Candidate
+    server: HostPort | None
+    delivery: DeliveryConfig
+    parser: ReplyParser = field(default_factory=ReplyParser)
+    capabilities: dict[str, str] = field(default_factory=dict)
+    tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
+    route_key: tuple[str, bool, frozenset[str]] | None = None
+    closed: bool = False
+
+    async def read_reply(self, timeout: float) -> Reply:
+        try:
+            with trio.fail_after(timeout):
+                while (answer := self.parser.next_reply()) is None:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        raise UpstreamLost("connection closed by the MX")
+                    self.parser.feed(data)
+                return answer
+        except trio.TooSlowError:
+            raise UpstreamLost(f"no reply within {timeout:g}s") from None
+        except ReplyError as error:
+            raise UpstreamLost(f"bad reply: {error}") from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            raise UpstreamLost(f"connection lost: {error}") from None
+
+    async def send(self, data: bytes | bytearray, timeout: float | None = None) -> None:
+        try:
+            with trio.fail_after(timeout or self.delivery.command_timeout):
+                await self.stream.send_all(data)
+        except trio.TooSlowError:
+            raise UpstreamLost("send timed out") from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            raise UpstreamLost(f"connection lost: {error}") from None
+
+    async def command(self, line: bytes, timeout: float | None = None) -> Reply:
+        await self.send(line)
+        return await self.read_reply(timeout or self.delivery.command_timeout)
+
+    def supports(self, keyword: str) -> bool:
+        return keyword in self.capabilities
+
+    async def quit(self) -> None:
+        """Polite close: QUIT, wait briefly for 221, close."""
+        if not self.closed:
+            with trio.move_on_after(5):
+                with contextlib.suppress(UpstreamLost):
+                    await self.command(b"QUIT\r\n", timeout=5)
+        await self.abort()
+
+    async def abort(self) -> None:
+        """Close without QUIT; mid-DATA this makes the MX discard the partial message."""
+        self.closed = True
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+
+async def _connect_via_proxy(
+    route: Route, candidate: Candidate, delivery: DeliveryConfig, health: HealthRegistry
+) -> tuple[trio.SocketStream, HostPort]:
+    assert candidate.source is not None
+    errors = []
+    for server in route.servers:
+        if not health.is_plumbed(server):
+            errors.append(f"{server} unplumbed")
+            continue
+        try:
+            with trio.fail_after(delivery.connect_timeout):
+                stream = await trio.open_tcp_stream(server.host, server.port)
+        except (OSError, trio.TooSlowError) as error:
+            why = "timeout" if isinstance(error, trio.TooSlowError) else str(error)
+            health.record(server, False, f"delivery connect failed: {why}")
+            errors.append(f"{server}: {why}")
+            continue
+        health.record(server, True)
+        header = proxy_v2.encode(candidate.source, 0, candidate.address, delivery.port)
+        try:
+            await stream.send_all(header)
+        except (OSError, trio.BrokenResourceError) as error:
+            await trio.aclose_forcefully(stream)
+            errors.append(f"{server}: {error}")
+            continue
+        return stream, server
+    raise UpstreamError(
+        reply(
+            451,
+            "4.4.1",
+            f"Cannot reach HAProxy for binding {route.binding.name}: {'; '.join(errors)}",
+        )
+    )
+
+
+async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> trio.SocketStream:
+    try:
+        with trio.fail_after(delivery.connect_timeout):
+            return await trio.open_tcp_stream(str(candidate.address), delivery.port)
+    except (OSError, trio.TooSlowError) as error:
+        raise _CandidateFailed(f"connect failed: {error or 'timeout'}") from None
+
+
+async def _greet(upstream: Upstream, ehlo_name: str) -> None:
+    """EHLO (HELO if EHLO is refused); fills ``capabilities``."""
+    delivery = upstream.delivery
+    answer = await upstream.command(f"EHLO {ehlo_name}\r\n".encode(), delivery.command_timeout)
+    if answer.code == 250:
+        upstream.capabilities = parse_ehlo_capabilities(answer)
+        return
+    if answer.is_permanent:
+        answer = await upstream.command(f"HELO {ehlo_name}\r\n".encode())
+        if answer.code == 250:
+            upstream.capabilities = {}
+            return
+    raise _CandidateFailed(f"EHLO refused: {answer.code} {answer.text}")
+
+
+async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
+    answer = await upstream.command(b"STARTTLS\r\n")
+    if answer.code != 220:
+        raise _CandidateFailed(f"STARTTLS refused: {answer.code} {answer.text}")
+    # Whatever the MX sent before the handshake is discarded (CVE-2011-0411 class), and so is
+    # everything learnt from the plaintext EHLO.
+    upstream.parser.take_unparsed()
+    upstream.parser = ReplyParser()
+    upstream.capabilities = {}
+    tls_stream = trio.SSLStream(
+        upstream.stream, _opportunistic_context(), server_hostname=upstream.candidate.mx
+    )
+    try:
+        with trio.fail_after(upstream.delivery.command_timeout):
+            await tls_stream.do_handshake()
+    except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
+        raise _TlsFailed(f"TLS handshake failed: {error}") from None
+    upstream.stream = tls_stream
+    ssl_object = tls_stream._ssl_object  # the stdlib SSLObject behind trio's SSLStream
+    cipher = ssl_object.cipher()
+    upstream.tls = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+    await _greet(upstream, ehlo_name)
+
+
+class _TlsFailed(_CandidateFailed):
+    pass
+
+
+async def _open_one(
+    route: Route,
+    candidate: Candidate,
+    ehlo_name: str,
+    delivery: DeliveryConfig,
+    health: HealthRegistry,
+    use_tls: bool,
+) -> Upstream:
+    if route.bypass:
+        stream: trio.SocketStream = await _connect_direct(candidate, delivery)
+        server = None
+    else:
+        stream, server = await _connect_via_proxy(route, candidate, delivery, health)
+    upstream = Upstream(stream, candidate, server, delivery, route_key=route.key)
+    try:
+        banner = await upstream.read_reply(delivery.banner_timeout)
+        if banner.code != 220:
+            if banner.is_permanent:
+                await upstream.quit()
+                raise UpstreamError(banner)
+            raise _CandidateFailed(f"banner {banner.code} {banner.text}")
+        await _greet(upstream, ehlo_name)
+        if use_tls:
+            if upstream.supports("STARTTLS"):
+                await _start_tls(upstream, ehlo_name)
+            elif delivery.tls == "required":
+                raise _CandidateFailed("STARTTLS not offered and delivery.tls is required")
+        return upstream
+    except (UpstreamLost, _CandidateFailed):
+        await upstream.abort()
+        raise
+
+
+async def open_upstream(
+    route: Route, ehlo_name: str, delivery: DeliveryConfig, health: HealthRegistry
+) -> Upstream:
+    """The first candidate that gives a usable SMTP session, or :class:`UpstreamError`."""
+    problems: list[str] = []
+    for candidate in route.candidates:
+        use_tls = delivery.tls != "disabled"
+        while True:
+            try:
+                return await _open_one(route, candidate, ehlo_name, delivery, health, use_tls)
+            except _TlsFailed as error:
+                problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
+                if delivery.tls == "opportunistic" and use_tls:
+                    use_tls = False  # as MTAs do: the same MX again, in plaintext
+                    continue
+            except (UpstreamLost, _CandidateFailed) as error:
+                problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
+            break
+        log.info("MX attempt failed for %s: %s", route.domain, problems[-1])
+    raise UpstreamError(
+        reply(
+            451,
+            "4.4.1",
+            f"No MX of {route.domain} reachable: {'; '.join(problems[-3:])}",
+        )
+    )

@@ -1,0 +1,191 @@
+"""sidecar.cli: ``check`` and ``init`` through click's CliRunner."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sidecar.cli import main
+from sidecar.config import load_config, parse_config
+from sidecar.starter import STARTER_CONFIG
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sidecar.toml"
+
+VALID = """
+[server]
+hostname = "mta1.example.com"
+
+[[listener]]
+address = "127.0.0.1:2525"
+binding = "b1"
+
+[binding.b1]
+ha_proxy_server = "127.0.0.1:5000"
+ha_proxy_src_addr = "192.0.2.10"
+"""
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def write(tmp_path: Path, text: str, name: str = "sidecar.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+def test_check_prints_effective_config_and_exits_0(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    effective = tomllib.loads(result.stdout)
+    assert effective["server"]["hostname"] == "mta1.example.com"
+    assert effective["server"]["max_connections"] == 1000
+    assert effective["delivery"]["tls"] == "opportunistic"
+    assert effective["ha_proxy_client"]["health_check_interval"] == 5.0
+    assert effective["listener"] == [{"address": "127.0.0.1:2525", "binding": "b1"}]
+    assert parse_config(effective) == load_config(path)
+
+
+def test_check_long_option(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    result = runner.invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0
+
+
+def test_check_invalid_config_exits_2_with_key_path(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace('"192.0.2.10"', '"1.2.3"'))
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == 'error: binding.b1.ha_proxy_src_addr: "1.2.3" is not an IPv4 address\n'
+
+
+def test_check_unknown_key(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("hostname", "hostnme"))
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == "error: server.hostnme: unknown key\n"
+
+
+def test_check_toml_syntax_error_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\n")
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {path}: not valid TOML: ")
+
+
+def test_check_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: cannot read {path}: No such file or directory\n"
+
+
+def test_check_reads_sidecar_config_env_var(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    result = runner.invoke(main, ["check"], env={"SIDECAR_CONFIG": str(path)})
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.stdout)["binding"]["b1"]["ha_proxy_src_addr"] == "192.0.2.10"
+
+
+def test_check_option_overrides_env_var(runner: CliRunner, tmp_path: Path) -> None:
+    good = write(tmp_path, VALID)
+    result = runner.invoke(
+        main, ["check", "-c", str(good)], env={"SIDECAR_CONFIG": str(tmp_path / "absent.toml")}
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_check_without_config_is_a_usage_error(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check"], env={"SIDECAR_CONFIG": None})
+    assert result.exit_code == 2
+    assert "Missing option '-c' / '--config'" in result.stderr
+
+
+# -- init --------------------------------------------------------------------------------------
+
+
+def test_starter_config_is_the_example_file() -> None:
+    assert EXAMPLE.read_text(encoding="utf-8") == STARTER_CONFIG
+
+
+def test_init_writes_default_path_that_passes_check(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, ["init"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sidecar.toml").read_text(encoding="utf-8") == STARTER_CONFIG
+    assert "sidecar.toml" in result.stderr
+
+    check = runner.invoke(main, ["check", "-c", "sidecar.toml"])
+    assert check.exit_code == 0, check.output
+    assert tomllib.loads(check.stdout)["listener"] == [
+        {"address": "127.0.0.1:2525", "binding": "b1"}
+    ]
+
+
+def test_init_writes_given_path(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "conf.toml"
+    result = runner.invoke(main, ["init", str(path)])
+    assert result.exit_code == 0, result.output
+    assert path.read_text(encoding="utf-8") == STARTER_CONFIG
+    load_config(path)
+
+
+def test_init_refuses_to_overwrite(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, "# mine\n")
+    result = runner.invoke(main, ["init", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {path} already exists (use --force to overwrite it)\n"
+    assert path.read_text(encoding="utf-8") == "# mine\n"
+
+
+def test_init_force_overwrites(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, "# mine\n")
+    result = runner.invoke(main, ["init", "--force", str(path)])
+    assert result.exit_code == 0, result.output
+    assert path.read_text(encoding="utf-8") == STARTER_CONFIG
+
+
+def test_init_dash_writes_to_stdout(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, ["init", "-"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == STARTER_CONFIG
+    assert list(tmp_path.iterdir()) == []
+    parse_config(tomllib.loads(result.stdout))
+
+
+def test_init_unwritable_path_exits_1(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["init", str(tmp_path / "no" / "such" / "dir.toml")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot write ")
+
+
+# -- group -------------------------------------------------------------------------------------
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("sidecar, version ")
+
+
+def test_help_lists_commands(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "check" in result.stdout
+    assert "init" in result.stdout
