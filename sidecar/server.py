@@ -89,14 +89,17 @@ async def open_listeners(config: Config) -> list[tuple[Listener, list[trio.Socke
 async def serve(
     config: Config,
     shutdown: trio.Event | None = None,
+    opened: list[tuple[Listener, list[trio.SocketListener]]] | None = None,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set: then stop accepting, give open sessions
     ``server.shutdown_grace`` seconds, and cancel what is left."""
     context = build_context(config)
-    shutdown = shutdown or trio.Event()
-    opened = await open_listeners(config)
+    if shutdown is None:
+        shutdown = trio.Event()
+    if opened is None:
+        opened = await open_listeners(config)
     bound = [sock.socket.getsockname()[:2] for _, sockets in opened for sock in sockets]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_health_checks, context.health)
@@ -139,9 +142,11 @@ async def run_until_signal(config: Config) -> None:
     import signal
 
     shutdown = trio.Event()
+    # Listening errors (address in use, no permission) surface here, before any task starts.
+    opened = await open_listeners(config)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(serve, config, shutdown)
+            await nursery.start(serve, config, shutdown, opened)
             async for signum in signals:
                 log.warning("received %s, shutting down", signal.Signals(signum).name)
                 shutdown.set()
