@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from importlib import metadata
@@ -156,6 +157,31 @@ def route(config_path: str, listener_address: str | None, address: str) -> None:
     for line in lines:
         click.echo(line)
     sys.exit(0 if ok else 1)
+
+
+@main.command()
+@config_option
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the banner.")
+def probe(config_path: str, timeout: float) -> None:
+    """Check that a running sidecar answers: connect to each listener, expect a 220 banner,
+    QUIT. Exit 0 when all answer (used by the Dockerfile's HEALTHCHECK)."""
+    config = _load(config_path)
+    failures = 0
+    for listener in config.listeners:
+        host, port = listener.address.host, listener.address.port
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                banner = sock.recv(512)
+                sock.sendall(b"QUIT\r\n")
+        except OSError as e:
+            click.echo(f"{listener.address}: {e.strerror or e}", err=True)
+            failures += 1
+            continue
+        if not banner.startswith(b"220"):
+            click.echo(f"{listener.address}: unexpected banner {banner[:80]!r}", err=True)
+            failures += 1
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,117 @@
+"""Fixtures for end-to-end tests: real HAProxy and dnsmasq processes, trio TestMX servers.
+
+Every test gets its own loopback addresses and ports; everything a test starts is stopped when
+the test ends, and the process logs are printed at teardown (pytest shows them for failed
+tests only). All tests in this directory are marked ``e2e`` and need root.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from .harness import (
+    Addresses,
+    DnsmasqFactory,
+    DnsStubFactory,
+    HAProxyFactory,
+    MXFactory,
+    TestMX,
+    client_tls_context,
+    server_tls_context,
+)
+
+ROOT_REQUIRED = "e2e tests need root: HAProxy's usesrc clientip requires CAP_NET_ADMIN"
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def require_root() -> None:
+    """Fail (not skip) every e2e test when not running as root."""
+    if os.geteuid() != 0:
+        pytest.fail(ROOT_REQUIRED, pytrace=False)
+
+
+@pytest.fixture
+def addresses() -> Addresses:
+    """Allocator of fresh ``127.0.0.x`` addresses / endpoints for this test."""
+    return Addresses()
+
+
+@pytest.fixture
+def haproxy_factory(tmp_path: Path, addresses: Addresses) -> Iterator[HAProxyFactory]:
+    """``haproxy_factory(ipv6=..., retries=..., allowed_...=...)`` -> started HAProxy."""
+    factory = HAProxyFactory(tmp_path, addresses)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+        if factory.processes:
+            print(factory.logs())
+
+
+@pytest.fixture
+def dnsmasq_factory(tmp_path: Path, addresses: Addresses) -> Iterator[DnsmasqFactory]:
+    """``dnsmasq_factory([MXRecord(...), HostRecord(...), ...], ttl=...)`` -> started dnsmasq."""
+    factory = DnsmasqFactory(tmp_path, addresses)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+        if factory.processes:
+            print(factory.logs())
+
+
+@pytest.fixture
+def dns_stubs(addresses: Addresses) -> Iterator[DnsStubFactory]:
+    """``dns_stubs.silent()`` (never answers) / ``dns_stubs.rcode(SERVFAIL)`` stub servers."""
+    factory = DnsStubFactory(addresses)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    """A throw-away CA for the whole run."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def mx_tls_context(tls_ca: trustme.CA) -> ssl.SSLContext:
+    """Server context for a TestMX: certificate for mx.test, localhost, 127.0.0.1, ::1."""
+    return server_tls_context(tls_ca)
+
+
+@pytest.fixture
+def client_tls(tls_ca: trustme.CA) -> ssl.SSLContext:
+    """Verifying client context that trusts ``tls_ca``."""
+    return client_tls_context(tls_ca)
+
+
+@pytest.fixture
+async def mx_factory(nursery: trio.Nursery, addresses: Addresses) -> AsyncIterator[MXFactory]:
+    """``await mx_factory(**TestMX options)`` -> a serving TestMX (stopped with the test)."""
+    factory = MXFactory(nursery, addresses)
+    yield factory
+    for mx in factory.servers:
+        mx.close()
+
+
+@pytest.fixture
+async def mx(mx_factory: MXFactory) -> TestMX:
+    """A serving TestMX with default behaviour on a fresh ``127.0.0.x``."""
+    return await mx_factory()
