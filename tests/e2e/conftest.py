@@ -26,6 +26,7 @@ from .harness import (
     client_tls_context,
     server_tls_context,
 )
+from .stack import SidecarFactory
 
 ROOT_REQUIRED = "e2e tests need root: HAProxy's usesrc clientip requires CAP_NET_ADMIN"
 _HERE = Path(__file__).parent
@@ -115,3 +116,14 @@ async def mx_factory(nursery: trio.Nursery, addresses: Addresses) -> AsyncIterat
 async def mx(mx_factory: MXFactory) -> TestMX:
     """A serving TestMX with default behaviour on a fresh ``127.0.0.x``."""
     return await mx_factory()
+
+
+@pytest.fixture
+async def sidecar_factory(
+    nursery: trio.Nursery, addresses: Addresses
+) -> AsyncIterator[SidecarFactory]:
+    """``await sidecar_factory(config_dict)`` -> a sidecar serving in this test's nursery."""
+    factory = SidecarFactory(nursery, addresses)
+    yield factory
+    for sidecar in factory.running:
+        sidecar.shutdown.set()
