@@ -137,6 +137,13 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """The HTTP status endpoint (/healthz, /status, /metrics); off when ``address`` is None."""
+
+    address: HostPort | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     listeners: tuple[Listener, ...]
@@ -146,6 +153,7 @@ class Config:
     bindings: dict[str, Binding]
     binding_groups: dict[str, BindingGroup] = field(default_factory=dict)
     domains: dict[str, DomainPolicy] = field(default_factory=dict)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +171,7 @@ _TOP_LEVEL_KEYS = (
     "binding",
     "binding_group",
     "domain",
+    "status",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -218,6 +227,7 @@ def parse_config(data: Mapping[str, object]) -> Config:
 
     listeners = _parse_listeners(root.get("listener"), bindings, groups)
     domains = _parse_domains(root.get("domain", {}), "domain")
+    status = _parse_status(root.get("status", {}), "status")
 
     return Config(
         server=server,
@@ -228,6 +238,7 @@ def parse_config(data: Mapping[str, object]) -> Config:
         bindings=bindings,
         binding_groups=groups,
         domains=domains,
+        status=status,
     )
 
 
@@ -252,6 +263,8 @@ def config_to_dict(config: Config) -> dict[str, object]:
         "delivery": _plain_fields(config.delivery),
         "ha_proxy_client": _plain_fields(config.ha_proxy_client),
     }
+    if config.status.address is not None:
+        out["status"] = {"address": str(config.status.address)}
 
     listeners: list[dict[str, object]] = []
     for listener in config.listeners:
@@ -315,6 +328,17 @@ def _parse_dns(value: object, path: str) -> DnsConfig:
         DnsConfig,
         {"nameservers": _parse_nameservers, "static": _parse_static},
     )
+
+
+def _parse_status(value: object, path: str) -> StatusConfig:
+    def address(raw: object, kpath: str) -> HostPort:
+        return parse_host_port(_str(raw, kpath), kpath, ip_only=True, default_port=None)
+
+    table = _table(value, path)
+    _check_keys(table, path, ("address",))
+    if "address" not in table:
+        return StatusConfig()
+    return StatusConfig(address(table["address"], _key(path, "address")))
 
 
 def _parse_delivery(value: object, path: str) -> DeliveryConfig:

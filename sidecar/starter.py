@@ -44,6 +44,11 @@ address = "127.0.0.1:2525"
 # The binding (or, instead, binding_group = "NAME") whose egress this listener's mail uses.
 binding = "b1"
 
+# HTTP status endpoint: /healthz (liveness), /status (JSON), /metrics (Prometheus).
+# Off unless an address is given; keep it on loopback or a management network.
+[status]
+# address = "127.0.0.1:9925"
+
 [dns]
 # Resolvers to ask for MX/A/AAAA: "ip", "ip:port" or "[v6]:port". Default: the system's.
 # nameservers = ["127.0.0.1:53"]

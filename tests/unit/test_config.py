@@ -883,3 +883,18 @@ def test_config_error_carries_path_and_problem() -> None:
     assert info.value.path == "server.max_connections"
     assert info.value.problem == "must be a positive integer, got -1"
     assert str(info.value) == "server.max_connections: must be a positive integer, got -1"
+
+
+def test_status_section() -> None:
+    base = {
+        "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
+        "binding": {"b1": {"ha_proxy_server": "127.0.0.1:5000", "ha_proxy_src_addr": "192.0.2.1"}},
+    }
+    assert parse_config(base).status.address is None
+    config = parse_config({**base, "status": {"address": "127.0.0.1:9925"}})
+    assert config.status.address == HostPort("127.0.0.1", 9925)
+    assert parse_config(tomllib.loads(tomli_w.dumps(config_to_dict(config)))) == config
+    with pytest.raises(ConfigError, match=r"^status\.address: "):
+        parse_config({**base, "status": {"address": "nowhere"}})
+    with pytest.raises(ConfigError, match=r"^status\.port: unknown key"):
+        parse_config({**base, "status": {"port": 1}})
