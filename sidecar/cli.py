@@ -20,7 +20,7 @@ import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.explain import explain_route
-from sidecar.server import run_until_signal
+from sidecar.server import ListenError, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
 
@@ -120,8 +120,8 @@ def run(config_path: str, log_level: str) -> None:
     )
     try:
         trio.run(run_until_signal, config)
-    except OSError as e:
-        click.echo(f"error: cannot listen: {e.strerror or e}", err=True)
+    except ListenError as e:
+        click.echo(f"error: cannot listen on {e}", err=True)
         sys.exit(1)
 
 

@@ -35,6 +35,16 @@ async def explain_route(
     try:
         route = await router.route(listener, domain, recipient.literal)
     except RouteError as error:
+        # The proxy servers' states often are the reason (all unplumbed): show them too.
+        names = (
+            [listener.binding]
+            if listener.binding is not None
+            else list(config.binding_groups[listener.target].bindings)
+        )
+        for name in names:
+            lines.append(f"binding:   {name}")
+            for server in config.bindings[name].ha_proxy_server:
+                lines.append(f"proxy:     {server} - {states.get(str(server), '?')}")
         lines.append(f"result:    {error.reply.code} {error.reply.text}")
         return lines, False
     lines.append(f"binding:   {route.binding.name}")

@@ -76,12 +76,28 @@ async def handle_connection(
         counters.active_sessions -= 1
 
 
+class ListenError(Exception):
+    """A listener address cannot be bound (in use, not local, no permission)."""
+
+    def __init__(self, listener: Listener, error: OSError) -> None:
+        super().__init__(f"{listener.address}: {error.strerror or error}")
+        self.listener = listener
+        self.error = error
+
+
 async def open_listeners(config: Config) -> list[tuple[Listener, list[trio.SocketListener]]]:
-    opened = []
+    """Bind every listener, or close those already bound and raise :class:`ListenError`."""
+    opened: list[tuple[Listener, list[trio.SocketListener]]] = []
     for listener in config.listeners:
-        sockets = await trio.open_tcp_listeners(
-            listener.address.port, host=listener.address.host, backlog=1024
-        )
+        try:
+            sockets = await trio.open_tcp_listeners(
+                listener.address.port, host=listener.address.host, backlog=1024
+            )
+        except OSError as error:
+            for _, bound in opened:
+                for sock in bound:
+                    sock.socket.close()
+            raise ListenError(listener, error) from error
         opened.append((listener, sockets))
     return opened
 
@@ -126,7 +142,7 @@ async def serve(
             log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
             task_status.started([(str(h), int(p)) for h, p in bound])
             await shutdown.wait()
-            context.shutting_down.set()
+            context.begin_shutdown()
             accepting.cancel()
             for _, sockets in opened:
                 for sock in sockets:

@@ -60,6 +60,14 @@ class ServerContext:
     health: HealthRegistry
     counters: Counters = field(default_factory=Counters)
     shutting_down: trio.Event = field(default_factory=trio.Event)
+    # Sessions waiting for a command between transactions: a shutdown ends them at once.
+    idle_sessions: set[trio.CancelScope] = field(default_factory=set)
+
+    def begin_shutdown(self) -> None:
+        """Idle sessions get 421 and close now; a transaction in progress may finish."""
+        self.shutting_down.set()
+        for scope in self.idle_sessions:
+            scope.cancel()
 
 
 @dataclass
@@ -134,6 +142,24 @@ class Session:
         await self.flush()
         raise _CloseSession
 
+    async def receive_command(self) -> bytes | bytearray:
+        """Like :meth:`receive` for the next command; between transactions a shutdown of the
+        server ends the session with 421 instead of holding the shutdown up."""
+        timeout = self.config.server.command_timeout
+        if self.txn is not None:
+            return await self.receive(timeout)
+        with trio.CancelScope() as idle:
+            if self.context.shutting_down.is_set():
+                idle.cancel()
+            self.context.idle_sessions.add(idle)
+            try:
+                return await self.receive(timeout)
+            finally:
+                self.context.idle_sessions.discard(idle)
+        self.queue(replies.SHUTTING_DOWN)
+        await self.flush()
+        raise _CloseSession
+
     # ---- the session -------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -143,7 +169,7 @@ class Session:
                 line = self.reader.next_line()
                 if line is None:
                     await self.flush()
-                    self.reader.feed(await self.receive(self.config.server.command_timeout))
+                    self.reader.feed(await self.receive_command())
                     continue
                 await self.handle_line(line)
         except _CloseSession:
@@ -303,41 +329,65 @@ class Session:
             return replies.OTHER_ROUTE
         if txn.broken:
             return _lost("earlier in this transaction")
-        upstream = self.upstream
-        if upstream is not None and (upstream.closed or upstream.route_key != route.key):
-            await self._drop_upstream(polite=True)
-            upstream = None
-        try:
-            if upstream is None:
-                ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
-                upstream = await open_upstream(
-                    route, ehlo_name, self.config.delivery, self.context.health
-                )
-                self.upstream = upstream
-                txn.mail_sent = False
-            if not txn.mail_sent:
-                if _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8"):
-                    return reply(553, "5.6.7", "The MX does not support SMTPUTF8")
-                mail_line = txn.mail.to_line(
-                    keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword])
-                )
-                answer = await upstream.command(mail_line)
-                if not answer.is_positive:
-                    return answer
-                txn.mail_sent = True
-            answer = await upstream.command(line)
-        except UpstreamError as error:
-            return error.reply
-        except UpstreamLost as error:
-            log.info("session %s: upstream lost during RCPT: %s", self.id, error)
+        for attempt in (1, 2):
+            upstream = self.upstream
+            if upstream is not None and (upstream.closed or upstream.route_key != route.key):
+                await self._drop_upstream(polite=True)
+                upstream = None
+            # A kept connection that the MX closed meanwhile (its idle timeout, a restart) may
+            # be replaced once, while nothing of this transaction depends on it.
+            stale_ok = upstream is not None and not txn.accepted and attempt == 1
+            try:
+                answer = await self._replay(txn, route, upstream, line)
+            except UpstreamError as error:
+                return error.reply
+            except UpstreamLost as error:
+                log.info("session %s: upstream lost during RCPT: %s", self.id, error)
+                await self._drop_upstream(polite=False)
+                if stale_ok:
+                    continue
+                if txn.accepted:
+                    txn.broken = True
+                return _lost("while sending the envelope")
+            if answer.code == 421 and stale_ok:
+                # Typically the MX's "421 timeout" sent while the connection sat idle.
+                log.info("session %s: kept upstream answered 421, reconnecting", self.id)
+                await self._drop_upstream(polite=False)
+                continue
+            break
+        if answer.code == 421:
+            # The MX is closing the connection: pass its reply on, never reuse the upstream.
             await self._drop_upstream(polite=False)
             if txn.accepted:
                 txn.broken = True
-            return _lost("while sending the envelope")
-        if answer.code in (250, 251):
+        elif answer.code in (250, 251):
             txn.accepted += 1
             txn.route = route
         return answer
+
+    async def _replay(
+        self, txn: Transaction, route: Route, upstream: Upstream | None, line: bytes
+    ) -> Reply:
+        """Open the upstream if needed, replay MAIL if not done on it yet, then send ``line``
+        (the RCPT). A negative reply to MAIL is returned as the RCPT's reply."""
+        if upstream is None:
+            ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
+            upstream = await open_upstream(
+                route, ehlo_name, self.config.delivery, self.context.health
+            )
+            self.upstream = upstream
+            txn.mail_sent = False
+        if not txn.mail_sent:
+            if _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8"):
+                return reply(553, "5.6.7", "The MX does not support SMTPUTF8")
+            mail_line = txn.mail.to_line(
+                keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword])
+            )
+            answer = await upstream.command(mail_line)
+            if not answer.is_positive:
+                return answer
+            txn.mail_sent = True
+        return await upstream.command(line)
 
     # ---- DATA: relay to the end marker, pass the MX's final reply ---------------------------
 

@@ -157,16 +157,25 @@ async def _greet(upstream: Upstream, ehlo_name: str) -> None:
         upstream.capabilities = parse_ehlo_capabilities(answer)
         return
     if answer.is_permanent:
-        answer = await upstream.command(f"HELO {ehlo_name}\r\n".encode())
-        if answer.code == 250:
+        helo = await upstream.command(f"HELO {ehlo_name}\r\n".encode())
+        if helo.code == 250:
             upstream.capabilities = {}
             return
+        if helo.is_permanent:
+            # The MX refuses us (DESIGN.md section 5): its 5xx goes to the client, no next MX.
+            # A HELO that is merely not implemented leaves the EHLO reply as the refusal.
+            raise UpstreamError(answer if helo.code in (500, 502) else helo)
+        answer = helo
     raise _CandidateFailed(f"EHLO refused: {answer.code} {answer.text}")
 
 
 async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     answer = await upstream.command(b"STARTTLS\r\n")
     if answer.code != 220:
+        if answer.code != 421 and upstream.delivery.tls == "opportunistic":
+            # RFC 3207: the session is still the plaintext one; go on as MTAs do.
+            log.info("STARTTLS refused by %s: %s", upstream.candidate.mx, answer.text)
+            return
         raise _CandidateFailed(f"STARTTLS refused: {answer.code} {answer.text}")
     # Whatever the MX sent before the handshake is discarded (CVE-2011-0411 class), and so is
     # everything learnt from the plaintext EHLO.
@@ -210,7 +219,6 @@ async def _open_one(
         banner = await upstream.read_reply(delivery.banner_timeout)
         if banner.code != 220:
             if banner.is_permanent:
-                await upstream.quit()
                 raise UpstreamError(banner)
             raise _CandidateFailed(f"banner {banner.code} {banner.text}")
         await _greet(upstream, ehlo_name)
@@ -220,6 +228,9 @@ async def _open_one(
             elif delivery.tls == "required":
                 raise _CandidateFailed("STARTTLS not offered and delivery.tls is required")
         return upstream
+    except UpstreamError:
+        await upstream.quit()
+        raise
     except (UpstreamLost, _CandidateFailed):
         await upstream.abort()
         raise

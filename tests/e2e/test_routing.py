@@ -1,0 +1,570 @@
+"""Routing end to end: the source address per MX family, one binding per listener, bypass
+domains, MX fallback (DESIGN.md section 5), the bound on MX addresses tried, an unreachable
+proxy, and the private-destination policy. Real HAProxy and dnsmasq, TestMX servers on their
+own 127.0.0.x (or ::1) addresses, all on one delivery port per test."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from .harness import (
+    IPV6_LOOPBACK,
+    Addresses,
+    DnsmasqFactory,
+    Endpoint,
+    HAProxyFactory,
+    HostRecord,
+    MXFactory,
+    MXRecord,
+    TestMX,
+    free_port,
+    smtp_reply,
+)
+from .stack import (
+    MESSAGE,
+    SidecarFactory,
+    final_status,
+    make_config,
+    proxied_binding,
+    rcpt_reply,
+    refusal,
+    send,
+)
+
+FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "command_timeout": 2}
+
+
+def _connections(*servers: TestMX) -> int:
+    return sum(len(server.connections) for server in servers)
+
+
+# -- address families -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listener", ["ipv6-bind", "ipv4-bind"])
+async def test_ipv6_mx_sees_the_binding_ipv6_source(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    listener: str,
+) -> None:
+    port = free_port(IPV6_LOOPBACK)
+    mx = await mx_factory(Endpoint(IPV6_LOOPBACK, port))
+    dns = dnsmasq_factory(
+        [MXRecord("v6.test", "mx.v6.test"), HostRecord("mx.v6.test", [IPV6_LOOPBACK])]
+    )
+    haproxy = haproxy_factory(ipv6=True)
+    proxy = haproxy.bind_ipv6 if listener == "ipv6-bind" else haproxy.bind
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(proxy, ipv6_source=IPV6_LOOPBACK)},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery=FAST_DELIVERY,
+        )
+    )
+    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@v6.test"], MESSAGE)
+    assert final_status(result) == (250, "2.0.0") and not result.refused
+    (message,) = await mx.wait_for_messages(1)
+    assert message.peer_host == IPV6_LOOPBACK
+    assert mx.connections[0].local == (IPV6_LOOPBACK, port)
+    assert message.rcpt_to == [b"RCPT TO:<rcpt@v6.test>"]
+    assert message.data == MESSAGE
+    assert result.final is not None and result.final[1] in message.reply
+    # An IPv6 address literal takes the same path.
+    literal = "rcpt@[IPv6:::1]"
+    result = await send(sidecar.endpoint, "a@client.test", [literal], MESSAGE)
+    assert final_status(result) == (250, "2.0.0")
+    messages = await mx.wait_for_messages(2)
+    assert messages[1].peer_host == IPV6_LOOPBACK
+    assert messages[1].rcpt_to == [f"RCPT TO:<{literal}>".encode()]
+
+
+async def test_aaaa_only_mx_and_a_binding_without_ipv6_source_is_refused(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    port = free_port(IPV6_LOOPBACK)
+    mx6 = await mx_factory(Endpoint(IPV6_LOOPBACK, port))
+    dns = dnsmasq_factory(
+        [MXRecord("v6only.test", "mx.v6only.test"), HostRecord("mx.v6only.test", ["::1"])]
+    )
+    haproxy = haproxy_factory(ipv6=True)
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery=FAST_DELIVERY,
+        )
+    )
+    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@v6only.test"], MESSAGE)
+    assert refusal(result, "rcpt@v6only.test") == (451, "4.4.4")
+    assert b"ha_proxy_ipv6_src_addr" in result.refused["rcpt@v6only.test"][1]
+    assert result.final is None
+    await trio.sleep(0.1)
+    assert mx6.connections == []
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+async def test_dual_stack_mx_is_reached_over_the_binding_family_only(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    family: str,
+) -> None:
+    """An MX host with A and AAAA records: a binding with one family's source uses that
+    family's address and never the other (DESIGN.md invariant 2)."""
+    port = free_port(IPV6_LOOPBACK)
+    mx_address = addresses.ipv4()
+    mx4 = await mx_factory(Endpoint(mx_address, port))
+    mx6 = await mx_factory(Endpoint(IPV6_LOOPBACK, port))
+    dns = dnsmasq_factory(
+        [
+            MXRecord("dual.test", "mx.dual.test"),
+            HostRecord("mx.dual.test", [mx_address, IPV6_LOOPBACK]),
+        ]
+    )
+    haproxy = haproxy_factory()
+    source = addresses.ipv4()
+    if family == "ipv4":
+        binding = proxied_binding(haproxy.bind, source=source)
+        used, unused, expected_peer = mx4, mx6, source
+    else:
+        binding = proxied_binding(haproxy.bind, ipv6_source=IPV6_LOOPBACK)
+        used, unused, expected_peer = mx6, mx4, IPV6_LOOPBACK
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": binding},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery=FAST_DELIVERY,
+        )
+    )
+    for _ in range(3):
+        result = await send(sidecar.endpoint, "a@client.test", ["rcpt@dual.test"], MESSAGE)
+        assert final_status(result) == (250, "2.0.0")
+    messages = await used.wait_for_messages(3)
+    assert [m.peer_host for m in messages] == [expected_peer] * 3
+    assert unused.connections == []
+
+
+# -- listeners and bindings -------------------------------------------------------------------
+
+
+async def test_each_listener_uses_its_own_binding_source(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    mx_address = addresses.ipv4()
+    port = free_port(mx_address)
+    mx = await mx_factory(Endpoint(mx_address, port))
+    dns = dnsmasq_factory(
+        [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
+    )
+    haproxy1, haproxy2 = haproxy_factory(), haproxy_factory()
+    source1, source2 = addresses.ipv4(), addresses.ipv4()
+    listener1, listener2 = sidecar_factory.listener(), sidecar_factory.listener()
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(listener1, "b1"), (listener2, "b2")],
+            bindings={
+                "b1": proxied_binding(haproxy1.bind, source=source1, ehlo_hostname="one.test"),
+                "b2": proxied_binding(haproxy2.bind, source=source2, ehlo_hostname="two.test"),
+            },
+            nameserver=dns.endpoint,
+            port=port,
+            delivery=FAST_DELIVERY,
+        )
+    )
+    endpoint1, endpoint2 = sidecar.endpoints
+    assert str(endpoint1) == listener1 and str(endpoint2) == listener2
+    body1 = MESSAGE + b"via listener one\r\n"
+    body2 = MESSAGE + b"via listener two\r\n"
+    results = [
+        await send(endpoint2, "a@client.test", ["rcpt@example.test"], body2),
+        await send(endpoint1, "a@client.test", ["rcpt@example.test"], body1),
+    ]
+    assert [final_status(r) for r in results] == [(250, "2.0.0")] * 2
+    messages = await mx.wait_for_messages(2)
+    seen = {m.data: (m.peer_host, m.ehlo) for m in messages}
+    assert seen == {body1: (source1, "one.test"), body2: (source2, "two.test")}
+
+
+# -- bypass -----------------------------------------------------------------------------------
+
+
+def _bypass_config(
+    scope: str,
+    listener: str,
+    proxy: Endpoint,
+    source: str,
+    nameserver: Endpoint,
+    port: int,
+) -> dict[str, Any]:
+    bypass = {"bypass.test": {"ha_proxy_bypass": True}}
+    extra: dict[str, Any] = {"domain": bypass} if scope == "binding" else {}
+    config = make_config(
+        listeners=[(listener, "b1")],
+        bindings={"b1": proxied_binding(proxy, source=source, **extra)},
+        nameserver=nameserver,
+        port=port,
+        delivery=FAST_DELIVERY,
+    )
+    if scope == "top-level":
+        config["domain"] = bypass
+    if scope == "binding_group":
+        config["listener"] = [{"address": listener, "binding_group": "g1"}]
+        config["binding_group"] = {"g1": {"bindings": ["b1"], "domain": bypass}}
+    return config
+
+
+@pytest.mark.parametrize("scope", ["binding", "binding_group", "top-level"])
+async def test_bypass_domain_is_delivered_directly_past_a_dead_proxy(
+    addresses: Addresses,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    scope: str,
+) -> None:
+    bypass_address, proxied_address = addresses.ipv4(), addresses.ipv4()
+    port = free_port(bypass_address)
+    bypass_mx = await mx_factory(Endpoint(bypass_address, port))
+    proxied_mx = await mx_factory(Endpoint(proxied_address, port))
+    dns = dnsmasq_factory(
+        [
+            MXRecord("bypass.test", "mx.bypass.test"),
+            HostRecord("mx.bypass.test", [bypass_address]),
+            MXRecord("proxied.test", "mx.proxied.test"),
+            HostRecord("mx.proxied.test", [proxied_address]),
+        ]
+    )
+    dead_proxy = addresses.endpoint()  # nothing listens there
+    source = addresses.ipv4()
+    sidecar = await sidecar_factory(
+        _bypass_config(scope, sidecar_factory.listener(), dead_proxy, source, dns.endpoint, port)
+    )
+    delivered = await send(sidecar.endpoint, "a@client.test", ["rcpt@bypass.test"], MESSAGE)
+    assert final_status(delivered) == (250, "2.0.0")
+    (message,) = await bypass_mx.wait_for_messages(1)
+    assert message.peer_host != source
+    assert message.peer_host == "127.0.0.1"  # the host's own address: a direct connection
+    assert delivered.final is not None and delivered.final[1] in message.reply
+
+    refused = await send(sidecar.endpoint, "a@client.test", ["rcpt@proxied.test"], MESSAGE)
+    assert refusal(refused, "rcpt@proxied.test") == (451, "4.4.1")
+    assert refused.final is None
+    assert proxied_mx.connections == []
+    assert len(bypass_mx.connections) == 1
+
+
+# -- MX fallback ------------------------------------------------------------------------------
+
+FALLBACKS: dict[str, dict[str, Any]] = {
+    "nothing-listening": {},
+    "close-at-connect": {"close_at": "CONNECT"},
+    "421-banner": {"banner": smtp_reply(421, "4.3.2 busy, try later")},
+    "451-banner": {"banner": smtp_reply(451, "4.3.0 not now")},
+    "hang-before-banner": {"hang_at": "CONNECT"},
+    "ehlo-421": {"replies": {"EHLO": smtp_reply(421, "4.3.2 going away")}},
+}
+
+
+@pytest.mark.parametrize("behaviour", list(FALLBACKS))
+async def test_failing_first_mx_falls_back_to_the_next_preference(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    behaviour: str,
+) -> None:
+    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
+    port = free_port(mx1_address)
+    options = FALLBACKS[behaviour]
+    mx1 = await mx_factory(Endpoint(mx1_address, port), **options) if options else None
+    mx2 = await mx_factory(Endpoint(mx2_address, port))
+    dns = dnsmasq_factory(
+        [
+            MXRecord("example.test", "mx1.example.test", 10),
+            MXRecord("example.test", "mx2.example.test", 20),
+            HostRecord("mx1.example.test", [mx1_address]),
+            HostRecord("mx2.example.test", [mx2_address]),
+        ]
+    )
+    haproxy = haproxy_factory(retries=0)  # a refused MX port: EOF at once
+    source = addresses.ipv4()
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=source)},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery={**FAST_DELIVERY, "banner_timeout": 0.5},
+        )
+    )
+    started = trio.current_time()
+    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    elapsed = trio.current_time() - started
+    assert final_status(result) == (250, "2.0.0")
+    (message,) = await mx2.wait_for_messages(1)
+    assert message.peer_host == source
+    assert result.final is not None and result.final[1] in message.reply
+    assert elapsed < 3
+    if mx1 is not None:
+        (connection,) = mx1.connections
+        assert connection.peer_host == source
+        assert mx1.messages == []
+        assert not any(c.startswith(b"MAIL") for c in connection.commands)
+
+
+async def test_permanent_banner_is_passed_through_and_no_other_mx_is_tried(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
+    port = free_port(mx1_address)
+    banner = smtp_reply(554, "5.7.1 mx1.example.test says no", "5.7.1 see https://x.test/")
+    mx1 = await mx_factory(Endpoint(mx1_address, port), banner=banner)
+    mx2 = await mx_factory(Endpoint(mx2_address, port))
+    dns = dnsmasq_factory(
+        [
+            MXRecord("example.test", "mx1.example.test", 10),
+            MXRecord("example.test", "mx2.example.test", 20),
+            HostRecord("mx1.example.test", [mx1_address]),
+            HostRecord("mx2.example.test", [mx2_address]),
+        ]
+    )
+    haproxy = haproxy_factory(retries=0)
+    source = addresses.ipv4()
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=source)},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery=FAST_DELIVERY,
+        )
+    )
+    assert await rcpt_reply(sidecar.endpoint, "rcpt@example.test") == banner
+    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert refusal(result, "rcpt@example.test") == (554, "5.7.1")
+    assert result.final is None
+    await mx1.wait_for(lambda: len(mx1.connections) == 2 and mx1.connections[1].closed)
+    assert [c.peer_host for c in mx1.connections] == [source, source]
+    assert mx1.messages == []
+    assert mx2.connections == []
+
+
+async def test_at_most_max_mx_addresses_are_tried(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    hosts = [addresses.ipv4() for _ in range(6)]
+    port = free_port(hosts[0])
+    servers = [await mx_factory(Endpoint(host, port), close_at="CONNECT") for host in hosts]
+    records: list[Any] = []
+    for index, host in enumerate(hosts, start=1):
+        records += [
+            MXRecord("many.test", f"mx{index}.many.test", index * 10),
+            HostRecord(f"mx{index}.many.test", [host]),
+        ]
+    dns = dnsmasq_factory(records)
+    haproxy = haproxy_factory(retries=0)
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery={**FAST_DELIVERY, "max_mx_addresses": 3},
+        )
+    )
+    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@many.test"], MESSAGE)
+    assert refusal(result, "rcpt@many.test") == (451, "4.4.1")
+    await trio.sleep(0.2)
+    assert [len(server.connections) for server in servers] == [1, 1, 1, 0, 0, 0]
+
+
+# -- the proxy itself -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_proxy(addresses: Addresses) -> Iterator[Endpoint]:
+    """An address where TCP connects hang: a listener with a full accept queue that never
+    accepts (the kernel drops further SYNs), like a proxy host that is down or filtered."""
+    host = addresses.ipv4()
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind((host, 0))
+        listener.listen(0)
+        endpoint = Endpoint(host, listener.getsockname()[1])
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(endpoint.as_tuple())
+            fillers.append(filler)
+        yield endpoint
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+@pytest.mark.parametrize("proxy", ["refused", "silent"])
+async def test_unreachable_proxy_is_a_prompt_451_and_no_mx_is_tried(
+    addresses: Addresses,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    silent_proxy: Endpoint,
+    proxy: str,
+) -> None:
+    """DESIGN.md section 5: a proxy that cannot be reached is the proxy's fault; the next MX
+    (through the same proxy) is not tried. With a silent proxy one attempt costs
+    delivery.connect_timeout, so trying mx2 as well would double the wait."""
+    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
+    port = free_port(mx1_address)
+    mx1 = await mx_factory(Endpoint(mx1_address, port))
+    mx2 = await mx_factory(Endpoint(mx2_address, port))
+    dns = dnsmasq_factory(
+        [
+            MXRecord("example.test", "mx1.example.test", 10),
+            MXRecord("example.test", "mx2.example.test", 20),
+            HostRecord("mx1.example.test", [mx1_address]),
+            HostRecord("mx2.example.test", [mx2_address]),
+        ]
+    )
+    # refused: nothing listens there
+    dead_proxy = addresses.endpoint() if proxy == "refused" else silent_proxy
+    connect_timeout = 0.5
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(dead_proxy, source=addresses.ipv4())},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery={**FAST_DELIVERY, "connect_timeout": connect_timeout},
+        )
+    )
+    started = trio.current_time()
+    answer = await rcpt_reply(sidecar.endpoint, "rcpt@example.test")
+    elapsed = trio.current_time() - started
+    assert answer.startswith(b"451 4.4.1 Cannot reach HAProxy for binding b1"), answer
+    if proxy == "refused":
+        assert elapsed < connect_timeout
+    else:
+        assert connect_timeout * 0.9 < elapsed < connect_timeout * 1.8
+    if proxy == "refused":
+        result = await send(sidecar.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+        assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+    assert _connections(mx1, mx2) == 0
+
+
+# -- destination policy -----------------------------------------------------------------------
+
+
+async def test_private_mx_address_is_refused_by_default(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    mx_address = addresses.ipv4()
+    port = free_port(mx_address)
+    mx = await mx_factory(Endpoint(mx_address, port))
+    dns = dnsmasq_factory(
+        [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
+    )
+    haproxy = haproxy_factory()
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery={**FAST_DELIVERY, "allow_private_destinations": False},
+        )
+    )
+    for recipient in ("rcpt@example.test", f"rcpt@[{mx_address}]"):
+        answer = await rcpt_reply(sidecar.endpoint, recipient)
+        assert answer.startswith(b"451 4.4.4 "), answer
+        assert b"loopback destination refused" in answer
+    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert refusal(result, "rcpt@example.test") == (451, "4.4.4")
+    await trio.sleep(0.1)
+    assert mx.connections == []
+    # HAProxy logged no proxied session: nothing was sent through it (its log names the
+    # backend of every session that got a PROXY header; health checks send none).
+    assert "egress mx/" not in haproxy.logs()
+
+
+@pytest.mark.parametrize("helo", ["helo-550", "helo-unsupported"])
+async def test_permanent_ehlo_refusal_is_passed_through(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    helo: str,
+) -> None:
+    """DESIGN.md section 5: a 5xx to EHLO (and to the HELO fallback) is the MX refusing us:
+    passed through to the client, no other MX tried."""
+    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
+    port = free_port(mx1_address)
+    refused = smtp_reply(550, "5.7.1 mx1 does not talk to you")
+    replies = {"EHLO": refused}
+    replies["HELO"] = refused if helo == "helo-550" else smtp_reply(502, "5.5.1 no HELO")
+    mx1 = await mx_factory(Endpoint(mx1_address, port), replies=replies)
+    mx2 = await mx_factory(Endpoint(mx2_address, port))
+    dns = dnsmasq_factory(
+        [
+            MXRecord("example.test", "mx1.example.test", 10),
+            MXRecord("example.test", "mx2.example.test", 20),
+            HostRecord("mx1.example.test", [mx1_address]),
+            HostRecord("mx2.example.test", [mx2_address]),
+        ]
+    )
+    haproxy = haproxy_factory(retries=0)
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery=FAST_DELIVERY,
+        )
+    )
+    answer = await rcpt_reply(sidecar.endpoint, "rcpt@example.test")
+    assert answer == refused
+    await mx1.wait_closed()
+    (connection,) = mx1.connections
+    assert [c.split(b" ")[0] for c in connection.commands] == [b"EHLO", b"HELO", b"QUIT"]
+    assert mx2.connections == []

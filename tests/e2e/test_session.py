@@ -1,0 +1,573 @@
+"""The front SMTP session end to end: local replies, PIPELINING, one route per transaction
+(DESIGN.md invariant 3), the MX's replies passed through byte for byte (invariant 1), connection
+limits, and swaks as a real client. Every test runs the sidecar in-process behind a real HAProxy
+and dnsmasq, with TestMXes on their own 127.0.0.x addresses."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from .harness import (
+    Addresses,
+    DnsmasqFactory,
+    HAProxyFactory,
+    MXFactory,
+    RawSMTPClient,
+    smtp_reply,
+)
+from .stack import MESSAGE, RelayStack, RelayStackFactory, SidecarFactory
+
+MAIL = b"MAIL FROM:<sender@client.test>"
+BODY = b"Subject: session test\r\n\r\nHello.\r\n"
+
+
+@pytest.fixture
+def relay_stack(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> RelayStackFactory:
+    return RelayStackFactory(
+        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
+    )
+
+
+async def settle() -> None:
+    """Give the sidecar a moment to do anything it might (wrongly) do on its own."""
+    await trio.sleep(0.1)
+
+
+async def deliver(client: RawSMTPClient, recipients: list[bytes], body: bytes = BODY) -> bytes:
+    """One transaction with every recipient accepted; returns the final reply."""
+    assert (await client.command(MAIL)).startswith(b"250 2.1.0")
+    for recipient in recipients:
+        answer = await client.command(b"RCPT TO:<" + recipient + b">")
+        assert answer.startswith(b"250 "), (recipient, answer)
+    assert (await client.command(b"DATA")).startswith(b"354 ")
+    await client.send(body + b".\r\n")
+    return await client.read_reply()
+
+
+# -- 1. the front SMTP dialogue --------------------------------------------------------------
+
+
+async def test_front_smtp_local_replies(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(server={"max_message_size": 1_000_000, "max_line_length": 512})
+    mx = stack.mx
+    async with await stack.client(greet=False) as client:
+        assert (await client.command(MAIL)).startswith(b"503 5.5.1 ")
+        ehlo = await client.command(b"EHLO client.test")
+        lines = ehlo.split(b"\r\n")
+        assert lines.pop() == b""
+        assert lines[0].startswith(b"250-sidecar.test ")
+        assert all(line.startswith(b"250-") for line in lines[1:-1])
+        assert lines[-1].startswith(b"250 ")
+        keywords = [line[4:].decode() for line in lines[1:]]
+        assert keywords[:5] == [
+            "PIPELINING",
+            "8BITMIME",
+            "SIZE 1000000",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        assert len(keywords) == 6 and keywords[5].startswith("LIMITS ")
+        assert "RCPTDOMAINMAX=1" in keywords[5].split()
+        for absent in ("STARTTLS", "DSN", "CHUNKING", "BINARYMIME", "AUTH"):
+            assert not any(keyword.split()[0] == absent for keyword in keywords)
+
+        assert await client.command(b"HELO client.test") == b"250 sidecar.test\r\n"
+        assert (await client.command(b"NOOP")).startswith(b"250 2.0.0 ")
+        assert (await client.command(b"RSET")).startswith(b"250 2.0.0 ")
+        assert (await client.command(b"VRFY someone")).startswith(b"252 2.5.0 ")
+        help_reply = await client.command(b"HELP")
+        assert help_reply.startswith(b"214-2.0.0 ") or help_reply.startswith(b"214 2.0.0 ")
+        assert (await client.command(b"FROBNICATE")).startswith(b"500 5.5.1 ")
+        assert (await client.command(b"EXPN list")).startswith(b"502 5.5.1 ")
+        assert (await client.command(b"STARTTLS")).startswith(b"502 5.5.1 ")
+        assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"503 5.5.1 ")
+        assert (await client.command(b"DATA")).startswith(b"503 5.5.1 ")
+        assert (await client.command(b"MAIL FROM:<no-at-sign>")).startswith(b"501 5.1.7 ")
+        assert (await client.command(b"MAIL FROM:<a@@client.test>")).startswith(b"501 5.1.7 ")
+        assert (await client.command(MAIL + b" FOO=bar")).startswith(b"555 5.5.4 ")
+        assert (await client.command(MAIL + b" SIZE=1000001")).startswith(b"552 5.3.4 ")
+        # A command line over max_line_length: 500 5.5.6, and the session goes on.
+        assert (await client.command(b"NOOP " + b"x" * 600)).startswith(b"500 5.5.6 ")
+        assert (await client.command(b"NOOP")).startswith(b"250 2.0.0 ")
+
+        assert (await client.command(MAIL + b" SIZE=1000")).startswith(b"250 2.1.0 ")
+        # MAIL is answered locally: no MX connection exists yet.
+        await settle()
+        assert mx.connections == []
+        assert (await client.command(b"DATA")).startswith(b"503 5.5.1 ")
+        assert (await client.command(MAIL)).startswith(b"503 5.5.1 ")
+        bad_rcpt = await client.command(b"RCPT TO:<r@exa mple.test>")
+        assert bad_rcpt.startswith(b"501 5.1.3 ")
+        assert (await client.command(b"RSET")).startswith(b"250 2.0.0 ")
+        assert (await client.command(b"QUIT")).startswith(b"221 2.0.0 ")
+        assert await client.read_reply() == b""  # closed after QUIT
+    assert mx.connections == []
+
+
+async def test_too_many_errors_gets_421_and_close(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(server={"max_errors": 3})
+    async with await stack.client() as client:
+        assert (await client.command(b"BOGUS one")).startswith(b"500 5.5.1 ")
+        assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"503 5.5.1 ")
+        assert (await client.command(b"BOGUS three")).startswith(b"500 5.5.1 ")
+        assert (await client.read_reply()).startswith(b"421 4.7.0 ")
+        assert await client.read_reply() == b""
+
+
+async def test_over_long_lines_are_errors_not_crashes(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(server={"max_line_length": 100, "max_errors": 50})
+    async with await stack.client() as client:
+        # Several over-long lines in one write, one split over writes, then a normal command.
+        await client.send(b"NOOP " + b"a" * 300 + b"\r\n" + b"NOOP " + b"b" * 150 + b"\r\n")
+        assert (await client.read_reply()).startswith(b"500 5.5.6 ")
+        assert (await client.read_reply()).startswith(b"500 5.5.6 ")
+        await client.send(b"x" * 80)
+        await trio.sleep(0.02)
+        await client.send(b"y" * 80 + b"\r\nNOOP\r\n")
+        assert (await client.read_reply()).startswith(b"500 5.5.6 ")
+        assert (await client.read_reply()).startswith(b"250 2.0.0 ")
+        assert (await client.command(b"QUIT")).startswith(b"221 ")
+
+
+# -- 2. PIPELINING ----------------------------------------------------------------------------
+
+
+async def test_pipelined_envelope_in_one_write(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack()
+    mx = stack.mx
+    async with await stack.client() as client:
+        await client.send(
+            MAIL + b"\r\nRCPT TO:<one@example.test>\r\nRCPT TO:<two@example.test>\r\nDATA\r\n"
+        )
+        replies = [await client.read_reply() for _ in range(4)]
+        assert replies[0].startswith(b"250 2.1.0 ")
+        assert replies[1] == replies[2] == b"250 2.1.5 Ok\r\n"  # the MX's own RCPT replies
+        assert replies[3].startswith(b"354 ")
+        await client.send(BODY + b".\r\nQUIT\r\n")
+        final = await client.read_reply()
+        assert (await client.read_reply()).startswith(b"221 ")
+    (message,) = await mx.wait_for_messages(1)
+    assert final == message.reply and final.startswith(b"250 2.0.0 Ok: queued as ")
+    assert message.mail_from == MAIL
+    assert message.rcpt_to == [b"RCPT TO:<one@example.test>", b"RCPT TO:<two@example.test>"]
+    assert message.data == BODY
+    assert message.peer_host == stack.source
+    await settle()
+    assert len(mx.messages) == 1
+    assert len(mx.connections) == 1
+
+
+async def test_pipelined_whole_transaction_with_rset_and_second_mail(
+    relay_stack: RelayStackFactory,
+) -> None:
+    stack = await relay_stack()
+    mx = stack.mx
+    async with await stack.client() as client:
+        await client.send(MAIL + b"\r\nRCPT TO:<one@example.test>\r\nRSET\r\nNOOP\r\n")
+        replies = [await client.read_reply() for _ in range(4)]
+        assert [r[:4] for r in replies] == [b"250 ", b"250 ", b"250 ", b"250 "]
+        final = await deliver(client, [b"two@example.test"])
+        assert final.startswith(b"250 2.0.0 ")
+    (message,) = await mx.wait_for_messages(1)
+    assert message.rcpt_to == [b"RCPT TO:<two@example.test>"]
+    assert b"RSET" in mx.connections[0].commands
+
+
+# -- 3. one route per transaction ----------------------------------------------------------------
+
+
+async def test_second_route_is_452_then_its_own_transaction(
+    relay_stack: RelayStackFactory,
+) -> None:
+    stack = await relay_stack(mxes=[{}, {}], domains={"d1.test": 0, "d2.test": 1})
+    mx1, mx2 = stack.mxes
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 2.1.0 ")
+        assert await client.command(b"RCPT TO:<a@d1.test>") == b"250 2.1.5 Ok\r\n"
+        assert (await client.command(b"RCPT TO:<b@d2.test>")).startswith(b"452 4.5.3 ")
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(BODY + b".\r\n")
+        first = await client.read_reply()
+        (message1,) = await mx1.wait_for_messages(1)
+        assert first == message1.reply and first.startswith(b"250 ")
+        assert message1.rcpt_to == [b"RCPT TO:<a@d1.test>"]
+        assert mx2.connections == []
+
+        second = await deliver(client, [b"b@d2.test"], b"second\r\n")
+        (message2,) = await mx2.wait_for_messages(1)
+        assert second == message2.reply and second.startswith(b"250 ")
+        assert message2.rcpt_to == [b"RCPT TO:<b@d2.test>"]
+        assert message2.data == b"second\r\n"
+        assert message2.peer_host == stack.source
+        # The old upstream was closed politely.
+        closed = await mx1.wait_closed(0)
+        assert closed.commands[-1] == b"QUIT"
+        assert len(mx1.messages) == 1
+        assert (await client.command(b"QUIT")).startswith(b"221 ")
+    closed2 = await mx2.wait_closed(0)
+    assert closed2.commands[-1] == b"QUIT"
+
+
+async def test_domains_sharing_an_mx_host_share_a_transaction(
+    relay_stack: RelayStackFactory,
+) -> None:
+    stack = await relay_stack(domains={"d1.test": 0, "d2.test": 0})
+    mx = stack.mx
+    async with await stack.client() as client:
+        final = await deliver(client, [b"a@d1.test", b"b@d2.test"])
+    (message,) = await mx.wait_for_messages(1)
+    assert final == message.reply
+    assert message.rcpt_to == [b"RCPT TO:<a@d1.test>", b"RCPT TO:<b@d2.test>"]
+    assert len(mx.connections) == 1
+
+
+async def test_consecutive_transactions_reuse_the_upstream(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack()
+    mx = stack.mx
+    async with await stack.client() as client:
+        first = await deliver(client, [b"a@example.test"], b"first\r\n")
+        second = await deliver(client, [b"b@example.test"], b"second\r\n")
+        assert (await client.command(b"QUIT")).startswith(b"221 ")
+    first_message, second_message = await mx.wait_for_messages(2)
+    assert (first, second) == (first_message.reply, second_message.reply)
+    assert [m.data for m in mx.messages] == [b"first\r\n", b"second\r\n"]
+    assert len(mx.connections) == 1
+    assert first_message.connection_index == second_message.connection_index == 0
+    closed = await mx.wait_closed(0)
+    assert closed.commands[-1] == b"QUIT"
+
+
+# -- 4. the MX's replies, byte for byte -------------------------------------------------------
+
+
+async def test_multiline_final_reply_passes_through(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(mxes=[{"multiline_final_reply": True}])
+    async with await stack.client() as client:
+        final = await deliver(client, [b"r@example.test"])
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert final == message.reply
+    assert final.count(b"\r\n") == 2 and final.startswith(b"250-2.0.0 Ok: queued as ")
+
+
+async def test_mx_rcpt_rejection_passes_through(relay_stack: RelayStackFactory) -> None:
+    rejection = smtp_reply(550, "5.1.1 <nobody@example.test>: no such user")
+    stack = await relay_stack(
+        mxes=[
+            {
+                "replies": {
+                    "RCPT": lambda line: rejection if b"nobody" in line else smtp_reply(250, "ok")
+                }
+            }
+        ]
+    )
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert await client.command(b"RCPT TO:<nobody@example.test>") == rejection
+        assert await client.command(b"RCPT TO:<somebody@example.test>") == b"250 ok\r\n"
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(BODY + b".\r\n")
+        final = await client.read_reply()
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert final == message.reply
+    assert message.rcpt_to == [b"RCPT TO:<somebody@example.test>"]
+
+
+async def test_only_rejected_recipients_then_data_is_554(relay_stack: RelayStackFactory) -> None:
+    rejection = smtp_reply(550, "5.1.1 no such user")
+    stack = await relay_stack(mxes=[{"replies": {"RCPT": rejection}}])
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert await client.command(b"RCPT TO:<nobody@example.test>") == rejection
+        assert (await client.command(b"DATA")).startswith(b"554 5.5.1 ")
+        assert (await client.command(b"RSET")).startswith(b"250 ")
+    await settle()
+    assert stack.mx.messages == []
+
+
+async def test_mx_mail_rejection_becomes_the_rcpt_reply(relay_stack: RelayStackFactory) -> None:
+    rejection = smtp_reply(550, "5.7.1 sender refused by policy")
+    stack = await relay_stack(mxes=[{"replies": {"MAIL": rejection}}])
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 2.1.0 ")  # local
+        assert await client.command(b"RCPT TO:<r@example.test>") == rejection
+        assert (await client.command(b"DATA")).startswith(b"554 5.5.1 ")
+    await settle()
+    assert stack.mx.messages == []
+    assert [c for c in stack.mx.connections[0].commands if c.startswith(b"MAIL")] == [MAIL]
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        smtp_reply(452, "4.3.1 Insufficient system storage"),
+        smtp_reply(451, "4.7.1 greylisted", "4.7.1 please come back later"),
+        smtp_reply(554, "5.7.1 message refused: spam"),
+    ],
+    ids=["452", "451-multiline", "554"],
+)
+async def test_mx_final_rejection_passes_through(
+    relay_stack: RelayStackFactory, final: bytes
+) -> None:
+    stack = await relay_stack(mxes=[{"replies": {"END": final}}])
+    async with await stack.client() as client:
+        assert await deliver(client, [b"r@example.test"]) == final
+        # The session and the upstream stay usable.
+        stack.mx.replies.pop("END")
+        accepted = await deliver(client, [b"r@example.test"])
+    first, second = await stack.mx.wait_for_messages(2)
+    assert first.reply == final and second.reply == accepted and accepted.startswith(b"250 ")
+
+
+async def test_mx_data_refusal_passes_through(relay_stack: RelayStackFactory) -> None:
+    refusal = smtp_reply(554, "5.7.0 not now, not ever")
+    stack = await relay_stack(mxes=[{"replies": {"DATA": refusal}}])
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"250 ")
+        assert await client.command(b"DATA") == refusal
+        assert (await client.command(b"NOOP")).startswith(b"250 ")
+    await settle()
+    assert stack.mx.messages == []
+
+
+# -- 7. connection limits ----------------------------------------------------------------------
+
+
+async def test_client_outside_allowed_clients_is_refused(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(server={"allowed_clients": ["127.0.0.250/32"]})
+    async with await RawSMTPClient.connect(stack.endpoint) as client:
+        assert (await client.read_reply()).startswith(b"554 5.7.1 ")
+        assert await client.read_reply() == b""
+    assert stack.mx.connections == []
+
+
+async def test_max_connections(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(server={"max_connections": 2})
+    first = await stack.client()
+    second = await stack.client()
+    try:
+        async with await RawSMTPClient.connect(stack.endpoint) as third:
+            with trio.fail_after(2):
+                assert (await third.read_reply()).startswith(b"421 4.3.2 ")
+                assert await third.read_reply() == b""
+        # The two sessions are unaffected; once one ends, a new one is served.
+        assert (await first.command(b"NOOP")).startswith(b"250 ")
+        assert (await first.command(b"QUIT")).startswith(b"221 ")
+        assert await first.read_reply() == b""
+        with trio.fail_after(2):
+            while True:
+                async with await RawSMTPClient.connect(stack.endpoint) as fourth:
+                    banner = await fourth.read_reply()
+                if banner.startswith(b"220 "):
+                    break
+                await trio.sleep(0.02)  # the first session may still be finishing
+        assert (await second.command(b"NOOP")).startswith(b"250 ")
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+# -- 8. swaks ------------------------------------------------------------------------------------
+
+
+async def test_swaks_delivers_with_pipelining(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack()
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [
+                "swaks",
+                "--server",
+                f"{stack.endpoint.host}:{stack.endpoint.port}",
+                "--from",
+                "sender@client.test",
+                "--to",
+                "rcpt@example.test",
+                "--pipeline",
+                "--timeout",
+                "10",
+                "--body",
+                "Sent by swaks.",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    transcript = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    assert result.returncode == 0, transcript
+    assert "PIPELINING" in transcript
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert message.rcpt_to == [b"RCPT TO:<rcpt@example.test>"]
+    assert b"Sent by swaks." in message.data
+    assert message.peer_host == stack.source
+    assert message.reply.decode().strip() in transcript
+
+
+async def test_smtplib_main_path(relay_stack: RelayStackFactory) -> None:
+    """The smtplib client of stack.py against a RelayStack (sanity check of the helper)."""
+    from .stack import send
+
+    stack: RelayStack = await relay_stack()
+    result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert result.error is None and not result.refused, result
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert message.data == MESSAGE
+    assert result.final is not None and result.final[0] == 250
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+async def test_shutdown_lets_a_transaction_finish_then_421(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(server={"shutdown_grace": 10})
+    mx = stack.mx
+    async with await stack.client() as client:
+        idle = await stack.client()
+        async with idle:
+            assert (await client.command(MAIL)).startswith(b"250 ")
+            assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"250 ")
+            stack.sidecar.shutdown.set()
+            # The idle session is told at once; the transaction in progress goes on.
+            with trio.fail_after(2):
+                assert (await idle.read_reply()).startswith(b"421 4.3.0 ")
+                assert await idle.read_reply() == b""
+            with trio.fail_after(2):
+                while True:  # the listener is closed
+                    try:
+                        extra = await RawSMTPClient.connect(stack.endpoint)
+                    except OSError:
+                        break
+                    await extra.aclose()
+                    await trio.sleep(0.02)
+            assert (await client.command(b"DATA")).startswith(b"354 ")
+            await client.send(BODY + b".\r\n")
+            final = await client.read_reply()
+            (message,) = await mx.wait_for_messages(1)
+            assert final == message.reply and final.startswith(b"250 ")
+            # Once the transaction is over, the session ends with 421 too.
+            with trio.fail_after(2):
+                assert (await client.read_reply()).startswith(b"421 4.3.0 ")
+                assert await client.read_reply() == b""
+    closed = await mx.wait_closed(0)
+    assert closed.commands[-1] == b"QUIT"
+
+
+# -- the kept upstream going away between transactions ----------------------------------------
+
+
+async def test_upstream_closed_by_the_mx_between_transactions_is_reopened(
+    relay_stack: RelayStackFactory, mx_factory: MXFactory
+) -> None:
+    """An MX that drops an idle connection (its own timeout, a restart) must not cost the next
+    transaction a 4xx: the sidecar opens a new upstream when the kept one turns out dead."""
+    stack = await relay_stack()
+    old = stack.mx
+    async with await stack.client() as client:
+        first = await deliver(client, [b"a@example.test"], b"first\r\n")
+        assert first.startswith(b"250 ")
+        old.close()  # the MX goes away with the idle connection...
+        with trio.fail_after(5):
+            while not (old.connections and old.connections[0].closed):
+                await trio.sleep(0.01)
+        new = await mx_factory(old.endpoint)  # ...and comes back on the same address
+        await trio.sleep(0.1)  # HAProxy passes the close on to the sidecar's side
+        second = await deliver(client, [b"b@example.test"], b"second\r\n")
+        (message,) = await new.wait_for_messages(1)
+        assert second == message.reply and second.startswith(b"250 ")
+        assert message.data == b"second\r\n"
+        assert message.rcpt_to == [b"RCPT TO:<b@example.test>"]
+
+
+async def test_mx_421_on_rcpt_passes_through_and_drops_the_upstream(
+    relay_stack: RelayStackFactory,
+) -> None:
+    closing = smtp_reply(421, "4.3.2 mx.test shutting down")
+    stack = await relay_stack(mxes=[{"replies": {"RCPT": closing}}])
+    mx = stack.mx
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert await client.command(b"RCPT TO:<a@example.test>") == closing
+        assert (await client.command(b"RSET")).startswith(b"250 ")
+        await mx.wait_closed(0)  # the sidecar does not keep a connection the MX is closing
+        del mx.replies["RCPT"]
+        final = await deliver(client, [b"b@example.test"])
+    (message,) = await mx.wait_for_messages(1)
+    assert final == message.reply and final.startswith(b"250 ")
+    assert message.connection_index == 1
+
+
+async def test_mx_closing_at_data_command_is_451(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(mxes=[{"close_at": "DATA"}])
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert (await client.command(b"RCPT TO:<a@example.test>")).startswith(b"250 ")
+        assert (await client.command(b"DATA")).startswith(b"451 4.4.2 ")
+        stack.mx.close_at = None
+        final = await deliver(client, [b"a@example.test"])
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert final == message.reply and final.startswith(b"250 ")
+
+
+async def test_max_recipients(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(server={"max_recipients": 2})
+    async with await stack.client(greet=False) as client:
+        ehlo = await client.command(b"EHLO client.test")
+        assert b"LIMITS RCPTMAX=2 RCPTDOMAINMAX=1\r\n" in ehlo
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        for name in (b"a", b"b"):
+            answer = await client.command(b"RCPT TO:<" + name + b"@example.test>")
+            assert answer.startswith(b"250 ")
+        assert (await client.command(b"RCPT TO:<c@example.test>")).startswith(b"452 4.5.3 ")
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(BODY + b".\r\n")
+        final = await client.read_reply()
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert final == message.reply
+    assert message.rcpt_to == [b"RCPT TO:<a@example.test>", b"RCPT TO:<b@example.test>"]
+
+
+async def test_mail_parameters_are_replayed(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack()
+    async with await stack.client() as client:
+        assert (await client.command(MAIL + b" SIZE=1234 BODY=8BITMIME")).startswith(b"250 ")
+        assert (await client.command(b"RCPT TO:<a@example.test>")).startswith(b"250 ")
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send("Subject: é\r\n\r\nünïcødé\r\n.\r\n".encode())
+        final = await client.read_reply()
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert final == message.reply
+    assert message.mail_from == MAIL + b" SIZE=1234 BODY=8BITMIME"
+
+
+async def test_smtputf8_needs_an_mx_that_offers_it(relay_stack: RelayStackFactory) -> None:
+    stack = await relay_stack(mxes=[{"capabilities": ["PIPELINING", "8BITMIME", "SIZE 1000000"]}])
+    async with await stack.client() as client:
+        assert (await client.command(MAIL + b" SMTPUTF8")).startswith(b"250 ")
+        answer = await client.command("RCPT TO:<üser@example.test>".encode())
+        assert answer.startswith(b"553 5.6.7 ")
+    await settle()
+    assert stack.mx.messages == []
+
+
+async def test_kept_upstream_answering_421_is_replaced(relay_stack: RelayStackFactory) -> None:
+    """Postfix and others send "421 4.4.2 timeout" on an idle connection, then close; the next
+    MAIL on that kept connection reads the 421. The sidecar reconnects instead of passing on a
+    421 that concerns a connection the client never saw."""
+    answers = iter([smtp_reply(250, "2.1.0 Ok"), smtp_reply(421, "4.4.2 mx.test timeout")])
+    stack = await relay_stack(
+        mxes=[{"replies": {"MAIL": lambda line: next(answers, smtp_reply(250, "2.1.0 Ok"))}}]
+    )
+    mx = stack.mx
+    async with await stack.client() as client:
+        first = await deliver(client, [b"a@example.test"], b"first\r\n")
+        second = await deliver(client, [b"b@example.test"], b"second\r\n")
+    first_message, second_message = await mx.wait_for_messages(2)
+    assert (first, second) == (first_message.reply, second_message.reply)
+    assert (first_message.connection_index, second_message.connection_index) == (0, 1)
+    assert second_message.data == b"second\r\n"

@@ -1,0 +1,267 @@
+"""STARTTLS towards the MX (``delivery.tls``) end to end, through HAProxy: opportunistic,
+required and disabled, a failed handshake, and bytes an MX pipelines after its ``220`` to
+STARTTLS (CVE-2011-0411 class: they must never be taken as a reply after the handshake)."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import pytest
+
+from .harness import (
+    Addresses,
+    DnsmasqFactory,
+    Endpoint,
+    HAProxyFactory,
+    HostRecord,
+    MXConnection,
+    MXFactory,
+    MXRecord,
+    TestMX,
+    free_port,
+    smtp_reply,
+)
+from .stack import (
+    MESSAGE,
+    SendResult,
+    SidecarFactory,
+    final_status,
+    make_config,
+    proxied_binding,
+    refusal,
+    send,
+)
+
+
+def _verbs(connection: MXConnection) -> list[bytes]:
+    return [command.split(b" ", 1)[0].upper() for command in connection.commands]
+
+
+async def _deliver(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    tls: str,
+    **mx_options: Any,
+) -> tuple[SendResult, TestMX, str]:
+    """One message to rcpt@example.test with ``delivery.tls = tls``; returns once the session
+    is over (the MX connection closed)."""
+    mx_address = addresses.ipv4()
+    port = free_port(mx_address)
+    mx = await mx_factory(Endpoint(mx_address, port), **mx_options)
+    dns = dnsmasq_factory(
+        [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
+    )
+    haproxy = haproxy_factory()
+    source = addresses.ipv4()
+    sidecar = await sidecar_factory(
+        make_config(
+            listeners=[(sidecar_factory.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=source)},
+            nameserver=dns.endpoint,
+            port=port,
+            delivery={"tls": tls, "connect_timeout": 2, "banner_timeout": 2, "command_timeout": 2},
+        )
+    )
+    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    await mx.wait_for(lambda: bool(mx.connections) and all(c.closed for c in mx.connections))
+    return result, mx, source
+
+
+@pytest.mark.parametrize("tls", ["opportunistic", "required"])
+async def test_starttls_offered_is_used(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    mx_tls_context: ssl.SSLContext,
+    tls: str,
+) -> None:
+    result, mx, source = await _deliver(
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        mx_factory,
+        sidecar_factory,
+        tls,
+        tls_context=mx_tls_context,  # a certificate the sidecar has no reason to trust
+    )
+    assert final_status(result) == (250, "2.0.0")
+    (connection,) = mx.connections
+    (message,) = mx.messages
+    assert message.tls and connection.tls
+    assert message.peer_host == source
+    assert message.data == MESSAGE
+    assert result.final is not None and result.final[1] in message.reply
+    assert _verbs(connection)[:6] == [b"EHLO", b"STARTTLS", b"EHLO", b"MAIL", b"RCPT", b"DATA"]
+    assert message.ehlo == "sidecar.test"
+
+
+async def test_opportunistic_without_starttls_is_plaintext(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    result, mx, source = await _deliver(
+        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory, "opportunistic"
+    )
+    assert final_status(result) == (250, "2.0.0")
+    (connection,) = mx.connections
+    (message,) = mx.messages
+    assert not message.tls and message.peer_host == source
+    assert _verbs(connection)[:4] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]
+
+
+async def test_required_without_starttls_is_not_delivered(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    result, mx, _ = await _deliver(
+        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory, "required"
+    )
+    assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+    assert b"STARTTLS" in result.refused["rcpt@example.test"][1]
+    assert result.final is None
+    assert mx.messages == []
+    assert all(b"MAIL" not in _verbs(c) for c in mx.connections)
+
+
+async def test_disabled_never_starts_tls(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    mx_tls_context: ssl.SSLContext,
+) -> None:
+    result, mx, _ = await _deliver(
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        mx_factory,
+        sidecar_factory,
+        "disabled",
+        tls_context=mx_tls_context,
+    )
+    assert final_status(result) == (250, "2.0.0")
+    (connection,) = mx.connections
+    (message,) = mx.messages
+    assert not message.tls
+    assert b"STARTTLS" not in _verbs(connection)
+
+
+async def test_opportunistic_retries_in_plaintext_after_a_failed_handshake(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    # STARTTLS is advertised and accepted, but the server side has no certificate: the
+    # handshake fails.
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    result, mx, source = await _deliver(
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        mx_factory,
+        sidecar_factory,
+        "opportunistic",
+        tls_context=broken,
+    )
+    assert final_status(result) == (250, "2.0.0")
+    first, second = mx.connections
+    assert _verbs(first)[:2] == [b"EHLO", b"STARTTLS"] and not first.messages
+    assert b"STARTTLS" not in _verbs(second)
+    (message,) = mx.messages
+    assert not message.tls and message.peer_host == source
+    assert message.connection_index == 1
+
+
+@pytest.mark.parametrize(
+    "injected",
+    [smtp_reply(250, "injected"), smtp_reply(554, "5.7.1 injected")],
+    ids=["250", "554"],
+)
+async def test_bytes_pipelined_after_the_starttls_220_are_discarded(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    mx_tls_context: ssl.SSLContext,
+    injected: bytes,
+) -> None:
+    result, mx, source = await _deliver(
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        mx_factory,
+        sidecar_factory,
+        "required",
+        tls_context=mx_tls_context,
+        replies={"STARTTLS": smtp_reply(220, "go") + injected},
+    )
+    (connection,) = mx.connections
+    (message,) = mx.messages
+    assert message.tls and message.peer_host == source
+    # Had the injected reply been read as the answer to the EHLO after the handshake, every
+    # later reply would be off by one and the final reply would not be the MX's.
+    assert result.error is None and result.final is not None
+    assert final_status(result) == (250, "2.0.0")
+    assert result.final[1] in message.reply
+    assert message.queue_id.encode() in result.final[1]
+    assert _verbs(connection)[:6] == [b"EHLO", b"STARTTLS", b"EHLO", b"MAIL", b"RCPT", b"DATA"]
+    assert connection.discarded_before_tls == b""
+
+
+@pytest.mark.parametrize(
+    ("tls", "refusal_reply"),
+    [
+        ("opportunistic", smtp_reply(454, "4.7.0 TLS not available due to temporary reason")),
+        ("opportunistic", smtp_reply(502, "5.5.1 not now")),
+        ("required", smtp_reply(454, "4.7.0 TLS not available due to temporary reason")),
+    ],
+    ids=["opportunistic-454", "opportunistic-502", "required-454"],
+)
+async def test_starttls_refused_by_the_mx(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    mx_tls_context: ssl.SSLContext,
+    tls: str,
+    refusal_reply: bytes,
+) -> None:
+    """STARTTLS advertised but refused: opportunistic TLS delivers in plaintext (as MTAs do),
+    required TLS does not deliver."""
+    result, mx, source = await _deliver(
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        mx_factory,
+        sidecar_factory,
+        tls,
+        tls_context=mx_tls_context,
+        replies={"STARTTLS": refusal_reply},
+    )
+    if tls == "required":
+        assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+        assert mx.messages == []
+        return
+    assert final_status(result) == (250, "2.0.0")
+    (connection,) = mx.connections  # the same session goes on in plaintext
+    (message,) = mx.messages
+    assert not message.tls and message.peer_host == source
+    assert result.final is not None and result.final[1] in message.reply
+    assert _verbs(connection)[:5] == [b"EHLO", b"STARTTLS", b"MAIL", b"RCPT", b"DATA"]
