@@ -4,6 +4,7 @@ source address written in the PROXY header for each (DESIGN.md invariants 2 and 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -91,7 +92,13 @@ class Router:
     def has_plumbed_server(self, binding: Binding) -> bool:
         return any(self.health.is_plumbed(server) for server in binding.ha_proxy_server)
 
-    def pick_binding(self, listener: Listener, domain: str, prefer: str | None = None) -> Binding:
+    def pick_binding(
+        self,
+        listener: Listener,
+        domain: str,
+        prefer: str | None = None,
+        excluded: Collection[str] = (),
+    ) -> Binding:
         """The binding for this listener's mail to ``domain``; in a group, a plumbed member
         (the transaction's current one when it is still usable, else round-robin)."""
         if listener.binding is not None:
@@ -103,7 +110,8 @@ class Router:
         usable = [
             member
             for member in members
-            if self.is_bypass(member, group, domain) or self.has_plumbed_server(member)
+            if member.name not in excluded
+            and (self.is_bypass(member, group, domain) or self.has_plumbed_server(member))
         ]
         if not usable:
             raise RouteError(
@@ -115,9 +123,14 @@ class Router:
         return usable[next(self._turns[group]) % len(usable)]
 
     async def route(
-        self, listener: Listener, domain: str, literal: IPAddress | None, prefer: str | None = None
+        self,
+        listener: Listener,
+        domain: str,
+        literal: IPAddress | None,
+        prefer: str | None = None,
+        excluded: Collection[str] = (),
     ) -> Route:
-        binding = self.pick_binding(listener, domain, prefer)
+        binding = self.pick_binding(listener, domain, prefer, excluded)
         group = listener.binding_group
         bypass = self.is_bypass(binding, group, domain)
         if not bypass and not self.has_plumbed_server(binding):

@@ -84,6 +84,11 @@ def _has_param(mail: MailFrom, keyword: str) -> bool:
     return any(name == keyword for name, _ in mail.params)
 
 
+@dataclass(frozen=True)
+class _TryAnotherBinding:
+    binding_name: str
+
+
 class _CloseSession(Exception):
     pass
 
@@ -110,6 +115,7 @@ class Session:
         self.errors = 0
         self.txn: Transaction | None = None
         self.upstream: Upstream | None = None
+        self._last_proxy_error: Reply | None = None
 
     # ---- I/O helpers -------------------------------------------------------------------------
 
@@ -309,6 +315,7 @@ class Session:
         await self.flush()
         delivery = self.config.delivery
         answer: Reply | None = None
+        self._last_proxy_error = None
         with trio.move_on_after(delivery.setup_timeout):
             answer = await self._route_and_replay(txn, rcpt.recipient, rcpt.to_line())
         if answer is None:
@@ -318,13 +325,30 @@ class Session:
         self.queue(answer)
 
     async def _route_and_replay(self, txn: Transaction, recipient: Address, line: bytes) -> Reply:
-        prefer = txn.route.binding.name if txn.route is not None else None
+        excluded: set[str] = set()
+        while True:
+            answer = await self._route_and_replay_once(txn, recipient, line, excluded)
+            if isinstance(answer, Reply):
+                return answer
+            # A group member's HAProxy could not be reached: try another plumbed member
+            # (DESIGN.md section 5) while the transaction has no route yet.
+            excluded.add(answer.binding_name)
+
+    async def _route_and_replay_once(
+        self, txn: Transaction, recipient: Address, line: bytes, excluded: set[str]
+    ) -> Reply | _TryAnotherBinding:
+        if txn.route is not None:
+            prefer: str | None = txn.route.binding.name
+        elif self.upstream is not None and self.upstream.route_key is not None:
+            prefer = self.upstream.route_key[0]  # reuse the open connection when we may
+        else:
+            prefer = None
         try:
             route = await self.context.router.route(
-                self.listener, recipient.routing_domain, recipient.literal, prefer
+                self.listener, recipient.routing_domain, recipient.literal, prefer, excluded
             )
         except RouteError as error:
-            return error.reply
+            return self._last_proxy_error or error.reply
         if txn.route is not None and route.key != txn.route.key:
             return replies.OTHER_ROUTE
         if txn.broken:
@@ -340,6 +364,9 @@ class Session:
             try:
                 answer = await self._replay(txn, route, upstream, line)
             except UpstreamError as error:
+                if error.proxy_fault and self.listener.binding_group and txn.route is None:
+                    self._last_proxy_error = error.reply
+                    return _TryAnotherBinding(route.binding.name)
                 return error.reply
             except UpstreamLost as error:
                 log.info("session %s: upstream lost during RCPT: %s", self.id, error)

@@ -24,11 +24,13 @@ RECEIVE_SIZE = 65536
 
 
 class UpstreamError(Exception):
-    """No usable upstream for this route; ``reply`` is what the client gets."""
+    """No usable upstream for this route; ``reply`` is what the client gets. ``proxy_fault``:
+    no HAProxy server of the binding could be reached (another binding may do)."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, proxy_fault: bool = False) -> None:
         super().__init__(reply.text)
         self.reply = reply
+        self.proxy_fault = proxy_fault
 
 
 class UpstreamLost(Exception):
@@ -137,7 +139,8 @@ async def _connect_via_proxy(
             451,
             "4.4.1",
             f"Cannot reach HAProxy for binding {route.binding.name}: {'; '.join(errors)}",
-        )
+        ),
+        proxy_fault=True,
     )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import trio
 
 from .harness import (
@@ -193,15 +192,6 @@ async def test_binding_group_with_all_members_up_uses_each_in_turn(
     assert sorted(m.peer_host for m in messages) == sorted([source1, source2] * 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "DESIGN.md section 5: when the TCP connect to a group member's HAProxy fails, "
-        "another plumbed binding of the group should be tried; open_upstream only tries the "
-        "other servers of the same binding, so until the dead member is unplumbed its share "
-        "of the mail gets 451 4.4.1"
-    ),
-)
 async def test_binding_group_fails_over_to_another_member_before_the_flip(
     addresses: Addresses,
     haproxy_factory: HAProxyFactory,

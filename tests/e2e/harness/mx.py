@@ -242,8 +242,9 @@ class TestMX:
             connection.error = repr(exc)
         finally:
             connection.closed = True
-            await trio.aclose_forcefully(session.stream)
+            # Notify before the (cancellable) close, so waiters wake even when close() cancels us.
             self._notify()
+            await trio.aclose_forcefully(session.stream)
 
     # -- observing -----------------------------------------------------------------------------
 
