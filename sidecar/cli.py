@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 an operational failure (e.g. ``init`` would overwrite a
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -20,6 +19,7 @@ import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.explain import explain_route
+from sidecar.logs import configure_logging
 from sidecar.server import ListenError, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
@@ -110,16 +110,19 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
     show_default=True,
     help="Log level.",
 )
-def run(config_path: str, log_level: str) -> None:
-    """Serve until SIGTERM or SIGINT."""
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or one JSON object per line for log shippers.",
+)
+def run(config_path: str, log_level: str, log_format: str) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP re-reads the configuration file."""
     config = _load(config_path)
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_level, "json" if log_format == "json" else "text")
     try:
-        trio.run(run_until_signal, config)
+        trio.run(run_until_signal, config, config_path)
     except ListenError as e:
         click.echo(f"error: cannot listen on {e}", err=True)
         sys.exit(1)

@@ -48,6 +48,15 @@ def outcome_of(code: int) -> str:
     return "rejected"
 
 
+def recipient_outcome(code: int) -> str:
+    """The outcome class of a RCPT reply: only 250/251 accept a recipient."""
+    if code in (250, 251):
+        return "accepted"
+    if 400 <= code < 500:
+        return "deferred"
+    return "rejected"
+
+
 @dataclass
 class Metrics:
     sessions: int = 0
@@ -63,12 +72,7 @@ class Metrics:
     upstream_banner_seconds: Histogram = field(default_factory=Histogram)
 
     def count_recipient(self, code: int) -> None:
-        if 200 <= code < 300:
-            self.recipients["accepted"] += 1
-        elif 400 <= code < 500:
-            self.recipients["deferred"] += 1
-        else:
-            self.recipients["rejected"] += 1
+        self.recipients[recipient_outcome(code)] += 1
 
     def snapshot(self) -> dict[str, object]:
         return {

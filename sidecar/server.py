@@ -7,19 +7,23 @@ and ``max_connections`` (421 4.3.2 at greeting).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import signal
 from collections.abc import Callable
 from functools import partial
 from ipaddress import IPv6Address, ip_address
 
 import trio
 
-from sidecar.config import Config, Listener
+from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
 from sidecar.health import HealthRegistry, run_health_checks
+from sidecar.metrics import ServerState, render_prometheus
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
 from sidecar.session import ServerContext, Session
 from sidecar.smtp import replies
+from sidecar.status import StatusSource, serve_status
 
 log = logging.getLogger("sidecar.server")
 
@@ -56,16 +60,18 @@ async def _refuse(stream: trio.SocketStream, answer: bytes) -> None:
     await trio.aclose_forcefully(stream)
 
 
-async def handle_connection(
-    context: ServerContext, listener: Listener, stream: trio.SocketStream
-) -> None:
+async def handle_connection(runtime: Runtime, address: HostPort, stream: trio.SocketStream) -> None:
+    context = runtime.context
+    listener = runtime.listener_for(address)
     client = _peer(stream)
-    counters = context.counters
+    counters = context.metrics
     if not client_allowed(context.config, client):
+        counters.refused_connections += 1
         log.warning("refused client %s on %s: not in allowed_clients", client, listener.address)
         await _refuse(stream, replies.ACCESS_DENIED.to_bytes())
         return
     if counters.active_sessions >= context.config.server.max_connections:
+        counters.refused_connections += 1
         await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
         return
     counters.sessions += 1
@@ -79,9 +85,9 @@ async def handle_connection(
 class ListenError(Exception):
     """A listener address cannot be bound (in use, not local, no permission)."""
 
-    def __init__(self, listener: Listener, error: OSError) -> None:
-        super().__init__(f"{listener.address}: {error.strerror or error}")
-        self.listener = listener
+    def __init__(self, what: Listener | str, error: OSError) -> None:
+        name = what if isinstance(what, str) else str(what.address)
+        super().__init__(f"{name}: {error.strerror or error}")
         self.error = error
 
 
@@ -102,23 +108,160 @@ async def open_listeners(config: Config) -> list[tuple[Listener, list[trio.Socke
     return opened
 
 
+class Runtime:
+    """The current configuration's :class:`ServerContext`. A reload swaps it: new sessions get
+    the new one, open sessions keep theirs. Metrics, shutdown state and the health of servers
+    present in both configurations carry over."""
+
+    def __init__(self, config: Config) -> None:
+        self.context = build_context(config)
+        self.started = trio.current_time()
+
+    def reload(self, config: Config) -> ServerContext:
+        old = self.context
+        new = build_context(config)
+        for server, health in old.health.servers.items():
+            if server in new.health.servers:
+                health.config = config.ha_proxy_client
+                new.health.servers[server] = health
+        if config.dns == old.config.dns:
+            new.router.resolver = old.router.resolver  # keep the DNS cache
+        new.metrics = old.metrics
+        new.shutting_down = old.shutting_down
+        new.idle_sessions = old.idle_sessions
+        self.context = new
+        return new
+
+    def listener_for(self, address: HostPort) -> Listener:
+        for listener in self.context.config.listeners:
+            if listener.address == address:
+                return listener
+        raise LookupError(address)  # pragma: no cover - reloads keep the listener addresses
+
+    def status_source(self) -> StatusSource:
+        return StatusSource(
+            healthy=lambda: not self.context.shutting_down.is_set(),
+            status=self.status,
+            metrics=self.prometheus,
+        )
+
+    def server_states(self) -> list[ServerState]:
+        return [
+            ServerState(
+                str(server),
+                health.plumbed,
+                health.consecutive_failures,
+                health.consecutive_successes,
+                health.last_check,
+                health.last_error,
+            )
+            for server, health in self.context.health.servers.items()
+        ]
+
+    def status(self) -> dict[str, object]:
+        context = self.context
+        now = trio.current_time()
+        resolver = context.router.resolver
+        return {
+            "hostname": context.config.server.hostname,
+            "uptime_seconds": round(now - self.started, 1),
+            "shutting_down": context.shutting_down.is_set(),
+            "servers": [
+                {
+                    **dataclasses.asdict(state),
+                    "last_check_seconds_ago": None
+                    if state.last_check is None
+                    else round(now - state.last_check, 1),
+                }
+                for state in self.server_states()
+            ],
+            "bindings": [
+                {
+                    "name": binding.name,
+                    "ha_proxy_server": [str(server) for server in binding.ha_proxy_server],
+                    "ha_proxy_src_addr": _text(binding.ha_proxy_src_addr),
+                    "ha_proxy_ipv6_src_addr": _text(binding.ha_proxy_ipv6_src_addr),
+                    "plumbed": context.router.has_plumbed_server(binding),
+                }
+                for binding in context.config.bindings.values()
+            ],
+            "listeners": [
+                {"address": str(listener.address), "target": listener.target}
+                for listener in context.config.listeners
+            ],
+            "counters": context.metrics.snapshot(),
+            "dns": {"queries": resolver.queries, "cache_hits": resolver.cache.hits()},
+        }
+
+    def prometheus(self) -> str:
+        resolver = self.context.router.resolver
+        return render_prometheus(
+            self.context.metrics, self.server_states(), resolver.queries, resolver.cache.hits()
+        )
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def reload_problem(old: Config, new: Config) -> str | None:
+    """Why ``new`` cannot replace ``old`` without a restart, or ``None``."""
+    if [listener.address for listener in old.listeners] != [
+        listener.address for listener in new.listeners
+    ]:
+        return "listener addresses changed (restart to apply)"
+    if old.status.address != new.status.address:
+        return "status.address changed (restart to apply)"
+    return None
+
+
+async def _health_generation(
+    registry: HealthRegistry, *, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await run_health_checks(registry)
+
+
 async def serve(
     config: Config,
     shutdown: trio.Event | None = None,
     opened: list[tuple[Listener, list[trio.SocketListener]]] | None = None,
+    reloads: trio.MemoryReceiveChannel[Config] | None = None,
+    status_sockets: list[trio.SocketListener] | None = None,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set: then stop accepting, give open sessions
-    ``server.shutdown_grace`` seconds, and cancel what is left."""
-    context = build_context(config)
+    ``server.shutdown_grace`` seconds, and cancel what is left. Configs received on
+    ``reloads`` replace the running one (SIGHUP)."""
+    runtime = Runtime(config)
     if shutdown is None:
         shutdown = trio.Event()
     if opened is None:
         opened = await open_listeners(config)
+    if status_sockets is None:
+        status_sockets = await open_status_listener(config)
     bound = [sock.socket.getsockname()[:2] for _, sockets in opened for sock in sockets]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_health_checks, context.health)
+        health_scope = await nursery.start(_health_generation, runtime.context.health)
+        if status_sockets:
+            await nursery.start(serve_status, runtime.status_source(), status_sockets)
+
+        async def apply_reloads(channel: trio.MemoryReceiveChannel[Config]) -> None:
+            nonlocal health_scope
+            async for new_config in channel:
+                problem = reload_problem(runtime.context.config, new_config)
+                if problem is not None:
+                    log.error("reload refused, keeping the running configuration: %s", problem)
+                    continue
+                context = runtime.reload(new_config)
+                health_scope.cancel()
+                health_scope = await nursery.start(_health_generation, context.health)
+                log.warning("configuration reloaded: new sessions use it")
+
+        if reloads is not None:
+            nursery.start_soon(apply_reloads, reloads)
         async with trio.open_nursery() as sessions:
             accepting = trio.CancelScope()
 
@@ -127,7 +270,7 @@ async def serve(
                     async with trio.open_nursery() as acceptors:
                         for listener, sockets in opened:
                             handler: Callable[[trio.SocketStream], object] = partial(
-                                handle_connection, context, listener
+                                handle_connection, runtime, listener.address
                             )
                             acceptors.start_soon(
                                 partial(
@@ -142,28 +285,51 @@ async def serve(
             log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
             task_status.started([(str(h), int(p)) for h, p in bound])
             await shutdown.wait()
+            context = runtime.context
             context.begin_shutdown()
             accepting.cancel()
             for _, sockets in opened:
                 for sock in sockets:
                     await sock.aclose()
-            with trio.move_on_after(config.server.shutdown_grace):
-                while context.counters.active_sessions:
+            with trio.move_on_after(context.config.server.shutdown_grace):
+                while context.metrics.active_sessions:
                     await trio.sleep(0.05)
             sessions.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 
-async def run_until_signal(config: Config) -> None:
-    import signal
+async def open_status_listener(config: Config) -> list[trio.SocketListener]:
+    address = config.status.address
+    if address is None:
+        return []
+    try:
+        return await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as error:
+        raise ListenError(f"status endpoint {address}", error) from error
 
+
+async def run_until_signal(config: Config, config_path: str | None = None) -> None:
+    """``sidecar run``: serve; SIGTERM/SIGINT shut down gracefully, SIGHUP re-reads
+    ``config_path`` (an invalid file is logged and the running configuration kept)."""
     shutdown = trio.Event()
     # Listening errors (address in use, no permission) surface here, before any task starts.
     opened = await open_listeners(config)
+    status_sockets = await open_status_listener(config)
+    send_reload, receive_reload = trio.open_memory_channel[Config](1)
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(serve, config, shutdown, opened)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            await nursery.start(serve, config, shutdown, opened, receive_reload, status_sockets)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if config_path is None:
+                        continue
+                    try:
+                        new_config = load_config(config_path)
+                    except ConfigError as error:
+                        log.error("reload failed, keeping the running configuration: %s", error)
+                        continue
+                    await send_reload.send(new_config)
+                    continue
                 log.warning("received %s, shutting down", signal.Signals(signum).name)
                 shutdown.set()
                 break

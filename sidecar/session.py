@@ -17,6 +17,8 @@ import trio
 
 from sidecar.config import Config, Listener
 from sidecar.health import HealthRegistry
+from sidecar.logs import log_transaction
+from sidecar.metrics import RECIPIENT_OUTCOMES, Metrics, outcome_of, recipient_outcome
 from sidecar.routing import Route, RouteError, Router
 from sidecar.smtp import replies
 from sidecar.smtp.commands import (
@@ -44,21 +46,13 @@ BODY_VALUES = ("7BIT", "8BITMIME")
 
 
 @dataclass
-class Counters:
-    sessions: int = 0
-    active_sessions: int = 0
-    transactions: int = 0
-    messages_delivered: int = 0
-
-
-@dataclass
 class ServerContext:
     """What every session shares: built once per configuration."""
 
     config: Config
     router: Router
     health: HealthRegistry
-    counters: Counters = field(default_factory=Counters)
+    metrics: Metrics = field(default_factory=Metrics)
     shutting_down: trio.Event = field(default_factory=trio.Event)
     # Sessions waiting for a command between transactions: a shutdown ends them at once.
     idle_sessions: set[trio.CancelScope] = field(default_factory=set)
@@ -78,6 +72,13 @@ class Transaction:
     accepted: int = 0
     mail_sent: bool = False  # MAIL replayed on the current upstream
     broken: bool = False  # the upstream was lost after a recipient was accepted
+    started: float = field(default_factory=trio.current_time)
+    recipient_outcomes: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(RECIPIENT_OUTCOMES, 0)
+    )
+    via: dict[str, object] = field(default_factory=dict)  # the upstream of accepted RCPTs
+    size: int = 0
+    logged: bool = False
 
 
 def _has_param(mail: MailFrom, keyword: str) -> bool:
@@ -181,6 +182,8 @@ class Session:
         except _CloseSession:
             pass
         finally:
+            if self.txn is not None:
+                self._end_transaction(self.txn, None)
             if self.upstream is not None:
                 with trio.CancelScope(shield=True):
                     await self._drop_upstream(polite=self.txn is None)
@@ -266,7 +269,6 @@ class Session:
                 await self.error(reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
                 return
         self.txn = Transaction(mail)
-        self.context.counters.transactions += 1
         self.queue(reply(250, "2.1.0", "Sender OK"))
 
     async def do_rset(self, command: Command) -> None:
@@ -305,11 +307,11 @@ class Session:
             await self.error(reply(555, "5.5.4", f"Unsupported RCPT parameter {rcpt.params[0][0]}"))
             return
         if txn.recipients >= self.config.server.max_recipients:
-            self.queue(replies.TOO_MANY_RECIPIENTS)
+            self._rcpt_reply(txn, replies.TOO_MANY_RECIPIENTS)
             return
         txn.recipients += 1
         if not rcpt.recipient.domain:
-            self.queue(reply(550, "5.1.1", "This relay needs a recipient with a domain"))
+            self._rcpt_reply(txn, reply(550, "5.1.1", "This relay needs a recipient with a domain"))
             return
         # Earlier pipelined replies go out now: the upstream set-up may take a while.
         await self.flush()
@@ -322,6 +324,12 @@ class Session:
             if self.upstream is not None:
                 await self._drop_upstream(polite=False)
             answer = reply(451, "4.4.1", "Timed out setting up delivery to the MX, try later")
+        self._rcpt_reply(txn, answer)
+
+    def _rcpt_reply(self, txn: Transaction, answer: Reply) -> None:
+        outcome = recipient_outcome(answer.code)
+        txn.recipient_outcomes[outcome] += 1
+        self.context.metrics.recipients[outcome] += 1
         self.queue(answer)
 
     async def _route_and_replay(self, txn: Transaction, recipient: Address, line: bytes) -> Reply:
@@ -390,6 +398,8 @@ class Session:
         elif answer.code in (250, 251):
             txn.accepted += 1
             txn.route = route
+            if not txn.via and self.upstream is not None:
+                txn.via = self._describe_upstream(route, self.upstream)
         return answer
 
     async def _replay(
@@ -400,7 +410,7 @@ class Session:
         if upstream is None:
             ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
             upstream = await open_upstream(
-                route, ehlo_name, self.config.delivery, self.context.health
+                route, ehlo_name, self.config.delivery, self.context.health, self.context.metrics
             )
             self.upstream = upstream
             txn.mail_sent = False
@@ -429,12 +439,13 @@ class Session:
         if not txn.accepted:
             if txn.recipients:
                 self.queue(replies.NO_VALID_RECIPIENTS)
+                self._end_transaction(txn, replies.NO_VALID_RECIPIENTS)
             else:
                 await self.error(reply(503, "5.5.1", "Need RCPT before DATA"))
             return
         upstream = self.upstream
         if txn.broken or upstream is None or upstream.closed:
-            self.queue(_lost("before DATA"))
+            self._end_transaction(txn, self._queued(_lost("before DATA")))
             await self._reset()
             return
         await self.flush()
@@ -442,24 +453,22 @@ class Session:
             answer = await upstream.command(b"DATA\r\n")
         except UpstreamLost:
             await self._drop_upstream(polite=False)
-            self.queue(_lost("at DATA"))
+            self._end_transaction(txn, self._queued(_lost("at DATA")))
             self.txn = None
             return
         if answer.code != 354:
-            self.queue(answer)
+            self._end_transaction(txn, self._queued(answer))
             await self._reset()
             return
         self.queue(answer)
         await self.flush()
-        final = await self._relay_data(upstream)
-        self.queue(final)
+        final = await self._relay_data(upstream, txn)
+        self._end_transaction(txn, self._queued(final))
         self.txn = None
-        if final.code == 250:
-            self.context.counters.messages_delivered += 1
         if final.code == 421 and self.upstream is not None:
             await self._drop_upstream(polite=False)
 
-    async def _relay_data(self, upstream: Upstream) -> Reply:
+    async def _relay_data(self, upstream: Upstream, txn: Transaction) -> Reply:
         """Copy the client's bytes to the MX up to and including ``<CRLF>.<CRLF>``; the reply
         that goes to the client is the MX's own, or a 4xx/5xx when the MX must not see an end."""
         server = self.config.server
@@ -482,6 +491,7 @@ class Session:
                 self.reader.feed(chunk[end:])
                 break
             chunk = b""
+        txn.size = scanner.size
         if scanner.bad_byte:
             await self._drop_upstream(polite=False)
             return replies.BARE_NEWLINE
@@ -509,8 +519,52 @@ class Session:
 
     # ---- transaction and upstream housekeeping ----------------------------------------------
 
+    def _queued(self, answer: Reply) -> Reply:
+        self.queue(answer)
+        return answer
+
+    def _describe_upstream(self, route: Route, upstream: Upstream) -> dict[str, object]:
+        candidate = upstream.candidate
+        return {
+            "binding": route.binding.name,
+            "proxy": str(upstream.server) if upstream.server is not None else "direct",
+            "source": str(candidate.source) if candidate.source is not None else None,
+            "mx": candidate.mx,
+            "mx_address": str(candidate.address),
+            "tls": upstream.tls,
+        }
+
+    def _end_transaction(self, txn: Transaction, final: Reply | None) -> None:
+        """Count the transaction and write its one log line (once)."""
+        if txn.logged:
+            return
+        txn.logged = True
+        outcome = "aborted" if final is None else outcome_of(final.code)
+        self.context.metrics.transactions[outcome] += 1
+        counts = txn.recipient_outcomes
+        log_transaction(
+            {
+                "session": self.id,
+                "client": self.client,
+                "listener": str(self.listener.address),
+                "binding": txn.via.get("binding"),
+                "proxy": txn.via.get("proxy"),
+                "source": txn.via.get("source"),
+                "mx": txn.via.get("mx"),
+                "mx_address": txn.via.get("mx_address"),
+                "tls": txn.via.get("tls"),
+                "rcpt": f"{counts['accepted']}/{counts['deferred']}/{counts['rejected']}",
+                "outcome": outcome,
+                "reply": "-" if final is None else f"{final.code} {final.text}"[:200],
+                "bytes": txn.size,
+                "duration": round(trio.current_time() - txn.started, 3),
+            }
+        )
+
     async def _reset(self) -> None:
         txn, self.txn = self.txn, None
+        if txn is not None:
+            self._end_transaction(txn, None)
         if txn is not None and txn.mail_sent and self.upstream is not None:
             try:
                 answer = await self.upstream.command(b"RSET\r\n")

@@ -15,6 +15,7 @@ import trio
 from sidecar import proxy_v2
 from sidecar.config import DeliveryConfig, HostPort
 from sidecar.health import HealthRegistry
+from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities, reply
 
@@ -60,6 +61,7 @@ class Upstream:
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
     route_key: tuple[str, bool, frozenset[str]] | None = None
     closed: bool = False
+    metrics: Metrics | None = None
 
     async def read_reply(self, timeout: float) -> Reply:
         try:
@@ -68,6 +70,8 @@ class Upstream:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         raise UpstreamLost("connection closed by the MX")
+                    if self.metrics is not None:
+                        self.metrics.bytes_from_mx += len(data)
                     self.parser.feed(data)
                 return answer
         except trio.TooSlowError:
@@ -81,6 +85,8 @@ class Upstream:
         try:
             with trio.fail_after(timeout or self.delivery.command_timeout):
                 await self.stream.send_all(data)
+            if self.metrics is not None:
+                self.metrics.bytes_to_mx += len(data)
         except trio.TooSlowError:
             raise UpstreamLost("send timed out") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
@@ -211,15 +217,21 @@ async def _open_one(
     delivery: DeliveryConfig,
     health: HealthRegistry,
     use_tls: bool,
+    metrics: Metrics | None,
 ) -> Upstream:
+    started = trio.current_time()
     if route.bypass:
         stream: trio.SocketStream = await _connect_direct(candidate, delivery)
         server = None
     else:
         stream, server = await _connect_via_proxy(route, candidate, delivery, health)
-    upstream = Upstream(stream, candidate, server, delivery, route_key=route.key)
+    upstream = Upstream(stream, candidate, server, delivery, route_key=route.key, metrics=metrics)
+    connected = trio.current_time()
     try:
         banner = await upstream.read_reply(delivery.banner_timeout)
+        if metrics is not None:
+            metrics.upstream_connect_seconds.observe(connected - started)
+            metrics.upstream_banner_seconds.observe(trio.current_time() - connected)
         if banner.code != 220:
             if banner.is_permanent:
                 raise UpstreamError(banner)
@@ -240,7 +252,11 @@ async def _open_one(
 
 
 async def open_upstream(
-    route: Route, ehlo_name: str, delivery: DeliveryConfig, health: HealthRegistry
+    route: Route,
+    ehlo_name: str,
+    delivery: DeliveryConfig,
+    health: HealthRegistry,
+    metrics: Metrics | None = None,
 ) -> Upstream:
     """The first candidate that gives a usable SMTP session, or :class:`UpstreamError`."""
     problems: list[str] = []
@@ -248,7 +264,9 @@ async def open_upstream(
         use_tls = delivery.tls != "disabled"
         while True:
             try:
-                return await _open_one(route, candidate, ehlo_name, delivery, health, use_tls)
+                return await _open_one(
+                    route, candidate, ehlo_name, delivery, health, use_tls, metrics
+                )
             except _TlsFailed as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
                 if delivery.tls == "opportunistic" and use_tls:
