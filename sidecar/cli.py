@@ -6,12 +6,14 @@ Exit codes: 0 success, 1 an operational failure (e.g. ``init`` would overwrite a
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import urllib.request
 from collections.abc import Callable
 from importlib import metadata
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 import tomli_w
@@ -185,6 +187,81 @@ def probe(config_path: str, timeout: float) -> None:
             click.echo(f"{listener.address}: unexpected banner {banner[:80]!r}", err=True)
             failures += 1
     sys.exit(1 if failures else 0)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON of /status.")
+def status(config_path: str, as_json: bool) -> None:
+    """Show a running sidecar's state: each HAProxy server (plumbed or not, consecutive
+    counts, last check and error), each binding, and the counters. Needs [status] address."""
+    config = _load(config_path)
+    address = config.status.address
+    if address is None:
+        click.echo("error: status.address is not set in the configuration", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    try:
+        with urllib.request.urlopen(f"http://{address}/status", timeout=5) as response:
+            data = json.load(response)
+    except (OSError, ValueError) as e:
+        click.echo(f"error: no status from http://{address}/status: {e}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    for line in render_status(data):
+        click.echo(line)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def render_status(data: dict[str, Any]) -> list[str]:
+    """The /status JSON as tables for a terminal."""
+    lines = [
+        f"sidecar {data.get('hostname', '?')}, up {data.get('uptime_seconds', 0):.0f}s"
+        + (" (shutting down)" if data.get("shutting_down") else "")
+    ]
+    rows = [["HAPROXY SERVER", "STATE", "FAILS", "OKS", "LAST CHECK", "LAST ERROR"]]
+    for server in data.get("servers", []):
+        ago = server.get("last_check_seconds_ago")
+        rows.append(
+            [
+                str(server["server"]),
+                "plumbed" if server["plumbed"] else "UNPLUMBED",
+                str(server["consecutive_failures"]),
+                str(server["consecutive_successes"]),
+                "never" if ago is None else f"{ago}s ago",
+                str(server.get("last_error") or "-"),
+            ]
+        )
+    lines += ["", *_table(rows)]
+    rows = [["BINDING", "HAPROXY", "IPV4 SOURCE", "IPV6 SOURCE", "STATE"]]
+    for binding in data.get("bindings", []):
+        rows.append(
+            [
+                str(binding["name"]),
+                ",".join(binding["ha_proxy_server"]),
+                str(binding.get("ha_proxy_src_addr") or "-"),
+                str(binding.get("ha_proxy_ipv6_src_addr") or "-"),
+                "up" if binding["plumbed"] else "DOWN",
+            ]
+        )
+    lines += ["", *_table(rows)]
+    counters = data.get("counters", {})
+    lines.append("")
+    for key, value in counters.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        lines.append(f"{key.replace('_', ' ')}: {value}")
+    dns = data.get("dns", {})
+    lines.append(f"dns: {dns.get('queries', 0)} look-ups, {dns.get('cache_hits', 0)} cache hits")
+    return lines
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,7 @@ from .harness import (
     client_tls_context,
     server_tls_context,
 )
+from .processes import CliStack, Processes, make_cli_stack
 from .stack import SidecarFactory
 
 ROOT_REQUIRED = "e2e tests need root: HAProxy's usesrc clientip requires CAP_NET_ADMIN"
@@ -127,3 +128,25 @@ async def sidecar_factory(
     yield factory
     for sidecar in factory.running:
         sidecar.shutdown.set()
+
+
+@pytest.fixture
+async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
+    """Starts ``sidecar`` processes; kills whatever still runs at the test's end."""
+    manager = Processes(tmp_path)
+    try:
+        yield manager
+    finally:
+        await manager.stop_all()
+
+
+@pytest.fixture
+async def cli_stack(
+    tmp_path: Path,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+) -> CliStack:
+    """HAProxy, dnsmasq, two MX hosts for example.test and a config file; no sidecar yet."""
+    return await make_cli_stack(tmp_path, addresses, haproxy_factory, dnsmasq_factory, mx_factory)

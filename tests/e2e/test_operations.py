@@ -1,0 +1,211 @@
+"""Operating a real ``sidecar run`` process: the status endpoint and ``sidecar status``, the
+per-transaction log line (text and JSON), health flips in the log, and SIGHUP reloads."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from typing import Any
+
+import tomli_w
+import trio
+
+from .harness import Addresses, Endpoint, RawSMTPClient
+from .processes import CliStack, Processes, SidecarProcess, run_cli, wait_exit, wait_listening
+from .stack import MESSAGE, send
+
+
+def write_config(stack: CliStack, config: dict[str, Any]) -> None:
+    stack.config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
+
+
+def with_status(stack: CliStack, addresses: Addresses, **health: float) -> Endpoint:
+    status = addresses.endpoint()
+    config = dict(stack.config)
+    config["status"] = {"address": str(status)}
+    config["ha_proxy_client"] = {**config["ha_proxy_client"], **health}
+    stack.config = config
+    write_config(stack, config)
+    return status
+
+
+async def http_get(endpoint: Endpoint, path: str) -> tuple[int, str]:
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    return await trio.to_thread.run_sync(get)
+
+
+async def wait_for_log(started: SidecarProcess, text: str, timeout: float = 10) -> str:
+    with trio.fail_after(timeout):
+        while text not in started.stderr:
+            await trio.sleep(0.05)
+    return started.stderr
+
+
+async def test_status_endpoint_and_status_command(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    status = with_status(cli_stack, addresses)
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert result.error is None and not result.refused, result
+
+    assert await http_get(status, "/healthz") == (200, "ok\n")
+    code, body = await http_get(status, "/status")
+    assert code == 200
+    data = json.loads(body)
+    (server,) = data["servers"]
+    assert server["server"] == str(cli_stack.haproxy.bind) and server["plumbed"] is True
+    assert data["bindings"][0]["ha_proxy_src_addr"] == cli_stack.source
+    assert data["counters"]["transactions_total"]["delivered"] == 1
+    assert data["counters"]["recipients_total"]["accepted"] == 1
+    assert data["dns"]["queries"] >= 1
+    code, metrics = await http_get(status, "/metrics")
+    assert code == 200
+    assert 'sidecar_transactions_total{outcome="delivered"} 1\n' in metrics
+    assert f'sidecar_haproxy_server_plumbed{{server="{cli_stack.haproxy.bind}"}} 1\n' in metrics
+    assert "sidecar_upstream_connect_seconds_count 1\n" in metrics
+    assert (await http_get(status, "/nope"))[0] == 404
+
+    shown = await run_cli("status", "-c", str(cli_stack.config_path))
+    assert shown.returncode == 0, shown.stderr
+    table = shown.stdout.decode()
+    assert str(cli_stack.haproxy.bind) in table and "plumbed" in table
+    assert cli_stack.source in table
+    assert "transactions total: " in table and "delivered 1" in table
+
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started) == 0
+
+
+async def test_health_flip_is_logged_and_shown(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    status = with_status(
+        cli_stack,
+        addresses,
+        health_check_interval=0.1,
+        health_check_failure_threshold=2,
+        health_check_success_threshold=2,
+    )
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    cli_stack.haproxy.stop()
+    log = await wait_for_log(started, "is now unplumbed")
+    assert "WARNING" in log and "2 consecutive failures" in log
+    data = json.loads((await http_get(status, "/status"))[1])
+    assert data["servers"][0]["plumbed"] is False
+    assert data["servers"][0]["last_error"]
+    shown = await run_cli("status", "-c", str(cli_stack.config_path))
+    assert "UNPLUMBED" in shown.stdout.decode()
+    cli_stack.haproxy.start()
+    await wait_for_log(started, "is now plumbed")
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started) == 0
+
+
+async def test_one_log_line_per_transaction(cli_stack: CliStack, processes: Processes) -> None:
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert result.error is None and not result.refused, result
+    log = await wait_for_log(started, "outcome=delivered")
+    (line,) = [line for line in log.splitlines() if "sidecar.transaction" in line]
+    for part in (
+        "binding=b1",
+        f"proxy={cli_stack.haproxy.bind}",
+        f"source={cli_stack.source}",
+        "mx=mx0.test",
+        f"mx_address={cli_stack.mx_addresses[0]}",
+        "tls=-",
+        "rcpt=1/0/0",
+        'reply="250 ',
+        f"bytes={len(MESSAGE) + 3}",
+    ):
+        assert part in line, (part, line)
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started) == 0
+
+
+async def test_json_log_lines(cli_stack: CliStack, processes: Processes) -> None:
+    started = await processes.start(
+        ["run", "-c", str(cli_stack.config_path), "--log-format", "json"]
+    )
+    await wait_listening(cli_stack.listener, started)
+    result = await send(cli_stack.listener, "a@client.test", ["nobody@nxdomain.test"], MESSAGE)
+    assert result.refused["nobody@nxdomain.test"][0] == 550
+    log = await wait_for_log(started, '"outcome": ')
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+    (entry,) = [entry for entry in entries if entry["logger"] == "sidecar.transaction"]
+    assert entry["outcome"] == "aborted" and entry["rcpt"] == "0/0/1"
+    assert entry["listener"] == str(cli_stack.listener)
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started) == 0
+
+
+async def test_sighup_reloads_new_sessions_use_it(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    mx = cli_stack.mxes[0]
+
+    new_source = addresses.ipv4()
+    config = dict(cli_stack.config)
+    config["binding"] = {"b1": {**config["binding"]["b1"], "ha_proxy_src_addr": new_source}}
+    write_config(cli_stack, config)
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "configuration reloaded")
+    result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert result.error is None and not result.refused, result
+    (message,) = await mx.wait_for_messages(1)
+    assert message.peer_host == new_source
+
+    # An invalid file is refused, and the running configuration stays.
+    cli_stack.config_path.write_text("[binding.b1]\nha_proxy_src_addr = 1\n", encoding="utf-8")
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "reload failed, keeping the running configuration")
+    # A listener change needs a restart: refused too.
+    moved = dict(config)
+    moved["listener"] = [{"address": str(addresses.endpoint()), "binding": "b1"}]
+    write_config(cli_stack, moved)
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "listener addresses changed")
+    result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert result.error is None and not result.refused, result
+    messages = await mx.wait_for_messages(2)
+    assert messages[1].peer_host == new_source
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started) == 0
+
+
+async def test_sighup_keeps_open_sessions_on_their_config(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    """An open session keeps the configuration it started with."""
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    async with await RawSMTPClient.connect(cli_stack.listener) as client:
+        await client.read_reply()
+        await client.command(b"EHLO client.test")
+        new_source = addresses.ipv4()
+        config = dict(cli_stack.config)
+        config["binding"] = {"b1": {**config["binding"]["b1"], "ha_proxy_src_addr": new_source}}
+        write_config(cli_stack, config)
+        started.process.send_signal(signal.SIGHUP)
+        await wait_for_log(started, "configuration reloaded")
+        assert (await client.command(b"MAIL FROM:<a@client.test>")).startswith(b"250")
+        assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"250")
+        assert (await client.command(b"DATA")).startswith(b"354")
+        assert (await client.command(MESSAGE + b".")).startswith(b"250")
+    (message,) = await cli_stack.mxes[0].wait_for_messages(1)
+    assert message.peer_host == cli_stack.source
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started) == 0
