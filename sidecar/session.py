@@ -117,6 +117,7 @@ class Session:
         self.txn: Transaction | None = None
         self.upstream: Upstream | None = None
         self._last_proxy_error: Reply | None = None
+        self._command_deadline = 0.0
 
     # ---- I/O helpers -------------------------------------------------------------------------
 
@@ -135,9 +136,12 @@ class Session:
             if scope.cancelled_caught:
                 raise _CloseSession
 
-    async def receive(self, timeout: float) -> bytes | bytearray:
-        """Bytes from the client; on silence past ``timeout``, 421 and close."""
-        with trio.move_on_after(timeout):
+    async def receive(self, timeout: float, deadline: float | None = None) -> bytes | bytearray:
+        """Bytes from the client; on silence past ``timeout`` (or past ``deadline``), 421
+        and close."""
+        if deadline is None:
+            deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -153,14 +157,19 @@ class Session:
         """Like :meth:`receive` for the next command; between transactions a shutdown of the
         server ends the session with 421 instead of holding the shutdown up."""
         timeout = self.config.server.command_timeout
+        # The whole command line must arrive within command_timeout: a client that trickles
+        # a byte at a time (slowloris) does not get a new timeout for every byte.
+        if not self.reader.buffered:
+            self._command_deadline = trio.current_time() + timeout
+        deadline = self._command_deadline
         if self.txn is not None:
-            return await self.receive(timeout)
+            return await self.receive(timeout, deadline)
         with trio.CancelScope() as idle:
             if self.context.shutting_down.is_set():
                 idle.cancel()
             self.context.idle_sessions.add(idle)
             try:
-                return await self.receive(timeout)
+                return await self.receive(timeout, deadline)
             finally:
                 self.context.idle_sessions.discard(idle)
         self.queue(replies.SHUTTING_DOWN)

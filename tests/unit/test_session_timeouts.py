@@ -1,0 +1,75 @@
+"""Client-side time limits of a session, with trio's mock clock and in-memory streams."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+import trio.testing
+
+from sidecar.config import parse_config
+from sidecar.server import build_context
+from sidecar.session import Session
+
+CONFIG = {
+    "server": {"hostname": "sidecar.test", "command_timeout": 10},
+    "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
+    "binding": {"b1": {"ha_proxy_server": "127.0.0.1:9", "ha_proxy_src_addr": "192.0.2.1"}},
+}
+
+
+async def run_session(client_side: Callable[[Any], Awaitable[None]]) -> bytes:
+    context = build_context(parse_config(CONFIG))
+    client, server = trio.testing.memory_stream_pair()
+    received = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Session(server, "127.0.0.1", context.config.listeners[0], context).run)
+        nursery.start_soon(client_side, client)
+        while data := await client.receive_some(4096):
+            received += data
+        nursery.cancel_scope.cancel()
+    return received
+
+
+async def test_slowloris_hits_the_per_command_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    started = trio.current_time()
+
+    async def trickle(client: trio.abc.Stream) -> None:
+        for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP\r\n":
+            await client.send_all(bytes([byte]))
+            await trio.sleep(1)
+
+    received = await run_session(trickle)
+    assert received.startswith(b"220 ")
+    assert received.endswith(b"421 4.4.2 Timeout, closing connection\r\n")
+    assert b"250" not in received  # the trickled NOOP never completed
+    assert 10 <= trio.current_time() - started < 11
+
+
+async def test_idle_session_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    started = trio.current_time()
+
+    async def idle(client: trio.abc.Stream) -> None:
+        await client.send_all(b"EHLO client.test\r\n")
+
+    received = await run_session(idle)
+    assert b"250-sidecar.test greets client.test\r\n" in received
+    assert received.endswith(b"421 4.4.2 Timeout, closing connection\r\n")
+    assert 10 <= trio.current_time() - started < 11
+
+
+async def test_complete_commands_reset_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def steady(client: trio.abc.Stream) -> None:
+        for _ in range(5):
+            await client.send_all(b"NOOP\r\n")
+            await trio.sleep(8)  # each under the 10 s limit, 40 s in all
+        await client.send_all(b"QUIT\r\n")
+
+    received = await run_session(steady)
+    assert received.count(b"250 2.0.0") == 5
+    assert received.endswith(b"221 2.0.0 Bye\r\n")
