@@ -26,6 +26,10 @@ from typing import Any, Literal, TypeVar
 
 TlsPolicy = Literal["disabled", "opportunistic", "required"]
 TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required")
+# How a binding_group picks a member: in turn, or by a hash of the recipient domain (each
+# domain keeps one member, so one source address, while that member is usable).
+Selection = Literal["round-robin", "hash"]
+SELECTIONS: tuple[Selection, ...] = ("round-robin", "hash")
 
 
 class ConfigError(Exception):
@@ -70,6 +74,7 @@ class BindingGroup:
     name: str
     bindings: tuple[str, ...]
     domains: dict[str, DomainPolicy] = field(default_factory=dict)
+    selection: Selection = "round-robin"
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,9 @@ class HealthConfig:
     health_check_timeout: float = 1.0
     health_check_failure_threshold: int = 3
     health_check_success_threshold: int = 3
+    # When set, each check writes a PROXY v2 header towards this ip:port through the HAProxy
+    # server and requires an SMTP 220 banner (instead of a bare TCP connect).
+    health_check_probe: HostPort | None = None
 
 
 @dataclass(frozen=True)
@@ -204,7 +212,12 @@ def parse_config(data: Mapping[str, object]) -> Config:
     server = _parse_server(root.get("server", {}), "server")
     dns = _parse_dns(root.get("dns", {}), "dns")
     delivery = _parse_delivery(root.get("delivery", {}), "delivery")
-    health = _parse_section(root.get("ha_proxy_client", {}), "ha_proxy_client", HealthConfig, {})
+    health = _parse_section(
+        root.get("ha_proxy_client", {}),
+        "ha_proxy_client",
+        HealthConfig,
+        {"health_check_probe": _parse_probe},
+    )
 
     if "binding" not in root:
         raise ConfigError("binding", "at least one [binding.NAME] table is required")
@@ -257,11 +270,17 @@ def config_to_dict(config: Config) -> dict[str, object]:
     else:
         del dns["static"]
 
+    health = _plain_fields(config.ha_proxy_client)
+    if config.ha_proxy_client.health_check_probe is None:
+        del health["health_check_probe"]
+    else:
+        health["health_check_probe"] = str(config.ha_proxy_client.health_check_probe)
+
     out: dict[str, object] = {
         "server": server,
         "dns": dns,
         "delivery": _plain_fields(config.delivery),
-        "ha_proxy_client": _plain_fields(config.ha_proxy_client),
+        "ha_proxy_client": health,
     }
     if config.status.address is not None:
         out["status"] = {"address": str(config.status.address)}
@@ -294,7 +313,7 @@ def config_to_dict(config: Config) -> dict[str, object]:
     if config.binding_groups:
         groups: dict[str, object] = {}
         for name, group in config.binding_groups.items():
-            g: dict[str, object] = {"bindings": list(group.bindings)}
+            g: dict[str, object] = {"bindings": list(group.bindings), "selection": group.selection}
             if group.domains:
                 g["domain"] = _domains_to_dict(group.domains)
             groups[name] = g
@@ -426,7 +445,7 @@ def _parse_group(
     name: str, value: object, path: str, bindings: Mapping[str, Binding]
 ) -> BindingGroup:
     table = _table(value, path)
-    _check_keys(table, path, ("bindings", "domain"))
+    _check_keys(table, path, ("bindings", "selection", "domain"))
     mpath = _key(path, "bindings")
     if "bindings" not in table:
         raise ConfigError(mpath, "missing (the names of the group's bindings)")
@@ -442,10 +461,14 @@ def _parse_group(
         if member in members:
             raise ConfigError(ipath, f"{_show(member)} is listed twice")
         members.append(member)
+    selection: Selection = "round-robin"
+    if "selection" in table:
+        selection = _parse_selection(table["selection"], _key(path, "selection"))
     return BindingGroup(
         name=name,
         bindings=tuple(members),
         domains=_parse_domains(table.get("domain", {}), _key(path, "domain")),
+        selection=selection,
     )
 
 
@@ -670,6 +693,22 @@ def _parse_static(value: object, path: str) -> dict[str, tuple[str, ...]]:
             hosts.append(host)
         static[domain] = tuple(hosts)
     return static
+
+
+def _parse_probe(value: object, path: str) -> HostPort:
+    probe = parse_host_port(_str(value, path), path, ip_only=True, default_port=None)
+    address = ip_address(probe.host)
+    if address.is_unspecified or address.is_multicast:
+        raise ConfigError(path, f"{_show(probe.host)} cannot be a probe destination")
+    return probe
+
+
+def _parse_selection(value: object, path: str) -> Selection:
+    for selection in SELECTIONS:
+        if value == selection and isinstance(value, str):
+            return selection
+    choices = ", ".join(_show(s) for s in SELECTIONS)
+    raise ConfigError(path, f"must be one of {choices}, got {_show(value)}")
 
 
 def _parse_tls(value: object, path: str) -> TlsPolicy:

@@ -4,7 +4,7 @@ server uses, without sending any mail."""
 from __future__ import annotations
 
 from sidecar.config import Config, Listener
-from sidecar.health import HealthRegistry, check_server
+from sidecar.health import registry_for, run_check
 from sidecar.resolver import Resolver
 from sidecar.routing import RouteError, Router
 from sidecar.smtp.commands import Address
@@ -14,15 +14,14 @@ async def explain_route(
     config: Config, listener: Listener, recipient: Address
 ) -> tuple[list[str], bool]:
     """Readable lines, and whether the address is deliverable now."""
-    servers = [server for binding in config.bindings.values() for server in binding.ha_proxy_server]
-    health = HealthRegistry(servers, config.ha_proxy_client)
+    health = registry_for(config)
     lines = [f"recipient: {recipient.text}"]
     target = "binding" if listener.binding is not None else "binding_group"
     lines.append(f"listener:  {listener.address} -> {target} {listener.target}")
     # One live check of each HAProxy server stands in for the running server's health state.
     states: dict[str, str] = {}
     for server in health.servers:
-        error = await check_server(server, config.ha_proxy_client.health_check_timeout)
+        error = await run_check(health, server)
         health.record(server, error is None, error)
         if error is not None:  # count as unplumbed at once for this explanation
             health.servers[server].plumbed = False

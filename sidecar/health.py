@@ -4,19 +4,47 @@ The state of one server flips plumbed -> unplumbed only after ``health_check_fai
 consecutive failures, and back only after ``health_check_success_threshold`` consecutive
 successes. :class:`ServerHealth` is the sans-IO state machine; :func:`run_health_checks` is the
 trio task (one per distinct server, hosted in the server's nursery) that drives it.
+
+A check is a TCP connect to the server, or, with ``ha_proxy_client.health_check_probe`` set, a
+:class:`Probe`: a PROXY v2 header through the server to the probe address, which must answer
+with an SMTP 220 banner (so the egress itself is tested, not only HAProxy's listener).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import trio
 
-from sidecar.config import HealthConfig, HostPort
+from sidecar import proxy_v2
+from sidecar.config import Config, HealthConfig, HostPort
+from sidecar.smtp.replies import ReplyError, ReplyParser
 
 log = logging.getLogger("sidecar.health")
+
+IPAddress = IPv4Address | IPv6Address
+Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+RECEIVE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The deeper check of one HAProxy server: through it, from ``source`` (a binding's source
+    address that uses the server) to ``target``:``port``, which must greet with 220."""
+
+    source: IPAddress
+    target: IPAddress
+    port: int
+
+    @property
+    def header(self) -> bytes:
+        """The PROXY v2 header the probe writes (source port 0, like deliveries)."""
+        return proxy_v2.encode(self.source, 0, self.target, self.port)
 
 
 @dataclass(frozen=True)
@@ -68,19 +96,41 @@ class ServerHealth:
 
 
 class HealthRegistry:
-    """Every distinct HAProxy server's health, shared by routing and the checker tasks."""
+    """Every distinct HAProxy server's health, shared by routing and the checker tasks.
 
-    def __init__(self, servers: Iterable[HostPort], config: HealthConfig) -> None:
+    ``probes``: the servers checked with a :class:`Probe` (see :func:`registry_for`); the
+    others are checked with a TCP connect."""
+
+    def __init__(
+        self,
+        servers: Iterable[HostPort],
+        config: HealthConfig,
+        *,
+        probes: Mapping[HostPort, Probe] | None = None,
+    ) -> None:
         self.config = config
         self.servers: dict[HostPort, ServerHealth] = {}
         for server in servers:
             self.servers.setdefault(server, ServerHealth(server, config))
+        self.probes: dict[HostPort, Probe] = dict(probes or {})
 
     def is_plumbed(self, server: HostPort) -> bool:
         health = self.servers.get(server)
         return health is None or health.plumbed
 
     def record(self, server: HostPort, ok: bool, error: str | None = None) -> None:
+        """Count what a delivery saw connecting to ``server`` (a passive check). For a probed
+        server a successful connect does not count: it proves less than the probe, and must
+        not reset the failures of probes that found the egress broken."""
+        if ok and server in self.probes:
+            return
+        self._count(server, ok, error)
+
+    def record_check(self, server: HostPort, error: str | None) -> None:
+        """Count one health check of ``server``; ``error`` is ``None`` on success."""
+        self._count(server, error is None, error)
+
+    def _count(self, server: HostPort, ok: bool, error: str | None) -> None:
         health = self.servers.get(server)
         if health is None:
             return
@@ -88,6 +138,47 @@ class HealthRegistry:
         if transition is not None:
             state = "plumbed" if transition.plumbed else "unplumbed"
             log.warning("HAProxy server %s is now %s (%s)", server, state, transition.reason)
+
+
+def probes_for(config: Config) -> dict[HostPort, Probe]:
+    """The :class:`Probe` of each HAProxy server when ``health_check_probe`` is set: its source
+    is that of the first binding (in config order) that uses the server and has a source
+    address of the probe's family. Servers without one are left out (TCP connect check)."""
+    target = config.ha_proxy_client.health_check_probe
+    if target is None:
+        return {}
+    address = ip_address(target.host)
+    probes: dict[HostPort, Probe] = {}
+    for binding in config.bindings.values():
+        source: IPAddress | None = (
+            binding.ha_proxy_src_addr
+            if isinstance(address, IPv4Address)
+            else binding.ha_proxy_ipv6_src_addr
+        )
+        if source is None:
+            continue
+        for server in binding.ha_proxy_server:
+            probes.setdefault(server, Probe(source, address, target.port))
+    return probes
+
+
+def registry_for(config: Config) -> HealthRegistry:
+    """The registry of every HAProxy server of ``config``'s bindings, with their probes."""
+    servers = [server for binding in config.bindings.values() for server in binding.ha_proxy_server]
+    probes = probes_for(config)
+    target = config.ha_proxy_client.health_check_probe
+    if target is not None:
+        family = "IPv4" if isinstance(ip_address(target.host), IPv4Address) else "IPv6"
+        for server in dict.fromkeys(servers):
+            if server not in probes:
+                log.warning(
+                    "HAProxy server %s: no binding using it has an %s source address, so "
+                    "health_check_probe %s cannot be used; checking it with a TCP connect",
+                    server,
+                    family,
+                    target,
+                )
+    return HealthRegistry(servers, config.ha_proxy_client, probes=probes)
 
 
 async def check_server(server: HostPort, timeout: float) -> str | None:
@@ -104,13 +195,72 @@ async def check_server(server: HostPort, timeout: float) -> str | None:
     return f"no connection within {timeout:g}s"
 
 
+async def probe_server(
+    server: HostPort,
+    probe: Probe,
+    timeout: float,
+    *,
+    connect: Connect = trio.open_tcp_stream,
+) -> str | None:
+    """One deep check within ``timeout``: connect to ``server``, write ``probe.header`` in one
+    write, require a 220 banner, then QUIT and close. Returns ``None`` on success, else why it
+    failed. (Never a PROXY LOCAL header: DESIGN.md section 3.)"""
+    connected = False
+    with trio.move_on_after(timeout):
+        try:
+            stream = await connect(server.host, server.port)
+        except OSError as error:
+            return f"connect failed: {error.strerror or error}"
+        connected = True
+        try:
+            return await _probe_banner(stream, probe, timeout)
+        finally:
+            await trio.aclose_forcefully(stream)
+    if not connected:
+        return f"no connection within {timeout:g}s"
+    return f"probe: no 220 banner within {timeout:g}s"
+
+
+async def _probe_banner(stream: trio.abc.Stream, probe: Probe, timeout: float) -> str | None:
+    try:
+        await stream.send_all(probe.header)
+        parser = ReplyParser()
+        while (banner := parser.next_reply()) is None:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return "probe: connection closed"
+            parser.feed(data)
+    except ReplyError as error:
+        return f"probe: not an SMTP banner ({error})"
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return "probe: connection closed"
+    if banner.code != 220:
+        first = f"{banner.code} {banner.lines[0]}".rstrip()
+        return f"probe: got {first[:100]!r}"
+    # The banner came in time, so the check has succeeded whatever happens to the QUIT: shield
+    # it from the check's deadline (it has its own).
+    with trio.move_on_after(timeout, shield=True):
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(b"QUIT\r\n")
+    return None
+
+
+async def run_check(registry: HealthRegistry, server: HostPort) -> str | None:
+    """One check of ``server``: its probe when it has one, else a TCP connect."""
+    timeout = registry.config.health_check_timeout
+    probe = registry.probes.get(server)
+    if probe is None:
+        return await check_server(server, timeout)
+    return await probe_server(server, probe, timeout)
+
+
 async def watch_server(registry: HealthRegistry, server: HostPort) -> None:
     """Check ``server`` now, then every ``health_check_interval`` seconds, forever."""
     config = registry.config
     while True:
         started = trio.current_time()
-        error = await check_server(server, config.health_check_timeout)
-        registry.record(server, error is None, error)
+        error = await run_check(registry, server)
+        registry.record_check(server, error)
         await trio.sleep_until(started + config.health_check_interval)
 
 

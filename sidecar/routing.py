@@ -3,8 +3,9 @@ source address written in the PROXY header for each (DESIGN.md invariants 2 and 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -66,6 +67,24 @@ def source_for(binding: Binding, address: IPAddress) -> IPAddress | None:
     return binding.ha_proxy_ipv6_src_addr
 
 
+def hash_ranking(domain: str, members: Sequence[str]) -> list[str]:
+    """``members`` (binding names) in the order a ``selection = "hash"`` group tries them for
+    ``domain``: rendezvous (highest random weight) hashing on a stable digest of the domain and
+    each member's name, ties broken by configured order.
+
+    The same domain always ranks the members the same way, so it keeps its first member (one
+    source address) while that member is usable, and falls to the next one when it is not.
+    Adding or removing a member only moves the domains whose first choice it is."""
+    key = domain.lower().rstrip(".").encode()
+
+    def weight(item: tuple[int, str]) -> tuple[int, int]:
+        index, name = item
+        digest = hashlib.blake2b(key + b"\0" + name.encode(), digest_size=8).digest()
+        return (-int.from_bytes(digest, "big"), index)
+
+    return [name for _, name in sorted(enumerate(members), key=weight)]
+
+
 def unplumbed(binding: Binding) -> Reply:
     servers = ", ".join(str(server) for server in binding.ha_proxy_server)
     return reply(451, "4.4.1", f"No HAProxy server of binding {binding.name} is up ({servers})")
@@ -99,14 +118,21 @@ class Router:
         prefer: str | None = None,
         excluded: Collection[str] = (),
     ) -> Binding:
-        """The binding for this listener's mail to ``domain``; in a group, a plumbed member
-        (the transaction's current one when it is still usable, else round-robin)."""
+        """The binding for this listener's mail to ``domain``; in a group, a usable member
+        (one with a plumbed HAProxy server, or bypass for ``domain``) not in ``excluded``.
+
+        ``selection = "round-robin"``: ``prefer`` (the transaction's or the open connection's
+        binding) when it is usable, else the members in turn. ``selection = "hash"``: the first
+        usable member of :func:`hash_ranking` for ``domain``; ``prefer`` is not consulted, so
+        that a domain never leaves its member just because a connection to another is open."""
         if listener.binding is not None:
             return self.config.bindings[listener.binding]
         group = listener.target
-        members = [
-            self.config.bindings[name] for name in self.config.binding_groups[group].bindings
-        ]
+        by_hash = self.config.binding_groups[group].selection == "hash"
+        names = self.config.binding_groups[group].bindings
+        if by_hash:
+            names = tuple(hash_ranking(domain, names))
+        members = [self.config.bindings[name] for name in names]
         usable = [
             member
             for member in members
@@ -117,6 +143,8 @@ class Router:
             raise RouteError(
                 reply(451, "4.4.1", f"No binding of group {group} has an HAProxy server up")
             )
+        if by_hash:
+            return usable[0]
         for member in usable:
             if member.name == prefer:
                 return member

@@ -17,7 +17,7 @@ from ipaddress import IPv6Address, ip_address
 import trio
 
 from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
-from sidecar.health import HealthRegistry, run_health_checks
+from sidecar.health import HealthRegistry, registry_for, run_health_checks
 from sidecar.metrics import ServerState, render_prometheus
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
@@ -29,8 +29,7 @@ log = logging.getLogger("sidecar.server")
 
 
 def build_context(config: Config) -> ServerContext:
-    servers = [server for binding in config.bindings.values() for server in binding.ha_proxy_server]
-    health = HealthRegistry(servers, config.ha_proxy_client)
+    health = registry_for(config)
     router = Router(config, Resolver(config.dns), health)
     return ServerContext(config, router, health)
 

@@ -92,6 +92,9 @@ binding = "b1"
 # health_check_failure_threshold = 3
 # Consecutive successful checks that plumb it again.
 # health_check_success_threshold = 3
+# Deeper check, "ip:port" of an SMTP server: each check sends a PROXY header through the HAProxy
+# server from a binding's source address to it and needs its 220 banner. Default: TCP connect.
+# health_check_probe = "192.0.2.25:25"
 
 # A binding is an egress identity: the HAProxy to go through and the source addresses the MX
 # sees. Mail for an IPv4 MX needs ha_proxy_src_addr, for an IPv6 MX ha_proxy_ipv6_src_addr;
@@ -118,6 +121,9 @@ ha_proxy_ipv6_src_addr = "2001:db8::10"
 #
 # [binding_group.pool]
 # bindings = ["b1", "b2"]
+# How a member is picked: "round-robin" (in turn) or "hash" (each recipient domain keeps one
+# member, so one source address, e.g. while warming up IP reputation).
+# selection = "round-robin"
 # A listener then uses it with: binding_group = "pool"
 
 # Per-domain settings for every binding (a binding's or group's own setting wins).

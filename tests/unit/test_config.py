@@ -74,6 +74,7 @@ health_check_interval = 2
 health_check_timeout = 0.5
 health_check_failure_threshold = 4
 health_check_success_threshold = 2
+health_check_probe = "[2001:db8::25]:25"
 
 [binding.b1]
 ha_proxy_server = "10.0.0.5:5000"
@@ -90,6 +91,7 @@ ha_proxy_ipv6_src_addr = "2001:db8::11"
 
 [binding_group.pool]
 bindings = ["b1", "b2"]
+selection = "hash"
 
 [binding_group.pool.domain."x.example"]
 ha_proxy_bypass = false
@@ -177,6 +179,7 @@ def test_full_config_parses_to_expected_dataclasses() -> None:
             health_check_timeout=0.5,
             health_check_failure_threshold=4,
             health_check_success_threshold=2,
+            health_check_probe=HostPort("2001:db8::25", 25),
         ),
         bindings={
             "b1": Binding(
@@ -201,6 +204,7 @@ def test_full_config_parses_to_expected_dataclasses() -> None:
                 name="pool",
                 bindings=("b1", "b2"),
                 domains={"x.example": DomainPolicy(ha_proxy_bypass=False)},
+                selection="hash",
             )
         },
         domains={
@@ -220,6 +224,7 @@ def test_minimal_config_uses_dataclass_defaults(monkeypatch: pytest.MonkeyPatch)
     assert config.delivery == DeliveryConfig()
     assert config.ha_proxy_client == HealthConfig()
     assert config.binding_groups == {}
+    assert config.ha_proxy_client.health_check_probe is None
     assert config.domains == {}
     assert config.bindings["b1"].ha_proxy_ipv6_src_addr is None
     assert config.bindings["b1"].ehlo_hostname is None
@@ -698,6 +703,18 @@ def test_binding_table_errors(data: dict[str, Any], message: str) -> None:
         ({"bindings": ["b1", "b1"]}, 'binding_group.pool.bindings[1]: "b1" is listed twice'),
         ({"bindings": [1]}, "binding_group.pool.bindings[0]: must be a string, got 1"),
         (
+            {"bindings": ["b1"], "selection": "random"},
+            'binding_group.pool.selection: must be one of "round-robin", "hash", got "random"',
+        ),
+        (
+            {"bindings": ["b1"], "selection": "Hash"},
+            'binding_group.pool.selection: must be one of "round-robin", "hash", got "Hash"',
+        ),
+        (
+            {"bindings": ["b1"], "selection": True},
+            'binding_group.pool.selection: must be one of "round-robin", "hash", got true',
+        ),
+        (
             {"bindings": ["b1"], "domain": {"-bad.example": {}}},
             'binding_group.pool.domain."-bad.example": "-bad.example" is not a valid domain name',
         ),
@@ -705,6 +722,66 @@ def test_binding_table_errors(data: dict[str, Any], message: str) -> None:
 )
 def test_binding_group_errors(group: dict[str, Any], message: str) -> None:
     assert error_of(minimal(binding_group={"pool": group})) == message
+
+
+@pytest.mark.parametrize("selection", ["round-robin", "hash"])
+def test_binding_group_selection(selection: str) -> None:
+    config = parse_config(
+        minimal(binding_group={"pool": {"bindings": ["b1"], "selection": selection}})
+    )
+    assert config.binding_groups["pool"].selection == selection
+    assert roundtrip(config) == config
+
+
+def test_binding_group_selection_defaults_to_round_robin() -> None:
+    config = parse_config(minimal(binding_group={"pool": {"bindings": ["b1"]}}))
+    assert config.binding_groups["pool"].selection == "round-robin"
+    assert BindingGroup("pool", ("b1",)).selection == "round-robin"
+    groups = config_to_dict(config)["binding_group"]
+    assert groups == {"pool": {"bindings": ["b1"], "selection": "round-robin"}}
+
+
+# -- ha_proxy_client.health_check_probe --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("probe", "expected"),
+    [
+        ("192.0.2.25:25", HostPort("192.0.2.25", 25)),
+        ("[2001:DB8::25]:2525", HostPort("2001:db8::25", 2525)),
+    ],
+)
+def test_health_check_probe(probe: str, expected: HostPort) -> None:
+    config = parse_config(minimal(ha_proxy_client={"health_check_probe": probe}))
+    assert config.ha_proxy_client.health_check_probe == expected
+    assert roundtrip(config) == config
+    health = config_to_dict(config)["ha_proxy_client"]
+    assert isinstance(health, dict) and health["health_check_probe"] == str(expected)
+
+
+@pytest.mark.parametrize(
+    ("probe", "message"),
+    [
+        ("mx.example:25", 'host must be an IP address, got "mx.example"'),
+        ("192.0.2.25", '"192.0.2.25" has no port (write host:port)'),
+        (
+            "2001:db8::25",
+            '"2001:db8::25" has no port (write an IPv6 address as [2001:db8::25]:port)',
+        ),
+        ("192.0.2.25:0", '"0" in "192.0.2.25:0" is not a port (1-65535)'),
+        (25, "must be a string, got 25"),
+        ("0.0.0.0:25", '"0.0.0.0" cannot be a probe destination'),
+        ("[::]:25", '"::" cannot be a probe destination'),
+    ],
+)
+def test_health_check_probe_errors(probe: object, message: str) -> None:
+    error = error_of(minimal(ha_proxy_client={"health_check_probe": probe}))
+    assert error == f"ha_proxy_client.health_check_probe: {message}"
+
+
+def test_health_check_probe_is_left_out_of_the_dict_when_unset() -> None:
+    health = config_to_dict(parse_config(MINIMAL))["ha_proxy_client"]
+    assert isinstance(health, dict) and "health_check_probe" not in health
 
 
 def test_binding_group_name_must_not_shadow_a_binding() -> None:
@@ -861,7 +938,11 @@ def test_config_to_dict_shape() -> None:
         },
     }
     assert out["binding_group"] == {
-        "pool": {"bindings": ["b1", "b2"], "domain": {"x.example": {"ha_proxy_bypass": False}}}
+        "pool": {
+            "bindings": ["b1", "b2"],
+            "selection": "hash",
+            "domain": {"x.example": {"ha_proxy_bypass": False}},
+        }
     }
     assert out["domain"] == {"y.example": {"ha_proxy_bypass": True}, "z.example": {}}
     server = out["server"]

@@ -1,0 +1,213 @@
+"""sidecar.routing: picking a binding_group member, round-robin or by a hash of the recipient
+domain (no sockets: the health registry is driven by hand, the resolver is never asked)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from sidecar.config import Config, ConfigError, HostPort, Listener, parse_config
+from sidecar.health import HealthRegistry
+from sidecar.resolver import Resolver
+from sidecar.routing import RouteError, Router, hash_ranking
+
+MEMBERS = ("b1", "b2", "b3")
+DOMAINS = [f"domain{i}.example" for i in range(1000)]
+
+
+def server_of(name: str) -> HostPort:
+    return HostPort("127.0.0.1", 5000 + int(name[1:]))
+
+
+def make_config(
+    members: tuple[str, ...] = MEMBERS, selection: str | None = "hash", **group: Any
+) -> Config:
+    """One group ``pool`` of ``members``, each binding with its own HAProxy server."""
+    table: dict[str, Any] = {"bindings": list(members), **group}
+    if selection is not None:
+        table["selection"] = selection
+    bindings = {
+        name: {
+            "ha_proxy_server": str(server_of(name)),
+            "ha_proxy_src_addr": f"192.0.2.{int(name[1:])}",
+        }
+        for name in members
+    }
+    return parse_config(
+        {
+            "listener": [
+                {"address": "127.0.0.1:2525", "binding_group": "pool"},
+                {"address": "127.0.0.1:2526", "binding": members[0]},
+            ],
+            "dns": {"nameservers": ["127.0.0.1:53"]},
+            "binding": bindings,
+            "binding_group": {"pool": table},
+        }
+    )
+
+
+def make_router(config: Config) -> tuple[Router, HealthRegistry, Listener]:
+    servers = [s for binding in config.bindings.values() for s in binding.ha_proxy_server]
+    health = HealthRegistry(servers, config.ha_proxy_client)
+    return Router(config, Resolver(config.dns), health), health, config.listeners[0]
+
+
+def unplumb(health: HealthRegistry, member: str) -> None:
+    health.servers[server_of(member)].plumbed = False
+
+
+def assignment(router: Router, listener: Listener, domains: list[str]) -> dict[str, str]:
+    return {domain: router.pick_binding(listener, domain).name for domain in domains}
+
+
+# -- hash_ranking ------------------------------------------------------------------------------
+
+
+def test_hash_ranking_is_a_stable_permutation() -> None:
+    for domain in DOMAINS[:50]:
+        ranking = hash_ranking(domain, MEMBERS)
+        assert sorted(ranking) == sorted(MEMBERS)
+        assert hash_ranking(domain, MEMBERS) == ranking
+        # Case and a trailing dot do not matter; neither does the configured order (only ties).
+        assert hash_ranking(domain.upper() + ".", MEMBERS) == ranking
+        assert hash_ranking(domain, tuple(reversed(MEMBERS))) == ranking
+
+
+def test_hash_ranking_is_pinned() -> None:
+    """A change of hash function would move every domain to another source address after an
+    upgrade: these values must not change."""
+    assert hash_ranking("example.com", MEMBERS) == ["b2", "b1", "b3"]
+    assert hash_ranking("gmail.com", MEMBERS) == ["b2", "b3", "b1"]
+    assert hash_ranking("outlook.com", MEMBERS) == ["b1", "b2", "b3"]
+
+
+def test_removing_a_member_keeps_the_others_order() -> None:
+    """Rendezvous hashing: dropping a member leaves the relative order of the rest."""
+    for domain in DOMAINS[:200]:
+        ranking = hash_ranking(domain, MEMBERS)
+        assert hash_ranking(domain, ("b1", "b3")) == [m for m in ranking if m != "b2"]
+
+
+# -- selection = "hash" ------------------------------------------------------------------------
+
+
+def test_hash_keeps_each_domain_on_one_member() -> None:
+    router, _, listener = make_router(make_config())
+    first = assignment(router, listener, DOMAINS[:100])
+    for _ in range(5):
+        assert assignment(router, listener, DOMAINS[:100]) == first
+    for domain, member in first.items():
+        assert member == hash_ranking(domain, MEMBERS)[0]
+
+
+def test_hash_spreads_domains_over_the_members() -> None:
+    router, _, listener = make_router(make_config())
+    counts = Counter(assignment(router, listener, DOMAINS).values())
+    assert set(counts) == set(MEMBERS)
+    for member, count in counts.items():
+        assert 200 <= count <= 450, (member, counts)
+
+
+def test_hash_unplumbed_member_moves_only_its_own_domains() -> None:
+    router, health, listener = make_router(make_config())
+    before = assignment(router, listener, DOMAINS)
+    unplumb(health, "b2")
+    after = assignment(router, listener, DOMAINS)
+    moved = {domain for domain in DOMAINS if before[domain] != after[domain]}
+    assert moved == {domain for domain in DOMAINS if before[domain] == "b2"}
+    assert "b2" not in after.values()
+    # Each moved domain goes to its next member in its own ranking, so they spread out.
+    for domain in moved:
+        assert after[domain] == hash_ranking(domain, MEMBERS)[1]
+    spread = Counter(after[domain] for domain in moved)
+    assert set(spread) == {"b1", "b3"}
+    # Plumbed again: every domain is back where it was.
+    health.servers[server_of("b2")].plumbed = True
+    assert assignment(router, listener, DOMAINS) == before
+
+
+def test_hash_removed_member_moves_only_its_own_domains() -> None:
+    router, _, listener = make_router(make_config())
+    before = assignment(router, listener, DOMAINS)
+    smaller, _, smaller_listener = make_router(make_config(("b1", "b3")))
+    after = assignment(smaller, smaller_listener, DOMAINS)
+    for domain in DOMAINS:
+        if before[domain] != "b2":
+            assert after[domain] == before[domain], domain
+
+
+def test_hash_excluded_member_falls_to_the_next_in_the_domain_ranking() -> None:
+    router, _, listener = make_router(make_config())
+    for domain in DOMAINS[:50]:
+        ranking = hash_ranking(domain, MEMBERS)
+        assert router.pick_binding(listener, domain, excluded={ranking[0]}).name == ranking[1]
+        assert router.pick_binding(listener, domain, excluded=ranking[:2]).name == ranking[2]
+        with pytest.raises(RouteError) as info:
+            router.pick_binding(listener, domain, excluded=ranking)
+        assert info.value.reply.code == 451
+
+
+def test_hash_does_not_follow_prefer() -> None:
+    """``prefer`` (the open connection's binding) must not take a domain off its member."""
+    router, _, listener = make_router(make_config())
+    for domain in DOMAINS[:50]:
+        ranking = hash_ranking(domain, MEMBERS)
+        for other in ranking[1:]:
+            assert router.pick_binding(listener, domain, prefer=other).name == ranking[0]
+
+
+def test_hash_all_members_unplumbed() -> None:
+    router, health, listener = make_router(make_config())
+    for member in MEMBERS:
+        unplumb(health, member)
+    with pytest.raises(RouteError) as info:
+        router.pick_binding(listener, "example.com")
+    assert info.value.reply.to_bytes() == (
+        b"451 4.4.1 No binding of group pool has an HAProxy server up\r\n"
+    )
+
+
+def test_hash_bypass_member_counts_as_usable() -> None:
+    config = make_config(domain={"internal.example": {"ha_proxy_bypass": True}})
+    router, health, listener = make_router(config)
+    for member in MEMBERS:
+        unplumb(health, member)
+    ranking = hash_ranking("internal.example", MEMBERS)
+    assert router.pick_binding(listener, "internal.example").name == ranking[0]
+
+
+def test_a_binding_listener_ignores_the_group() -> None:
+    router, health, _ = make_router(make_config())
+    unplumb(health, "b1")
+    listener = router.config.listeners[1]
+    assert {router.pick_binding(listener, d).name for d in DOMAINS[:20]} == {"b1"}
+
+
+# -- selection = "round-robin" (the default) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("selection", [None, "round-robin"])
+def test_round_robin_takes_members_in_turn(selection: str | None) -> None:
+    router, _, listener = make_router(make_config(selection=selection))
+    assert router.config.binding_groups["pool"].selection == "round-robin"
+    picks = [router.pick_binding(listener, "example.com").name for _ in range(6)]
+    assert picks == ["b1", "b2", "b3", "b1", "b2", "b3"]
+
+
+def test_round_robin_prefer_and_excluded() -> None:
+    router, health, listener = make_router(make_config(selection="round-robin"))
+    assert [router.pick_binding(listener, "a.example", prefer="b3").name for _ in range(3)] == [
+        "b3"
+    ] * 3
+    assert router.pick_binding(listener, "a.example", prefer="b3", excluded={"b3"}).name != "b3"
+    unplumb(health, "b3")
+    picks = {router.pick_binding(listener, "a.example", prefer="b3").name for _ in range(4)}
+    assert picks == {"b1", "b2"}
+
+
+def test_unknown_selection_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(selection="least-used")
+    assert info.value.path == "binding_group.pool.selection"
