@@ -168,8 +168,8 @@ def route(config_path: str, listener_address: str | None, address: str) -> None:
 @config_option
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the banner.")
 def probe(config_path: str, timeout: float) -> None:
-    """Check that a running sidecar answers: connect to each listener, expect a 220 banner,
-    QUIT. Exit 0 when all answer (used by the Dockerfile's HEALTHCHECK)."""
+    """Check that a running sidecar answers: each listener with a 220 banner, and /healthz
+    when [status] is configured. Exit 0 when all do (the Dockerfile's HEALTHCHECK)."""
     config = _load(config_path)
     failures = 0
     for listener in config.listeners:
@@ -185,6 +185,14 @@ def probe(config_path: str, timeout: float) -> None:
             continue
         if not banner.startswith(b"220"):
             click.echo(f"{listener.address}: unexpected banner {banner[:80]!r}", err=True)
+            failures += 1
+    if config.status.address is not None:
+        url = f"http://{config.status.address}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                response.read()
+        except (OSError, ValueError) as e:  # HTTPError (503 while shutting down) is an OSError
+            click.echo(f"{url}: {e}", err=True)
             failures += 1
     sys.exit(1 if failures else 0)
 

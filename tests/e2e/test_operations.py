@@ -74,6 +74,8 @@ async def test_status_endpoint_and_status_command(
     assert "sidecar_upstream_connect_seconds_count 1\n" in metrics
     assert (await http_get(status, "/nope"))[0] == 404
 
+    probed = await run_cli("probe", "-c", str(cli_stack.config_path))
+    assert probed.returncode == 0, probed.stderr
     shown = await run_cli("status", "-c", str(cli_stack.config_path))
     assert shown.returncode == 0, shown.stderr
     table = shown.stdout.decode()
@@ -167,6 +169,22 @@ async def test_sighup_reloads_new_sessions_use_it(
     assert result.error is None and not result.refused, result
     (message,) = await mx.wait_for_messages(1)
     assert message.peer_host == new_source
+
+    # The health checks follow the new server list.
+    status = addresses.endpoint()
+    extra = addresses.endpoint()
+    config["status"] = {"address": str(status)}
+    config["binding"]["b1"]["ha_proxy_server"] = [str(cli_stack.haproxy.bind), str(extra)]
+    write_config(cli_stack, config)
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "status.address changed")  # needs a restart: refused
+    del config["status"]
+    write_config(cli_stack, config)
+    started.process.send_signal(signal.SIGHUP)
+    with trio.fail_after(10):
+        while started.stderr.count("configuration reloaded") < 2:
+            await trio.sleep(0.05)
+    await wait_for_log(started, f"HAProxy server {extra} is now unplumbed")
 
     # An invalid file is refused, and the running configuration stays.
     cli_stack.config_path.write_text("[binding.b1]\nha_proxy_src_addr = 1\n", encoding="utf-8")
