@@ -24,8 +24,8 @@ from ipaddress import (
 )
 from typing import Any, Literal, TypeVar
 
-TlsPolicy = Literal["disabled", "opportunistic", "required"]
-TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required")
+TlsPolicy = Literal["disabled", "opportunistic", "required", "verify"]
+TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required", "verify")
 # How a binding_group picks a member: in turn, or by a hash of the recipient domain (each
 # domain keeps one member, so one source address, while that member is usable).
 Selection = Literal["round-robin", "hash"]
@@ -57,6 +57,7 @@ class DomainPolicy:
     """Per-domain settings; ``None`` means "not set here, ask the wider scope"."""
 
     ha_proxy_bypass: bool | None = None
+    tls: TlsPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class DeliveryConfig:
     port: int = 25
     allow_private_destinations: bool = False
     tls: TlsPolicy = "opportunistic"
+    # CA bundle for tls = "verify" (PEM); None: the system's trust store.
+    tls_ca_file: str | None = None
     # The whole upstream set-up (DNS, connect, banner, EHLO, STARTTLS, MAIL, RCPT) happens while
     # the MTA waits for its RCPT reply (Postfix: 300 s); keep it well under that.
     setup_timeout: float = 120.0
@@ -279,7 +282,7 @@ def config_to_dict(config: Config) -> dict[str, object]:
     out: dict[str, object] = {
         "server": server,
         "dns": dns,
-        "delivery": _plain_fields(config.delivery),
+        "delivery": {k: v for k, v in _plain_fields(config.delivery).items() if v is not None},
         "ha_proxy_client": health,
     }
     if config.status.address is not None:
@@ -361,7 +364,19 @@ def _parse_status(value: object, path: str) -> StatusConfig:
 
 
 def _parse_delivery(value: object, path: str) -> DeliveryConfig:
-    return _parse_section(value, path, DeliveryConfig, {"port": _port, "tls": _parse_tls})
+    return _parse_section(
+        value,
+        path,
+        DeliveryConfig,
+        {"port": _port, "tls": _parse_tls, "tls_ca_file": _parse_ca_file},
+    )
+
+
+def _parse_ca_file(value: object, path: str) -> str:
+    name = _str(value, path)
+    if not os.path.isfile(name):
+        raise ConfigError(path, f"{_show(name)} is not a readable file")
+    return name
 
 
 _T = TypeVar("_T")
@@ -521,11 +536,14 @@ def _parse_domains(value: object, path: str) -> dict[str, DomainPolicy]:
         if domain in domains:
             raise ConfigError(dpath, f"{_show(domain)} is configured twice")
         table = _table(raw_policy, dpath)
-        _check_keys(table, dpath, ("ha_proxy_bypass",))
+        _check_keys(table, dpath, ("ha_proxy_bypass", "tls"))
         bypass: bool | None = None
         if "ha_proxy_bypass" in table:
             bypass = _bool(table["ha_proxy_bypass"], _key(dpath, "ha_proxy_bypass"))
-        domains[domain] = DomainPolicy(ha_proxy_bypass=bypass)
+        tls: TlsPolicy | None = None
+        if "tls" in table:
+            tls = _parse_tls(table["tls"], _key(dpath, "tls"))
+        domains[domain] = DomainPolicy(ha_proxy_bypass=bypass, tls=tls)
     return domains
 
 
@@ -839,5 +857,7 @@ def _domains_to_dict(domains: Mapping[str, DomainPolicy]) -> dict[str, object]:
         entry: dict[str, object] = {}
         if policy.ha_proxy_bypass is not None:
             entry["ha_proxy_bypass"] = policy.ha_proxy_bypass
+        if policy.tls is not None:
+            entry["tls"] = policy.tls
         out[name] = entry
     return out

@@ -47,6 +47,7 @@ async def explain_route(
         lines.append(f"result:    {error.reply.code} {error.reply.text}")
         return lines, False
     lines.append(f"binding:   {route.binding.name}")
+    lines.append(f"tls:       {route.tls}")
     if route.bypass:
         lines.append("delivery:  direct (ha_proxy_bypass), not through HAProxy")
     else:

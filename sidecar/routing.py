@@ -3,18 +3,23 @@ source address written in the PROXY header for each (DESIGN.md invariants 2 and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from sidecar.config import Binding, Config, HostPort, Listener
+from sidecar.config import Binding, Config, DomainPolicy, HostPort, Listener, TlsPolicy
 from sidecar.health import HealthRegistry
 from sidecar.resolver import MXHost, MXResult, ResolutionError, Resolver
 from sidecar.smtp.replies import Reply, reply
 
 IPAddress = IPv4Address | IPv6Address
+
+
+# (binding name, bypass, MX host names, TLS policy)
+RouteKey = tuple[str, bool, frozenset[str], str]
 
 
 class RouteError(Exception):
@@ -40,11 +45,13 @@ class Route:
     mx: MXResult
     candidates: tuple[Candidate, ...]
     skipped: tuple[str, ...] = ()  # addresses left out, and why
+    tls: TlsPolicy = "opportunistic"  # STARTTLS policy towards this domain's MX
 
     @property
-    def key(self) -> tuple[str, bool, frozenset[str]]:
-        """Two recipients share a transaction only when their keys are equal."""
-        return (self.binding.name, self.bypass, frozenset(host.name for host in self.mx.hosts))
+    def key(self) -> RouteKey:
+        """Two recipients share a transaction (and a connection) only when their keys are equal."""
+        hosts = frozenset(host.name for host in self.mx.hosts)
+        return (self.binding.name, self.bypass, hosts, self.tls)
 
     @property
     def servers(self) -> tuple[HostPort, ...]:
@@ -97,16 +104,25 @@ class Router:
         self.health = health
         self._turns = {name: itertools.count() for name in config.binding_groups}
 
-    def is_bypass(self, binding: Binding, group: str | None, domain: str) -> bool:
+    def _policies(self, binding: Binding, group: str | None, domain: str) -> list[DomainPolicy]:
+        """The domain's settings, most specific scope first: binding, group, top level."""
         scopes = [binding.domains]
         if group is not None:
             scopes.append(self.config.binding_groups[group].domains)
         scopes.append(self.config.domains)
-        for scope in scopes:
-            policy = scope.get(domain)
-            if policy is not None and policy.ha_proxy_bypass is not None:
+        return [scope[domain] for scope in scopes if domain in scope]
+
+    def is_bypass(self, binding: Binding, group: str | None, domain: str) -> bool:
+        for policy in self._policies(binding, group, domain):
+            if policy.ha_proxy_bypass is not None:
                 return policy.ha_proxy_bypass
         return False
+
+    def tls_policy(self, binding: Binding, group: str | None, domain: str) -> TlsPolicy:
+        for policy in self._policies(binding, group, domain):
+            if policy.tls is not None:
+                return policy.tls
+        return self.config.delivery.tls
 
     def has_plumbed_server(self, binding: Binding) -> bool:
         return any(self.health.is_plumbed(server) for server in binding.ha_proxy_server)
@@ -170,7 +186,8 @@ class Router:
                 mx = await self.resolver.resolve_mx(domain)
             except ResolutionError as error:
                 raise RouteError(error.reply) from None
-        return self.candidates(domain, binding, bypass, mx)
+        route = self.candidates(domain, binding, bypass, mx)
+        return dataclasses.replace(route, tls=self.tls_policy(binding, group, domain))
 
     def candidates(self, domain: str, binding: Binding, bypass: bool, mx: MXResult) -> Route:
         delivery = self.config.delivery

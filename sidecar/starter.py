@@ -65,8 +65,12 @@ binding = "b1"
 # port = 25
 # Allow MX addresses in loopback/private/link-local/reserved ranges (for tests only).
 # allow_private_destinations = false
-# STARTTLS towards the MX: "disabled", "opportunistic" (when offered) or "required".
+# STARTTLS towards the MX: "disabled"; "opportunistic" (when offered; a failed handshake is
+# retried in plaintext); "required" (encrypted or not delivered, certificate not checked);
+# "verify" (the certificate must chain to tls_ca_file and name the MX host).
 # tls = "opportunistic"
+# CA bundle (PEM) for tls = "verify". Default: the system's trust store.
+# tls_ca_file = "/etc/ssl/certs/ca-certificates.crt"
 # Seconds for the whole upstream set-up (DNS, connect, banner, EHLO, STARTTLS, MAIL, RCPT);
 # keep it well under your MTA's RCPT timeout (Postfix: 300).
 # setup_timeout = 120
@@ -126,7 +130,10 @@ ha_proxy_ipv6_src_addr = "2001:db8::10"
 # selection = "round-robin"
 # A listener then uses it with: binding_group = "pool"
 
-# Per-domain settings for every binding (a binding's or group's own setting wins).
+# Per-domain settings for every binding (a binding's or group's own setting wins):
+# ha_proxy_bypass, and tls (overrides delivery.tls for that domain).
 # [domain."internal.example"]
 # ha_proxy_bypass = true
+# [domain."bank.example"]
+# tls = "verify"
 """

@@ -6,6 +6,7 @@ closes or stays silent before its banner is the MX's fault (next address)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 import trio
 
 from sidecar import proxy_v2
-from sidecar.config import DeliveryConfig, HostPort
+from sidecar.config import DeliveryConfig, HostPort, TlsPolicy
 from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
-from sidecar.routing import Candidate, Route
+from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities, reply
 
 log = logging.getLogger("sidecar.upstream")
@@ -42,12 +43,24 @@ class _CandidateFailed(Exception):
     """This MX address did not work out; try the next one."""
 
 
-def _opportunistic_context() -> ssl.SSLContext:
-    # Opportunistic TLS (RFC 3207 as MTAs practise it): encrypt, but do not authenticate the MX.
+@functools.cache
+def _unverified_context() -> ssl.SSLContext:
+    # "opportunistic" and "required" (RFC 3207 as MTAs practise it): encrypt, but do not
+    # authenticate the MX.
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+@functools.cache
+def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    # "verify": the certificate must chain to the CA bundle and name the MX host.
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def tls_context(policy: TlsPolicy, ca_file: str | None) -> ssl.SSLContext:
+    return _verifying_context(ca_file) if policy == "verify" else _unverified_context()
 
 
 @dataclass
@@ -59,7 +72,8 @@ class Upstream:
     parser: ReplyParser = field(default_factory=ReplyParser)
     capabilities: dict[str, str] = field(default_factory=dict)
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
-    route_key: tuple[str, bool, frozenset[str]] | None = None
+    route_key: RouteKey | None = None
+    tls_policy: TlsPolicy = "opportunistic"
     closed: bool = False
     metrics: Metrics | None = None
 
@@ -181,7 +195,7 @@ async def _greet(upstream: Upstream, ehlo_name: str) -> None:
 async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     answer = await upstream.command(b"STARTTLS\r\n")
     if answer.code != 220:
-        if answer.code != 421 and upstream.delivery.tls == "opportunistic":
+        if answer.code != 421 and upstream.tls_policy == "opportunistic":
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
             log.info("STARTTLS refused by %s: %s", upstream.candidate.mx, answer.text)
             return
@@ -192,7 +206,9 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     upstream.parser = ReplyParser()
     upstream.capabilities = {}
     tls_stream = trio.SSLStream(
-        upstream.stream, _opportunistic_context(), server_hostname=upstream.candidate.mx
+        upstream.stream,
+        tls_context(upstream.tls_policy, upstream.delivery.tls_ca_file),
+        server_hostname=upstream.candidate.mx,
     )
     try:
         with trio.fail_after(upstream.delivery.command_timeout):
@@ -225,7 +241,15 @@ async def _open_one(
         server = None
     else:
         stream, server = await _connect_via_proxy(route, candidate, delivery, health)
-    upstream = Upstream(stream, candidate, server, delivery, route_key=route.key, metrics=metrics)
+    upstream = Upstream(
+        stream,
+        candidate,
+        server,
+        delivery,
+        route_key=route.key,
+        tls_policy=route.tls,
+        metrics=metrics,
+    )
     connected = trio.current_time()
     try:
         banner = await upstream.read_reply(delivery.banner_timeout)
@@ -240,8 +264,8 @@ async def _open_one(
         if use_tls:
             if upstream.supports("STARTTLS"):
                 await _start_tls(upstream, ehlo_name)
-            elif delivery.tls == "required":
-                raise _CandidateFailed("STARTTLS not offered and delivery.tls is required")
+            elif route.tls in ("required", "verify"):
+                raise _CandidateFailed(f"STARTTLS not offered and the TLS policy is {route.tls}")
         return upstream
     except UpstreamError:
         await upstream.quit()
@@ -261,7 +285,7 @@ async def open_upstream(
     """The first candidate that gives a usable SMTP session, or :class:`UpstreamError`."""
     problems: list[str] = []
     for candidate in route.candidates:
-        use_tls = delivery.tls != "disabled"
+        use_tls = route.tls != "disabled"
         while True:
             try:
                 return await _open_one(
@@ -269,7 +293,7 @@ async def open_upstream(
                 )
             except _TlsFailed as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
-                if delivery.tls == "opportunistic" and use_tls:
+                if route.tls == "opportunistic" and use_tls:
                     use_tls = False  # as MTAs do: the same MX again, in plaintext
                     continue
             except (UpstreamLost, _CandidateFailed) as error:

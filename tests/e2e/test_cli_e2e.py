@@ -125,6 +125,7 @@ async def test_route_explains_binding_proxy_and_mx_order(cli_stack: CliStack) ->
         "recipient: user@example.test",
         f"listener:  {cli_stack.listener} -> binding b1",
         "binding:   b1",
+        "tls:       disabled",
         f"proxy:     {cli_stack.haproxy.bind} - answers (plumbed)",
         "MX hosts for example.test:",
         f"     10 mx0.test: {a0}",

@@ -362,13 +362,13 @@ def test_unknown_keys_are_errors(data: dict[str, Any], message: str) -> None:
             "delivery",
             "tls",
             "yes",
-            'must be one of "disabled", "opportunistic", "required", got "yes"',
+            'must be one of "disabled", "opportunistic", "required", "verify", got "yes"',
         ),
         (
             "delivery",
             "tls",
             True,
-            'must be one of "disabled", "opportunistic", "required", got true',
+            'must be one of "disabled", "opportunistic", "required", "verify", got true',
         ),
         ("delivery", "setup_timeout", 0, "must be a positive number of seconds, got 0"),
         ("delivery", "connect_timeout", -1, "must be a positive number of seconds, got -1"),
@@ -979,3 +979,33 @@ def test_status_section() -> None:
         parse_config({**base, "status": {"address": "nowhere"}})
     with pytest.raises(ConfigError, match=r"^status\.port: unknown key"):
         parse_config({**base, "status": {"port": 1}})
+
+
+def test_tls_verify_ca_file_and_per_domain_tls(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
+    base: dict[str, Any] = {
+        "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
+        "delivery": {"tls": "verify", "tls_ca_file": str(ca)},
+        "domain": {"bank.example": {"tls": "verify"}},
+        "binding": {
+            "b1": {
+                "ha_proxy_server": "127.0.0.1:5000",
+                "ha_proxy_src_addr": "192.0.2.1",
+                "domain": {"old.example": {"tls": "disabled"}},
+            }
+        },
+    }
+    config = parse_config(base)
+    assert config.delivery.tls == "verify" and config.delivery.tls_ca_file == str(ca)
+    assert config.domains["bank.example"] == DomainPolicy(tls="verify")
+    assert config.bindings["b1"].domains["old.example"] == DomainPolicy(tls="disabled")
+    assert parse_config(tomllib.loads(tomli_w.dumps(config_to_dict(config)))) == config
+    bad = copy.deepcopy(base)
+    bad["delivery"]["tls_ca_file"] = str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError, match=r"^delivery\.tls_ca_file: .* is not a readable file"):
+        parse_config(bad)
+    bad = copy.deepcopy(base)
+    bad["domain"]["bank.example"]["tls"] = "maybe"
+    with pytest.raises(ConfigError, match=r'^domain\."bank\.example"\.tls: must be one of'):
+        parse_config(bad)

@@ -211,3 +211,30 @@ def test_unknown_selection_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         make_config(selection="least-used")
     assert info.value.path == "binding_group.pool.selection"
+
+
+def test_tls_policy_most_specific_scope_wins() -> None:
+    config = parse_config(
+        {
+            "listener": [{"address": "127.0.0.1:2525", "binding_group": "pool"}],
+            "delivery": {"tls": "disabled"},
+            "domain": {"top.example": {"tls": "opportunistic"}, "all.example": {"tls": "required"}},
+            "binding": {
+                "b1": {
+                    "ha_proxy_server": "127.0.0.1:5001",
+                    "ha_proxy_src_addr": "192.0.2.1",
+                    "domain": {"all.example": {"tls": "verify"}},
+                }
+            },
+            "binding_group": {
+                "pool": {"bindings": ["b1"], "domain": {"g.example": {"tls": "required"}}}
+            },
+        }
+    )
+    router, _, _ = make_router(config)
+    b1 = config.bindings["b1"]
+    assert router.tls_policy(b1, "pool", "all.example") == "verify"  # binding beats top level
+    assert router.tls_policy(b1, "pool", "g.example") == "required"  # group scope
+    assert router.tls_policy(b1, "pool", "top.example") == "opportunistic"
+    assert router.tls_policy(b1, "pool", "other.example") == "disabled"  # delivery.tls
+    assert router.tls_policy(b1, None, "g.example") == "disabled"  # not via the group

@@ -1,0 +1,173 @@
+"""``tls = "verify"`` (the MX certificate must chain to the CA bundle and name the MX host) and
+per-domain TLS policies (``[domain."x"] tls = ...``, also under bindings), end to end through
+HAProxy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+from .harness import (
+    Addresses,
+    DnsmasqFactory,
+    Endpoint,
+    HAProxyFactory,
+    HostRecord,
+    MXFactory,
+    MXRecord,
+    TestMX,
+    free_port,
+    server_tls_context,
+)
+from .stack import (
+    MESSAGE,
+    SendResult,
+    SidecarFactory,
+    final_status,
+    make_config,
+    proxied_binding,
+    refusal,
+    send,
+)
+
+
+class TlsWorld:
+    """Two domains, each with its own MX host (certificates from ``ca`` for ``names``)."""
+
+    def __init__(
+        self,
+        addresses: Addresses,
+        haproxy_factory: HAProxyFactory,
+        dnsmasq_factory: DnsmasqFactory,
+        mx_factory: MXFactory,
+        sidecar_factory: SidecarFactory,
+    ) -> None:
+        self.addresses = addresses
+        self.haproxy_factory = haproxy_factory
+        self.dnsmasq_factory = dnsmasq_factory
+        self.mx_factory = mx_factory
+        self.sidecar_factory = sidecar_factory
+
+    async def start(
+        self, ca: trustme.CA, cert_names: dict[str, str], ca_file: Path | None, **config: Any
+    ) -> tuple[Endpoint, dict[str, TestMX]]:
+        """``cert_names``: domain -> the name in its MX's certificate (its MX host is
+        ``mx.<domain>``)."""
+        first = self.addresses.ipv4()
+        port = free_port(first)
+        records: list[Any] = []
+        mxes: dict[str, TestMX] = {}
+        for index, (domain, cert_name) in enumerate(cert_names.items()):
+            address = first if index == 0 else self.addresses.ipv4()
+            mxes[domain] = await self.mx_factory(
+                Endpoint(address, port), tls_context=server_tls_context(ca, cert_name)
+            )
+            records += [MXRecord(domain, f"mx.{domain}"), HostRecord(f"mx.{domain}", [address])]
+        dns = self.dnsmasq_factory(records)
+        haproxy = self.haproxy_factory()
+        delivery = {"command_timeout": 2, "banner_timeout": 2, **config.pop("delivery", {})}
+        if ca_file is not None:
+            delivery["tls_ca_file"] = str(ca_file)
+        sidecar = await self.sidecar_factory(
+            make_config(
+                listeners=[(self.sidecar_factory.listener(), "b1")],
+                bindings={"b1": proxied_binding(haproxy.bind, source=self.addresses.ipv4())},
+                nameserver=dns.endpoint,
+                port=port,
+                delivery=delivery,
+                **config,
+            )
+        )
+        return sidecar.endpoint, mxes
+
+
+def _ca_file(tmp_path: Path, ca: trustme.CA) -> Path:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+async def _one(endpoint: Endpoint, domain: str) -> SendResult:
+    return await send(endpoint, "a@client.test", [f"rcpt@{domain}"], MESSAGE)
+
+
+async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
+    tmp_path: Path,
+    tls_ca: trustme.CA,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    endpoint, mxes = await world.start(
+        tls_ca,
+        {"good.test": "mx.good.test", "wrongname.test": "elsewhere.test"},
+        _ca_file(tmp_path, tls_ca),
+        delivery={"tls": "verify"},
+    )
+    result = await _one(endpoint, "good.test")
+    assert final_status(result) == (250, "2.0.0")
+    (message,) = mxes["good.test"].messages
+    assert message.tls
+
+    # A certificate that does not name the MX host: not delivered, the client may retry.
+    result = await _one(endpoint, "wrongname.test")
+    assert refusal(result, "rcpt@wrongname.test")[0] == 451
+    assert mxes["wrongname.test"].messages == []
+    assert all(
+        b"MAIL" not in c for conn in mxes["wrongname.test"].connections for c in conn.commands
+    )
+
+
+async def test_verify_refuses_a_certificate_from_an_unknown_ca(
+    tmp_path: Path,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    trusted, other = trustme.CA(), trustme.CA()
+    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    endpoint, mxes = await world.start(
+        other,
+        {"self.test": "mx.self.test"},
+        _ca_file(tmp_path, trusted),
+        delivery={"tls": "verify"},
+    )
+    result = await _one(endpoint, "self.test")
+    code, enhanced = refusal(result, "rcpt@self.test")
+    assert code == 451 and enhanced.startswith("4.")
+    assert mxes["self.test"].messages == []
+    # Never a fallback to plaintext under "verify".
+    assert all(
+        conn.tls or b"MAIL" not in b" ".join(conn.commands)
+        for conn in mxes["self.test"].connections
+    )
+
+
+async def test_per_domain_tls_policy_overrides_delivery_tls(
+    tmp_path: Path,
+    tls_ca: trustme.CA,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    endpoint, mxes = await world.start(
+        tls_ca,
+        {"plain.test": "mx.plain.test", "bank.test": "mx.bank.test"},
+        _ca_file(tmp_path, tls_ca),
+        delivery={"tls": "disabled"},
+        domain={"bank.test": {"tls": "verify"}},
+    )
+    assert final_status(await _one(endpoint, "plain.test")) == (250, "2.0.0")
+    assert final_status(await _one(endpoint, "bank.test")) == (250, "2.0.0")
+    assert not mxes["plain.test"].messages[0].tls  # delivery.tls = "disabled"
+    assert mxes["bank.test"].messages[0].tls  # the domain's own policy
