@@ -27,7 +27,7 @@ from .harness import (
     server_tls_context,
 )
 from .processes import CliStack, Processes, make_cli_stack
-from .stack import SidecarFactory
+from .stack import RelayStackFactory, SidecarFactory
 
 ROOT_REQUIRED = "e2e tests need root: HAProxy's usesrc clientip requires CAP_NET_ADMIN"
 _HERE = Path(__file__).parent
@@ -150,3 +150,17 @@ async def cli_stack(
 ) -> CliStack:
     """HAProxy, dnsmasq, two MX hosts for example.test and a config file; no sidecar yet."""
     return await make_cli_stack(tmp_path, addresses, haproxy_factory, dnsmasq_factory, mx_factory)
+
+
+@pytest.fixture
+def relay_stack(
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> RelayStackFactory:
+    """``await relay_stack(mxes=[...], domains={...})``: sidecar + HAProxy + dnsmasq + MXes."""
+    return RelayStackFactory(
+        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
+    )

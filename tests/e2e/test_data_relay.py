@@ -8,29 +8,12 @@ import pytest
 import trio
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
-    HAProxyFactory,
-    MXFactory,
     RawSMTPClient,
 )
-from .stack import RelayStack, RelayStackFactory, SidecarFactory
+from .stack import RelayStack, RelayStackFactory
 
 MAIL = b"MAIL FROM:<sender@client.test>"
 RCPT = b"RCPT TO:<rcpt@example.test>"
-
-
-@pytest.fixture
-def relay_stack(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> RelayStackFactory:
-    return RelayStackFactory(
-        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
-    )
 
 
 async def start_data(client: RawSMTPClient, rcpt: bytes = RCPT) -> None:

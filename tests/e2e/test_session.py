@@ -9,30 +9,14 @@ import pytest
 import trio
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
-    HAProxyFactory,
     MXFactory,
     RawSMTPClient,
     smtp_reply,
 )
-from .stack import MESSAGE, RelayStack, RelayStackFactory, SidecarFactory
+from .stack import MESSAGE, RelayStack, RelayStackFactory
 
 MAIL = b"MAIL FROM:<sender@client.test>"
 BODY = b"Subject: session test\r\n\r\nHello.\r\n"
-
-
-@pytest.fixture
-def relay_stack(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> RelayStackFactory:
-    return RelayStackFactory(
-        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
-    )
 
 
 async def settle() -> None:
