@@ -10,13 +10,14 @@ need_root() {
 }
 
 # Debian packages: HAProxy (the egress), dnsmasq (a real DNS server for tests and the demo),
-# swaks (an SMTP client), iproute2, and Python's venv support when the system Python lacks it.
+# swaks (an SMTP client), iproute2, Python's venv support when the system Python lacks it, and
+# two real MTAs for the end-to-end tests (Postfix, and Exim unpacked beside it: see
+# install_exim_for_tests).
 install_system_packages() {
-    local wanted=(haproxy dnsmasq-base swaks iproute2 ca-certificates)
+    local wanted=(haproxy dnsmasq-base swaks iproute2 ca-certificates postfix)
     local missing=()
     for package in "${wanted[@]}"; do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
-            || missing+=("$package")
+        is_installed "$package" || missing+=("$package")
     done
     if ! command -v python3 >/dev/null; then
         missing+=(python3 python3-venv)
@@ -25,14 +26,81 @@ install_system_packages() {
     fi
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "==> apt-get install ${missing[*]}"
-        apt-get update -qq
+        apt_update_once
+        # Postfix without a system configuration: its system instance never starts, and the
+        # tests run private instances (postfix -c DIR) of their own.
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             "${missing[@]}" >/dev/null
+        case " ${missing[*]} " in *" postfix "*) stop_system_postfix ;; esac
     fi
+    install_exim_for_tests
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
         echo "error: Python >= 3.11 is required, found $(python3 --version)" >&2
         exit 1
     }
+}
+
+is_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"
+}
+
+APT_UPDATED=""
+apt_update_once() {
+    if [ -z "$APT_UPDATED" ]; then
+        apt-get update -qq
+        APT_UPDATED=1
+    fi
+}
+
+# The package's system instance must not run (nor listen on port 25) on a test machine.
+stop_system_postfix() {
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now postfix.service >/dev/null 2>&1 || true
+    fi
+    if postfix status >/dev/null 2>&1; then
+        postfix stop >/dev/null 2>&1 || true
+    fi
+}
+
+# Exim for the end-to-end tests. Debian's exim4-daemon-light conflicts with postfix (each is
+# "the" MTA), so its binary is unpacked into EXIM_TEST_DIR instead of installed: the tests run
+# it with their own configuration (exim -C FILE, with exim_path pointing here). What it needs
+# from the system: the shared libraries it links (its Depends, installed with apt) and the
+# Debian-exim user, whose name is compiled in.
+EXIM_TEST_DIR=/opt/sidecar-test/exim4
+install_exim_for_tests() {
+    local binary="$EXIM_TEST_DIR/usr/sbin/exim4"
+    if ! getent passwd Debian-exim >/dev/null; then
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin Debian-exim
+    fi
+    # -C /dev/null: an empty configuration, enough for -bV (there is no system one).
+    if [ -x "$binary" ] && "$binary" -C /dev/null -bV >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "==> unpacking exim4-daemon-light into $EXIM_TEST_DIR"
+    apt_update_once
+    local work deb depends
+    work=$(mktemp -d)
+    chmod 755 "$work"
+    getent passwd _apt >/dev/null && chown _apt "$work"   # apt's download sandbox user
+    (cd "$work" && apt-get download -qq exim4-daemon-light >/dev/null)
+    deb=$(ls "$work"/exim4-daemon-light_*.deb)
+    # Its run-time libraries: the first alternative of each dependency, without versions,
+    # and without exim4-base and debconf (the packaging, which would pull in an exim4 daemon
+    # package and so remove postfix).
+    depends=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -e 's/|.*//' -e 's/(.*)//' \
+        -e 's/[[:space:]]//g' | grep -v -e '^$' -e '^exim4' -e '^debconf')
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        $depends >/dev/null
+    rm -rf "$EXIM_TEST_DIR.new"
+    mkdir -p "$EXIM_TEST_DIR.new"
+    dpkg-deb -x "$deb" "$EXIM_TEST_DIR.new"
+    rm -rf "$EXIM_TEST_DIR" "$work"
+    mv "$EXIM_TEST_DIR.new" "$EXIM_TEST_DIR"
+    "$binary" -C /dev/null -bV 2>/dev/null | grep '^Exim version'
 }
 
 # The project's own virtual environment in .venv, with the sidecar installed editable.
