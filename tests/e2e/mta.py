@@ -34,6 +34,7 @@ import pwd
 import re
 import shutil
 import signal
+import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -698,15 +699,20 @@ async def make_mail_stack(
     *,
     domains: Iterable[str] = DOMAINS,
     bindings: Sequence[str] = ("b1",),
+    tls_contexts: Mapping[str, ssl.SSLContext] | None = None,
+    tls: str = "disabled",
 ) -> MailStack:
     """One TestMX per domain (``mx.<domain>``, its own 127.0.0.x, one shared port), dnsmasq
     with their MX and A records, one HAProxy, and the sidecar with one listener per binding,
-    each binding with its own source address."""
+    each binding with its own source address. ``tls_contexts``: the MXes (by domain) that offer
+    STARTTLS; ``tls``: the sidecar's ``delivery.tls``."""
     domains = list(domains)
     mx_addresses = [addresses.ipv4() for _ in domains]
     port = free_port(mx_addresses[0])
     mxes = {
-        domain: await mx_factory(Endpoint(address, port))
+        domain: await mx_factory(
+            Endpoint(address, port), tls_context=(tls_contexts or {}).get(domain)
+        )
         for domain, address in zip(domains, mx_addresses, strict=True)
     }
     zone: list[DnsRecord] = []
@@ -725,7 +731,7 @@ async def make_mail_stack(
             },
             nameserver=dns.endpoint,
             port=port,
-            delivery=FAST_DELIVERY,
+            delivery={**FAST_DELIVERY, "tls": tls},
             server=FAST_SERVER,
         )
     )

@@ -18,6 +18,7 @@ What these tests prove about Postfix (README, "The MTA side"):
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 
 import pytest
@@ -273,3 +274,44 @@ async def test_postfix_defers_a_452_recipient_and_never_bounces_it(
     for recipient in RECIPIENTS:
         statuses = [d.status for d in postfix.deliveries() if d.recipient == recipient]
         assert statuses[-1] == "sent" and statuses.count("sent") == 1, (recipient, statuses)
+
+
+async def test_postfix_recipe_delivers_over_tls_where_offered(
+    nursery: trio.Nursery,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+    postfix_factory: PostfixFactory,
+    mx_tls_context: ssl.SSLContext,
+) -> None:
+    """Issue 4's "done": a Postfix configured as the README says delivers a mixed batch, every
+    recipient at the right MX from the right address, over TLS where the MX offers it."""
+    offering = DOMAINS[:2]
+    stack = await make_mail_stack(
+        nursery,
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        mx_factory,
+        sidecar_factory,
+        tls_contexts={domain: mx_tls_context for domain in offering},
+        tls="opportunistic",
+    )
+    egress = stack.egress["b1"]
+    postfix = await postfix_factory(
+        main={
+            "relayhost": relayhost(egress),
+            "default_transport": "sidecar",
+            "sidecar_destination_recipient_limit": "1",
+        },
+        services=[SIDECAR_TRANSPORT],
+    )
+    await send(postfix, ALICE)
+    await postfix.wait_queue_empty(timeout=10)
+    await wait_arrivals(stack, len(RECIPIENTS))
+    assert stack.arrivals() == expected(ALICE, egress.source)
+    for domain, mx in stack.mx.items():
+        (message,) = mx.messages
+        assert message.tls == (domain in offering), domain

@@ -4,9 +4,11 @@ HAProxy."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
 
 from .harness import (
@@ -94,6 +96,7 @@ async def _one(endpoint: Endpoint, domain: str) -> SendResult:
 
 
 async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
+    caplog: pytest.LogCaptureFixture,
     tmp_path: Path,
     tls_ca: trustme.CA,
     addresses: Addresses,
@@ -109,10 +112,15 @@ async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
         _ca_file(tmp_path, tls_ca),
         delivery={"tls": "verify"},
     )
-    result = await _one(endpoint, "good.test")
+    with caplog.at_level(logging.INFO, logger="sidecar.transaction"):
+        result = await _one(endpoint, "good.test")
     assert final_status(result) == (250, "2.0.0")
     (message,) = mxes["good.test"].messages
     assert message.tls
+    # The transaction's log line names the protocol and cipher.
+    (record,) = [r for r in caplog.records if r.name == "sidecar.transaction"]
+    tls = record.fields["tls"]  # type: ignore[attr-defined]
+    assert tls.startswith("TLSv1.") and len(tls.split()) == 2, tls
 
     # A certificate that does not name the MX host: not delivered, the client may retry.
     result = await _one(endpoint, "wrongname.test")
