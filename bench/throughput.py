@@ -68,16 +68,22 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def started(argv: list[str], name: str, workdir: Path, ready: tuple[str, int]) -> Iterator[int]:
+def started(
+    argv: list[str],
+    name: str,
+    workdir: Path,
+    ready: tuple[str, int],
+    stop: signal.Signals = signal.SIGTERM,
+) -> Iterator[int]:
     log = (workdir / f"{name}.log").open("wb")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     try:
         wait_port(*ready)
         yield process.pid
     finally:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         try:
-            process.wait(10)
+            process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -174,6 +180,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--messages", type=int, default=5000, help="2 KB messages per run")
     parser.add_argument("--quick", action="store_true", help="small counts, to check it works")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the sidecar under py-spy, writing collapsed stacks to FILE (sidecar path only)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("error: run as root (HAProxy's usesrc clientip)", file=sys.stderr)
@@ -192,11 +203,17 @@ def main() -> int:
         Load("2 KB, 100 sessions, -d (many per connection)", 100, messages, 2048, True),
         Load("10 MB, 4 sessions, -d", 4, big, 10 * 1024 * 1024, True),
     ]
+    profiler: list[str] = []
+    if args.profile:
+        py_spy = ROOT / ".venv" / "bin" / "py-spy"
+        profiler = [str(py_spy), "record", "-r", "250", "-f", "raw", "-o", args.profile, "--"]
     paths = {
         "sidecar": (SIDECAR_ADDRESS, SIDECAR_PORT),
         "chain": (FRONT, FRONT_PORT),
         "direct": (MX, MX_PORT),
     }
+    if args.profile:
+        paths = {"sidecar": paths["sidecar"]}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         workdir = Path(tmp)
         write_configs(workdir)
@@ -213,10 +230,11 @@ def main() -> int:
             started([*HAPROXY, "egress.cfg"], "egress", workdir, (EGRESS, EGRESS_PORT)),
             started([*HAPROXY, "front.cfg"], "front", workdir, (FRONT, FRONT_PORT)),
             started(
-                [str(SIDECAR), "run", "-c", "sidecar.toml", "--log-level", "warning"],
+                [*profiler, str(SIDECAR), "run", "-c", "sidecar.toml", "--log-level", "warning"],
                 "sidecar",
                 workdir,
                 (SIDECAR_ADDRESS, SIDECAR_PORT),
+                signal.SIGINT if profiler else signal.SIGTERM,  # py-spy writes on SIGINT
             ) as sidecar_pid,
         ):
             results: dict[tuple[str, str], list[float]] = {}
@@ -230,6 +248,9 @@ def main() -> int:
                             cpu[load.name] = cpu_seconds(sidecar_pid) - before
                         results.setdefault((load.name, path), []).append(seconds)
             peak_rss = rss_kib(sidecar_pid, "VmHWM")
+    if args.profile:
+        print(f"collapsed stacks in {args.profile}")
+        return 0
     lines = report(loads, results, cpu, peak_rss, args.rounds)
     print("\n".join(lines))
     (ROOT / "bench" / "throughput-results.txt").write_text("\n".join(lines) + "\n")
