@@ -8,6 +8,7 @@ reply); from there every reply that decides the message's fate is the MX's own, 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,10 @@ _session_ids = itertools.count(1)
 # MAIL parameters the sidecar accepts, and the MX capability each needs to be replayed.
 MAIL_PARAMETER_CAPABILITY = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8"}
 BODY_VALUES = ("7BIT", "8BITMIME")
+# A SIZE value longer than this is over any max_message_size (and never reaches int()).
+MAX_SIZE_DIGITS = 20
+# How long a session that failed on an unexpected error may take to say 421 before closing.
+LAST_WORD_TIMEOUT = 5.0
 
 
 @dataclass
@@ -190,6 +195,13 @@ class Session:
                 await self.handle_line(line)
         except _CloseSession:
             pass
+        except Exception:
+            # A bug must cost this one session, never the process: an exception escaping
+            # from here would cancel the server's nursery and every other session with it.
+            # The client gets a 4xx (it keeps its message); an upstream mid-DATA is aborted
+            # below, so the MX sees no end of data.
+            log.exception("session %s: unhandled error, closing the connection", self.id)
+            await self._last_word(replies.LOCAL_ERROR_CLOSING)
         finally:
             if self.txn is not None:
                 self._end_transaction(self.txn, None)
@@ -198,6 +210,13 @@ class Session:
                     await self._drop_upstream(polite=self.txn is None)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
+
+    async def _last_word(self, answer: Reply) -> None:
+        """Send what is queued and ``answer``, best effort and briefly, before closing."""
+        self.queue(answer)
+        # _CloseSession, or a stream that is unusable: the connection is closed anyway.
+        with trio.move_on_after(LAST_WORD_TIMEOUT), contextlib.suppress(Exception):
+            await self.flush()
 
     async def handle_line(self, line: bytes | LineTooLong) -> None:
         if isinstance(line, LineTooLong):
@@ -268,10 +287,15 @@ class Session:
                 await self.error(reply(555, "5.5.4", f"Unsupported MAIL parameter {keyword}"))
                 return
             if keyword == "SIZE":
-                if value is None or not value.isdigit():
+                # ASCII digits only: str.isdigit() also accepts "²" and other Unicode digits
+                # that int() refuses, and int() refuses more than 4300 digits; either used to
+                # raise out of the session and take the whole process down.
+                if value is None or not (value.isascii() and value.isdigit()):
                     await self.error(reply(501, "5.5.4", "SIZE needs a number"))
                     return
-                if int(value) > self.config.server.max_message_size:
+                digits = value.lstrip("0") or "0"
+                too_big = len(digits) > MAX_SIZE_DIGITS
+                if too_big or int(digits) > self.config.server.max_message_size:
                     self.queue(replies.MESSAGE_TOO_BIG)
                     return
             if keyword == "BODY" and (value or "").upper() not in BODY_VALUES:

@@ -23,6 +23,7 @@ __all__ = [
     "HELP",
     "LINE_TOO_LONG",
     "LOCAL_ERROR",
+    "LOCAL_ERROR_CLOSING",
     "MESSAGE_TOO_BIG",
     "MX_UNREACHABLE",
     "NOT_IMPLEMENTED",
@@ -338,6 +339,7 @@ TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = reply(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = reply(421, "4.3.0", "Service shutting down")
 TOO_MANY_CONNECTIONS = reply(421, "4.3.2", "Too many connections, try again later")
+LOCAL_ERROR_CLOSING = reply(421, "4.3.0", "Local error in processing, closing connection")
 
 
 def service_ready(hostname: str) -> Reply:
