@@ -410,7 +410,7 @@ class Session:
                     return _TryAnotherBinding(route.binding.name)
                 return error.reply
             except UpstreamLost as error:
-                log.info("session %s: upstream lost during RCPT: %s", self.id, error)
+                log.info("session %s: upstream lost during RCPT: %r", self.id, str(error))
                 await self._drop_upstream(polite=False)
                 if stale_ok:
                     continue
@@ -493,6 +493,13 @@ class Session:
             self._end_transaction(txn, self._queued(answer))
             await self._reset()
             return
+        if upstream.parser.buffered:
+            # A reply before any data was sent (e.g. "354 ...\r\n250 ..."): whatever it says
+            # could not be about this message, so it must not be taken as its final reply.
+            await self._drop_upstream(polite=False)
+            self._end_transaction(txn, self._queued(_lost("(it replied out of turn)")))
+            self.txn = None
+            return
         self.queue(answer)
         await self.flush()
         final = await self._relay_data(upstream, txn)
@@ -537,7 +544,7 @@ class Session:
         try:
             return await upstream.read_reply(self.config.delivery.data_done_timeout)
         except UpstreamLost as error:
-            log.warning("session %s: no final reply from the MX: %s", self.id, error)
+            log.warning("session %s: no final reply from the MX: %r", self.id, str(error))
             await self._drop_upstream(polite=False)
             return _lost("before its final reply")
 

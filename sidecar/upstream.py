@@ -107,6 +107,9 @@ class Upstream:
             raise UpstreamLost(f"connection lost: {error}") from None
 
     async def command(self, line: bytes, timeout: float | None = None) -> Reply:
+        if self.parser.buffered:
+            # Bytes nobody asked for: the next reply would be taken for this command's.
+            raise UpstreamLost("unsolicited bytes from the MX")
         await self.send(line)
         return await self.read_reply(timeout or self.delivery.command_timeout)
 
@@ -197,7 +200,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     if answer.code != 220:
         if answer.code != 421 and upstream.tls_policy == "opportunistic":
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
-            log.info("STARTTLS refused by %s: %s", upstream.candidate.mx, answer.text)
+            log.info("STARTTLS refused by %s: %r", upstream.candidate.mx, answer.text)
             return
         raise _CandidateFailed(f"STARTTLS refused: {answer.code} {answer.text}")
     # Whatever the MX sent before the handshake is discarded (CVE-2011-0411 class), and so is
@@ -299,7 +302,7 @@ async def open_upstream(
             except (UpstreamLost, _CandidateFailed) as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
             break
-        log.info("MX attempt failed for %s: %s", route.domain, problems[-1])
+        log.info("MX attempt failed for %s: %r", route.domain, problems[-1])
     raise UpstreamError(
         reply(
             451,

@@ -555,3 +555,33 @@ async def test_kept_upstream_answering_421_is_replaced(relay_stack: RelayStackFa
     assert (first, second) == (first_message.reply, second_message.reply)
     assert (first_message.connection_index, second_message.connection_index) == (0, 1)
     assert second_message.data == b"second\r\n"
+
+
+async def test_mx_replying_out_of_turn_at_data_is_not_taken_as_final(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """An MX that sends a 250 together with its 354, before any data: that 250 cannot be about
+    the message, so the client gets a 4xx and the MX no end of data."""
+    stack = await relay_stack(mxes=[{"replies": {"DATA": b"354 go\r\n250 2.0.0 fake\r\n"}}])
+    async with await stack.client() as client:
+        assert (await client.command(b"MAIL FROM:<a@client.test>")).startswith(b"250")
+        assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"250")
+        assert (await client.command(b"DATA")).startswith(b"451 4.4.2 ")
+    assert stack.mx.messages == []
+
+
+async def test_unsolicited_bytes_after_a_reply_retire_the_connection(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """Extra bytes after the MX's final reply would be read as the reply to the next command;
+    the kept connection is replaced instead, and the next message goes out on a new one."""
+    extra = b"250 2.0.0 queued\r\n250 2.0.0 unsolicited\r\n"
+    stack = await relay_stack(mxes=[{"replies": {"END": extra}}])
+    async with await stack.client() as client:
+        for _ in range(2):
+            assert (await client.command(b"MAIL FROM:<a@client.test>")).startswith(b"250")
+            assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"250")
+            assert (await client.command(b"DATA")).startswith(b"354")
+            assert await client.command(MESSAGE + b".") == b"250 2.0.0 queued\r\n"
+    assert len(stack.mx.messages) == 2
+    assert len(stack.mx.connections) == 2
