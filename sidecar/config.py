@@ -107,6 +107,7 @@ class ServerConfig:
     max_errors: int = 100
     command_timeout: float = 300.0
     data_timeout: float = 180.0
+    data_total_timeout: float = 3600.0
     shutdown_grace: float = 30.0
 
 

@@ -515,9 +515,13 @@ class Session:
         scanner = DataScanner()
         forwarding = True
         chunk: bytes | bytearray = self.reader.take_buffer()
+        # Each read waits at most data_timeout, and the whole data phase data_total_timeout,
+        # so a client trickling bytes cannot hold the session (and its upstream) for ever.
+        data_deadline = trio.current_time() + server.data_total_timeout
         while True:
             if not chunk:
-                chunk = await self._receive_data(server.data_timeout, upstream)
+                deadline = min(trio.current_time() + server.data_timeout, data_deadline)
+                chunk = await self._receive_data(upstream, deadline)
             end = scanner.feed(chunk)
             part = chunk if end is None else chunk[:end]
             if scanner.bad_byte or scanner.size > server.max_message_size:
@@ -548,11 +552,11 @@ class Session:
             await self._drop_upstream(polite=False)
             return _lost("before its final reply")
 
-    async def _receive_data(self, timeout: float, upstream: Upstream) -> bytes | bytearray:
+    async def _receive_data(self, upstream: Upstream, deadline: float) -> bytes | bytearray:
         """Like :meth:`receive`, but a client that vanishes or stalls mid-DATA makes the
         upstream close without an end of data, so the MX discards the partial message."""
         try:
-            return await self.receive(timeout)
+            return await self.receive(0, deadline)
         except _CloseSession:
             await self._drop_upstream(polite=False)
             raise

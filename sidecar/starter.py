@@ -34,6 +34,8 @@ STARTER_CONFIG = """\
 # command_timeout = 300
 # Seconds to wait for the next chunk of message data from the client.
 # data_timeout = 180
+# Seconds the whole message data may take, however steadily it trickles in.
+# data_total_timeout = 3600
 # On shutdown, seconds open sessions get to finish their current transaction.
 # shutdown_grace = 30
 

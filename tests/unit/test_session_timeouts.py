@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -73,3 +74,57 @@ async def test_complete_commands_reset_the_deadline(
     received = await run_session(steady)
     assert received.count(b"250 2.0.0") == 5
     assert received.endswith(b"221 2.0.0 Bye\r\n")
+
+
+async def test_trickled_data_hits_the_total_data_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each chunk arrives within data_timeout, but the whole data may not take longer than
+    data_total_timeout: then 421 and close (and the MX would see no end of data)."""
+    import sidecar.session as session_module
+
+    config = {**CONFIG, "server": {**CONFIG["server"], "data_total_timeout": 100}}
+    context = build_context(parse_config(config))
+
+    class FakeUpstream:
+        closed = False
+        sent = b""
+
+        async def send(self, data: bytes, timeout: float | None = None) -> None:
+            self.sent += data
+
+        async def abort(self) -> None:
+            self.closed = True
+
+    upstream = FakeUpstream()
+    client, server = trio.testing.memory_stream_pair()
+    session = Session(server, "127.0.0.1", context.config.listeners[0], context)
+    session.upstream = upstream  # type: ignore[assignment]
+    txn = session_module.Transaction(session_module.parse_mail_from("FROM:<a@b.test>"))
+    started = trio.current_time()
+    received = b""
+
+    async def trickle() -> None:
+        for _ in range(50):
+            try:
+                await client.send_all(b"x")
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            await trio.sleep(5)  # far under data_timeout (180 s) each time
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+
+        async def relay() -> None:
+            with contextlib.suppress(session_module._CloseSession):
+                await session._relay_data(upstream, txn)  # type: ignore[arg-type]
+            await server.aclose()
+
+        nursery.start_soon(relay)
+        while data := await client.receive_some(4096):
+            received += data
+        nursery.cancel_scope.cancel()
+    assert received == b"421 4.4.2 Timeout, closing connection\r\n"
+    assert 100 <= trio.current_time() - started < 101
+    assert upstream.sent == b"x" * 20
+    assert upstream.closed  # aborted: no end of data
