@@ -135,6 +135,12 @@ class DeliveryConfig:
     # Waiting for the MX's reply to end of data; the MTA itself waits 600 s.
     data_done_timeout: float = 480.0
     max_mx_addresses: int = 5
+    # Finished upstream sessions are kept for reuse by the next transaction on the same route
+    # (binding, MX hosts, TLS policy), from any client session: fewer connections, less setup.
+    connection_cache: bool = True
+    connection_cache_idle: float = 5.0
+    connection_cache_size: int = 100
+    connection_reuse_limit: int = 100
 
 
 @dataclass(frozen=True)

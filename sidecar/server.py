@@ -17,8 +17,9 @@ from ipaddress import IPv6Address, ip_address
 import trio
 
 from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
-from sidecar.health import HealthRegistry, registry_for, run_health_checks
+from sidecar.health import registry_for, run_health_checks
 from sidecar.metrics import ServerState, render_prometheus
+from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
 from sidecar.session import ServerContext, Session
@@ -31,7 +32,7 @@ log = logging.getLogger("sidecar.server")
 def build_context(config: Config) -> ServerContext:
     health = registry_for(config)
     router = Router(config, Resolver(config.dns), health)
-    return ServerContext(config, router, health)
+    return ServerContext(config, router, health, pool=UpstreamPool(config.delivery))
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -214,12 +215,17 @@ def reload_problem(old: Config, new: Config) -> str | None:
     return None
 
 
-async def _health_generation(
-    registry: HealthRegistry, *, task_status: trio.TaskStatus[trio.CancelScope]
+async def _generation(
+    context: ServerContext, *, task_status: trio.TaskStatus[trio.CancelScope]
 ) -> None:
+    """The background work of one configuration: its health checks and its connection
+    cache's reaper (which closes the cached connections when cancelled)."""
     with trio.CancelScope() as scope:
         task_status.started(scope)
-        await run_health_checks(registry)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_health_checks, context.health)
+            if context.pool is not None:
+                nursery.start_soon(context.pool.reap_forever)
 
 
 async def serve(
@@ -243,20 +249,20 @@ async def serve(
         status_sockets = await open_status_listener(config)
     bound = [sock.socket.getsockname()[:2] for _, sockets in opened for sock in sockets]
     async with trio.open_nursery() as nursery:
-        health_scope = await nursery.start(_health_generation, runtime.context.health)
+        generation = await nursery.start(_generation, runtime.context)
         if status_sockets:
             await nursery.start(serve_status, runtime.status_source(), status_sockets)
 
         async def apply_reloads(channel: trio.MemoryReceiveChannel[Config]) -> None:
-            nonlocal health_scope
+            nonlocal generation
             async for new_config in channel:
                 problem = reload_problem(runtime.context.config, new_config)
                 if problem is not None:
                     log.error("reload refused, keeping the running configuration: %s", problem)
                     continue
                 context = runtime.reload(new_config)
-                health_scope.cancel()
-                health_scope = await nursery.start(_health_generation, context.health)
+                generation.cancel()
+                generation = await nursery.start(_generation, context)
                 log.warning("configuration reloaded: new sessions use it")
 
         if reloads is not None:

@@ -20,6 +20,7 @@ from sidecar.config import Config, Listener
 from sidecar.health import HealthRegistry
 from sidecar.logs import log_transaction
 from sidecar.metrics import RECIPIENT_OUTCOMES, Metrics, outcome_of, recipient_outcome
+from sidecar.pool import UpstreamPool
 from sidecar.routing import Route, RouteError, Router
 from sidecar.smtp import replies
 from sidecar.smtp.commands import (
@@ -58,6 +59,7 @@ class ServerContext:
     router: Router
     health: HealthRegistry
     metrics: Metrics = field(default_factory=Metrics)
+    pool: UpstreamPool | None = None  # idle upstreams shared by sessions (None: no reuse)
     shutting_down: trio.Event = field(default_factory=trio.Event)
     # Sessions waiting for a command between transactions: a shutdown ends them at once.
     idle_sessions: set[trio.CancelScope] = field(default_factory=set)
@@ -207,7 +209,10 @@ class Session:
                 self._end_transaction(self.txn, None)
             if self.upstream is not None:
                 with trio.CancelScope(shield=True):
-                    await self._drop_upstream(polite=self.txn is None)
+                    if self.txn is None or not self.txn.mail_sent:
+                        await self._release_upstream()
+                    else:
+                        await self._drop_upstream(polite=False)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 
@@ -321,7 +326,10 @@ class Session:
         self.queue(replies.GOODBYE)
         await self.flush()
         if self.upstream is not None:
-            await self._drop_upstream(polite=True)
+            if self.txn is not None and self.txn.mail_sent:
+                await self._drop_upstream(polite=True)  # a transaction is open at the MX
+            else:
+                await self._release_upstream()
         raise _CloseSession
 
     # ---- RCPT: route, upstream, replay -------------------------------------------------------
@@ -397,8 +405,14 @@ class Session:
         for attempt in (1, 2):
             upstream = self.upstream
             if upstream is not None and (upstream.closed or upstream.route_key != route.key):
-                await self._drop_upstream(polite=True)
+                if txn.mail_sent:
+                    await self._drop_upstream(polite=True)
+                else:
+                    await self._release_upstream()
                 upstream = None
+            if upstream is None and self.context.pool is not None and attempt == 1:
+                upstream = self.upstream = self.context.pool.take(route.key)
+                txn.mail_sent = False
             # A kept connection that the MX closed meanwhile (its idle timeout, a restart) may
             # be replaced once, while nothing of this transaction depends on it.
             stale_ok = upstream is not None and not txn.accepted and attempt == 1
@@ -503,6 +517,7 @@ class Session:
         self.queue(answer)
         await self.flush()
         final = await self._relay_data(upstream, txn)
+        upstream.transactions += 1
         self._end_transaction(txn, self._queued(final))
         self.txn = None
         if final.code == 421 and self.upstream is not None:
@@ -616,6 +631,16 @@ class Session:
                 answer = None
             if answer is None or answer.code != 250:
                 await self._drop_upstream(polite=False)
+
+    async def _release_upstream(self) -> None:
+        """Between transactions: park the upstream for reuse (or QUIT it)."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        if self.context.pool is None:
+            await upstream.quit()
+        else:
+            await self.context.pool.put(upstream)
 
     async def _drop_upstream(self, polite: bool) -> None:
         upstream, self.upstream = self.upstream, None

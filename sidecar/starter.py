@@ -86,6 +86,15 @@ binding = "b1"
 # data_done_timeout = 480
 # Most MX addresses tried for one transaction before giving up with a 4xx.
 # max_mx_addresses = 5
+# Keep finished MX connections for the next message on the same route (binding, MX hosts,
+# TLS policy), from any client session, as Postfix's connection cache does.
+# connection_cache = true
+# Seconds an idle cached connection is kept before it is closed with QUIT.
+# connection_cache_idle = 5
+# Most idle connections kept at once.
+# connection_cache_size = 100
+# Most messages sent over one connection.
+# connection_reuse_limit = 100
 
 # Health checks of the HAProxy servers. A server becomes unplumbed (unused) after the failure
 # threshold of consecutive failed checks, and plumbed again after the success threshold.

@@ -76,6 +76,7 @@ class Upstream:
     tls_policy: TlsPolicy = "opportunistic"
     closed: bool = False
     metrics: Metrics | None = None
+    transactions: int = 0  # final replies received: how often it was used
 
     async def read_reply(self, timeout: float) -> Reply:
         try:

@@ -244,6 +244,8 @@ async def test_equal_preference_mx_hosts_are_shuffled(
             bindings={"b1": proxied_binding(haproxy.bind, source=source)},
             nameserver=dnsmasq.endpoint,
             port=port,
+            # A new connection per message, so each one follows the shuffled MX order.
+            delivery={"connection_cache": False},
         )
     )
     for _ in range(20):

@@ -71,7 +71,8 @@ def _group_config(
         bindings=bindings,
         nameserver=nameserver,
         port=port,
-        delivery={"connect_timeout": 2, "banner_timeout": 2},
+        # A new connection per delivery: these tests count connections and proxy attempts.
+        delivery={"connect_timeout": 2, "banner_timeout": 2, "connection_cache": False},
         ha_proxy_client=health,
     )
     config["listener"] = [{"address": sidecar_factory.listener(), "binding_group": "g1"}]

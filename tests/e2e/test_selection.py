@@ -182,7 +182,8 @@ async def test_server_list_dead_then_live_delivers_and_unplumbs_the_dead_one(
             },
             nameserver=nameserver,
             port=port,
-            delivery=FAST_DELIVERY,
+            # A new connection per message: each delivery attempt meets the dead server.
+            delivery={**FAST_DELIVERY, "connection_cache": False},
             ha_proxy_client=health,
         )
     )

@@ -913,6 +913,10 @@ def test_minimal_config_round_trips_with_defaults_filled_in() -> None:
         "command_timeout": 60.0,
         "data_done_timeout": 480.0,
         "max_mx_addresses": 5,
+        "connection_cache": True,
+        "connection_cache_idle": 5.0,
+        "connection_cache_size": 100,
+        "connection_reuse_limit": 100,
     }
     assert "binding_group" not in out
     assert "domain" not in out

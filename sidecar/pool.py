@@ -1,0 +1,104 @@
+"""A cache of idle upstream SMTP sessions, reused across client sessions (as Postfix's
+connection cache does): a finished upstream is kept for ``connection_cache_idle`` seconds and
+for at most ``connection_reuse_limit`` transactions, then closed politely.
+
+Reuse needs no probe: an idle connection that the MX has meanwhile closed (or that answers
+421) fails on its first command, and the session then opens a new one transparently, because
+no recipient of the transaction depends on it yet (see ``Session._route_and_replay_once``).
+The key is the route key (binding, bypass, MX hosts, TLS policy), so a connection only ever
+carries mail that could have opened it. A configuration reload starts a new pool.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from sidecar.config import DeliveryConfig
+from sidecar.routing import RouteKey
+from sidecar.upstream import Upstream
+
+REAP_INTERVAL = 1.0
+
+
+class UpstreamPool:
+    def __init__(self, delivery: DeliveryConfig) -> None:
+        self.delivery = delivery
+        self._idle: dict[RouteKey, list[tuple[float, Upstream]]] = {}
+        self._size = 0
+        self._closing: list[Upstream] = []
+        self.closed = False  # once its reaper has stopped, nothing more is parked
+        self.reused = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def take(self, key: RouteKey) -> Upstream | None:
+        """The most recently parked usable upstream for ``key``, or ``None``."""
+        parked = self._idle.get(key)
+        now = trio.current_time()
+        while parked:
+            since, upstream = parked.pop()
+            self._size -= 1
+            if now - since <= self.delivery.connection_cache_idle and not upstream.closed:
+                self.reused += 1
+                return upstream
+            self._closing.append(upstream)
+        return None
+
+    async def put(self, upstream: Upstream) -> None:
+        """Park ``upstream`` for reuse, or close it politely when it may not be kept."""
+        key = upstream.route_key
+        keep = (
+            not self.closed
+            and self.delivery.connection_cache
+            and key is not None
+            and not upstream.closed
+            and not upstream.parser.buffered
+            and upstream.transactions < self.delivery.connection_reuse_limit
+            and self._size < self.delivery.connection_cache_size
+        )
+        if not keep or key is None:
+            await upstream.quit()
+            return
+        self._idle.setdefault(key, []).append((trio.current_time(), upstream))
+        self._size += 1
+
+    def _expired(self) -> list[Upstream]:
+        now = trio.current_time()
+        expired, self._closing = self._closing, []
+        for key in list(self._idle):
+            keep = []
+            for since, upstream in self._idle[key]:
+                if now - since > self.delivery.connection_cache_idle or upstream.closed:
+                    expired.append(upstream)
+                    self._size -= 1
+                else:
+                    keep.append((since, upstream))
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        return expired
+
+    async def reap_forever(self) -> None:
+        """Close idle connections past their time (QUIT), once a second; on cancellation
+        (shutdown, or a reload replacing this pool) close them all."""
+        try:
+            while True:
+                await trio.sleep(REAP_INTERVAL)
+                await _quit_all(self._expired())
+        finally:
+            self.closed = True
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                everything = [upstream for parked in self._idle.values() for _, upstream in parked]
+                self._idle.clear()
+                self._size = 0
+                await _quit_all(everything + self._closing)
+
+
+async def _quit_all(upstreams: list[Upstream]) -> None:
+    if not upstreams:
+        return
+    async with trio.open_nursery() as nursery:
+        for upstream in upstreams:
+            nursery.start_soon(upstream.quit)
