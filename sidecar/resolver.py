@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -25,6 +26,9 @@ from sidecar.config import DnsConfig
 from sidecar.smtp.replies import Reply, reply
 
 IPAddress = IPv4Address | IPv6Address
+
+# The longest a whole MX result is reused (each answer's own TTL may be shorter).
+MAX_RESULT_TTL = 300
 
 # Bounds on what one answer may make us do.
 MAX_MX_HOSTS = 10
@@ -79,6 +83,13 @@ def order_by_preference(
     return sorted(shuffled, key=lambda record: record[0])
 
 
+def _reshuffled(result: MXResult) -> MXResult:
+    """``result`` with hosts of equal preference in a new random order."""
+    by_name = {host.name: host for host in result.hosts}
+    order = order_by_preference([(host.preference, host.name) for host in result.hosts])
+    return MXResult(result.domain, tuple(by_name[name] for _, name in order), result.implicit)
+
+
 class Resolver:
     def __init__(self, config: DnsConfig) -> None:
         self._config = config
@@ -95,18 +106,45 @@ class Resolver:
         resolver.cache = self.cache
         self._resolver = resolver
         self.queries = 0
+        self.result_hits = 0
+        self._results: dict[str, tuple[float, MXResult]] = {}
+
+    @property
+    def cache_hits(self) -> int:
+        """Look-ups answered without asking a server: whole MX results, and single answers."""
+        return self.result_hits + int(self.cache.hits())
 
     async def resolve_mx(self, domain: str) -> MXResult:
-        """The MX hosts of ``domain`` with their addresses, or :class:`ResolutionError`."""
+        """The MX hosts of ``domain`` with their addresses, or :class:`ResolutionError`.
+
+        A whole result is kept for the smallest TTL of the answers it was built from (so a
+        busy domain costs no DNS work per message); equal preferences are shuffled anew on
+        every call all the same."""
+        cached = self._results.get(domain)
+        now = trio.current_time()
+        if cached is not None:
+            if cached[0] > now:
+                self.result_hits += 1
+                return _reshuffled(cached[1])
+            del self._results[domain]
+        ttls: list[int] = []
+        result = await self._resolve_mx(domain, ttls)
+        if ttls and min(ttls) > 0:
+            if len(self._results) >= self._config.cache_size:
+                self._results.pop(next(iter(self._results)))  # the oldest entry
+            self._results[domain] = (now + min(*ttls, MAX_RESULT_TTL), result)
+        return result
+
+    async def _resolve_mx(self, domain: str, ttls: list[int]) -> MXResult:
         static = self._config.static.get(domain)
         if static is not None:
-            return await self._static(domain, static)
+            return await self._static(domain, static, ttls)
         try:
-            answer = await self._query(domain, "MX")
+            answer = await self._query(domain, "MX", ttls)
         except dns.resolver.NXDOMAIN:
             raise ResolutionError(nxdomain(domain)) from None
         except dns.resolver.NoAnswer:
-            addresses = await self._host_addresses(domain)
+            addresses = await self._host_addresses(domain, ttls)
             if not addresses:
                 raise ResolutionError(no_mail_domain(domain)) from None
             return MXResult(domain, (MXHost(domain, 0, addresses),), implicit=True)
@@ -118,22 +156,23 @@ class Resolver:
         if not real:
             raise ResolutionError(null_mx(domain))
         ordered = order_by_preference(real)[:MAX_MX_HOSTS]
-        return MXResult(domain, await self._hosts_with_addresses(domain, ordered))
+        return MXResult(domain, await self._hosts_with_addresses(domain, ordered, ttls))
 
-    async def _static(self, domain: str, entries: Sequence[str]) -> MXResult:
+    async def _static(self, domain: str, entries: Sequence[str], ttls: list[int]) -> MXResult:
         ordered: list[tuple[int, str]] = []
         literal_hosts: dict[str, tuple[IPAddress, ...]] = {}
         for index, entry in enumerate(entries):
             ordered.append((index * 10, entry))
             with contextlib.suppress(ValueError):
                 literal_hosts[entry] = (ip_address(entry),)
-        hosts = await self._hosts_with_addresses(domain, ordered, literal_hosts)
+        hosts = await self._hosts_with_addresses(domain, ordered, ttls, literal_hosts)
         return MXResult(domain, hosts)
 
     async def _hosts_with_addresses(
         self,
         domain: str,
         ordered: list[tuple[int, str]],
+        ttls: list[int],
         known: dict[str, tuple[IPAddress, ...]] | None = None,
     ) -> tuple[MXHost, ...]:
         results: dict[int, tuple[IPAddress, ...]] = {}
@@ -144,7 +183,7 @@ class Resolver:
                 results[index] = known[host]
                 return
             try:
-                results[index] = await self._host_addresses(host)
+                results[index] = await self._host_addresses(host, ttls)
             except ResolutionError as error:
                 failures.append(error)
 
@@ -164,14 +203,14 @@ class Resolver:
             )
         return hosts
 
-    async def _host_addresses(self, host: str) -> tuple[IPAddress, ...]:
+    async def _host_addresses(self, host: str, ttls: list[int]) -> tuple[IPAddress, ...]:
         """A then AAAA addresses of ``host``; a missing family is not an error."""
         found: dict[str, list[IPAddress]] = {"A": [], "AAAA": []}
         temporary: list[str] = []
 
         async def look_up(rdtype: str) -> None:
             try:
-                answer = await self._query(host, rdtype)
+                answer = await self._query(host, rdtype, ttls)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 return
             except ResolutionError as error:
@@ -187,13 +226,18 @@ class Resolver:
             raise ResolutionError(dns_temporary(host, "no answer for its addresses"))
         return addresses
 
-    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
-        """One query; NXDOMAIN and NoAnswer propagate, every other failure is temporary."""
+    async def _query(self, name: str, rdtype: str, ttls: list[int]) -> dns.resolver.Answer:
+        """One query (its TTL goes to ``ttls``); NXDOMAIN and NoAnswer propagate, every other
+        failure is temporary."""
         self.queries += 1
         try:
-            return await self._resolver.resolve(
+            answer = await self._resolver.resolve(
                 dns.name.from_text(name), rdtype, search=False, lifetime=self._config.timeout
             )
+            if answer.rrset is not None:
+                # What is left of the TTL (dnspython's cache counts it down).
+                ttls.append(max(0, int(answer.expiration - time.time())))
+            return answer
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             raise
         except dns.resolver.NoNameservers:

@@ -190,13 +190,13 @@ class Runtime:
                 for listener in context.config.listeners
             ],
             "counters": context.metrics.snapshot(),
-            "dns": {"queries": resolver.queries, "cache_hits": resolver.cache.hits()},
+            "dns": {"queries": resolver.queries, "cache_hits": resolver.cache_hits},
         }
 
     def prometheus(self) -> str:
         resolver = self.context.router.resolver
         return render_prometheus(
-            self.context.metrics, self.server_states(), resolver.queries, resolver.cache.hits()
+            self.context.metrics, self.server_states(), resolver.queries, resolver.cache_hits
         )
 
 
