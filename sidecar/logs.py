@@ -51,5 +51,7 @@ def _text_value(value: object) -> str:
 
 def log_transaction(fields: Mapping[str, object]) -> None:
     """One INFO line for one transaction: ``key=value`` pairs in text, the fields in JSON."""
+    if not transaction_log.isEnabledFor(logging.INFO):
+        return
     message = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
     transaction_log.info("transaction %s", message, extra={"fields": dict(fields)})

@@ -73,11 +73,15 @@ def dns_temporary(domain: str, why: str) -> Reply:
     return reply(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why}), try later")
 
 
+# One generator: seeding a new one per call (from os.urandom) showed up in profiles.
+_RANDOM = random.Random()
+
+
 def order_by_preference(
     records: Sequence[tuple[int, str]], rng: random.Random | None = None
 ) -> list[tuple[int, str]]:
     """Sort (preference, host) pairs, shuffling hosts of equal preference (RFC 5321 5.1 MUST)."""
-    rng = rng or random.Random()
+    rng = rng or _RANDOM
     shuffled = list(records)
     rng.shuffle(shuffled)
     return sorted(shuffled, key=lambda record: record[0])
