@@ -257,7 +257,8 @@ class Session:
         self.greeted = True
         server = self.config.server
         lines = [
-            f"{server.hostname} greets {command.argument.split()[0]}",
+            # The client's name, cut short: a reply line stays within RFC 5321's 512 octets.
+            f"{server.hostname} greets {command.argument.split()[0][:64]}",
             "PIPELINING",
             "8BITMIME",
             f"SIZE {server.max_message_size}",
