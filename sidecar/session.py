@@ -468,6 +468,14 @@ class Session:
             mail_line = txn.mail.to_line(
                 keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword])
             )
+            if upstream.supports("PIPELINING"):
+                # RFC 2920: MAIL and RCPT in one write, one round trip. After a refused MAIL
+                # the MX answers the RCPT with a 503, which is not passed on.
+                mail_answer, answer = await upstream.commands(mail_line, line)
+                if not mail_answer.is_positive:
+                    return mail_answer
+                txn.mail_sent = True
+                return answer
             answer = await upstream.command(mail_line)
             if not answer.is_positive:
                 return answer

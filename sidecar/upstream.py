@@ -114,6 +114,13 @@ class Upstream:
         await self.send(line)
         return await self.read_reply(timeout or self.delivery.command_timeout)
 
+    async def commands(self, *lines: bytes) -> list[Reply]:
+        """Pipelined commands (the MX advertised PIPELINING): one write, then each reply."""
+        if self.parser.buffered:
+            raise UpstreamLost("unsolicited bytes from the MX")
+        await self.send(b"".join(lines))
+        return [await self.read_reply(self.delivery.command_timeout) for _ in lines]
+
     def supports(self, keyword: str) -> bool:
         return keyword in self.capabilities
 
