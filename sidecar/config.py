@@ -728,20 +728,24 @@ def _parse_probe(value: object, path: str) -> HostPort:
     return probe
 
 
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _choice(value: object, path: str, choices: tuple[_Choice, ...]) -> _Choice:
+    """``value`` if it is one of ``choices`` (strings), else a ConfigError listing them."""
+    for choice in choices:
+        if value == choice and isinstance(value, str):
+            return choice
+    listed = ", ".join(_show(c) for c in choices)
+    raise ConfigError(path, f"must be one of {listed}, got {_show(value)}")
+
+
 def _parse_selection(value: object, path: str) -> Selection:
-    for selection in SELECTIONS:
-        if value == selection and isinstance(value, str):
-            return selection
-    choices = ", ".join(_show(s) for s in SELECTIONS)
-    raise ConfigError(path, f"must be one of {choices}, got {_show(value)}")
+    return _choice(value, path, SELECTIONS)
 
 
 def _parse_tls(value: object, path: str) -> TlsPolicy:
-    for policy in TLS_POLICIES:
-        if value == policy and isinstance(value, str):
-            return policy
-    choices = ", ".join(_show(p) for p in TLS_POLICIES)
-    raise ConfigError(path, f"must be one of {choices}, got {_show(value)}")
+    return _choice(value, path, TLS_POLICIES)
 
 
 def _domain_name(text: str, path: str) -> str:
