@@ -108,18 +108,17 @@ class Upstream:
             raise UpstreamLost(f"connection lost: {error}") from None
 
     async def command(self, line: bytes, timeout: float | None = None) -> Reply:
+        (answer,) = await self.commands(line, timeout=timeout)
+        return answer
+
+    async def commands(self, *lines: bytes, timeout: float | None = None) -> list[Reply]:
+        """Commands in one write (several only when the MX advertised PIPELINING), then
+        each reply."""
         if self.parser.buffered:
             # Bytes nobody asked for: the next reply would be taken for this command's.
             raise UpstreamLost("unsolicited bytes from the MX")
-        await self.send(line)
-        return await self.read_reply(timeout or self.delivery.command_timeout)
-
-    async def commands(self, *lines: bytes) -> list[Reply]:
-        """Pipelined commands (the MX advertised PIPELINING): one write, then each reply."""
-        if self.parser.buffered:
-            raise UpstreamLost("unsolicited bytes from the MX")
-        await self.send(b"".join(lines))
-        return [await self.read_reply(self.delivery.command_timeout) for _ in lines]
+        await self.send(b"".join(lines) if len(lines) > 1 else lines[0])
+        return [await self.read_reply(timeout or self.delivery.command_timeout) for _ in lines]
 
     def supports(self, keyword: str) -> bool:
         return keyword in self.capabilities
