@@ -6,10 +6,25 @@ delivery, in one run, alternating, with Postfix's smtp-source as the load and sm
               -> smtp-sink: what a C proxy does with no SMTP awareness at all
     direct:   smtp-source -> smtp-sink, the floor
 
+The same run then measures, against the same processes:
+- latency: a small blocking raw-socket SMTP client sends messages one after another, one per
+  connection, rotating over direct, chain and sidecar message by message; each is timed from
+  connect to the end-of-data reply. Reports p50 and p99 per path and the added latency against
+  direct (difference of the percentiles).
+- idle sessions: the sidecar's VmRSS before and with 1000 open sessions that got their 220 and
+  an EHLO reply (issue target: <= 40 MiB).
+- soak: 100 000 messages through the sidecar (smtp-source, 100 sessions, new connection per
+  message, 2 KB) with its VmRSS sampled every 2 s: at ~10% of the run, at the end and the
+  maximum (issue target: no growth), and CPU seconds per 1000 messages.
+
 Run as root from the repository root (HAProxy's usesrc clientip):
     .venv/bin/python bench/throughput.py [--rounds 3] [--messages 5000] [--quick]
-Prints a table and writes bench/throughput-results.txt. Everything listens on 127.0.0.x and
-stops when the script ends.
+        [--latency-messages 1000] [--idle-sessions 1000] [--soak-messages 100000]
+        [--no-throughput] [--no-latency] [--no-idle] [--no-soak]
+--quick uses small counts everywhere (latency 100, soak 10 000) unless given explicitly.
+--profile runs the sidecar under py-spy for the throughput loads only (the other parts are
+skipped). Prints a table and writes bench/throughput-results.txt. Everything listens on
+127.0.9.x and stops when the script ends.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -24,10 +40,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,14 +128,16 @@ class Load:
     reuse: bool  # smtp-source -d: many messages per connection
 
 
-def run_load(load: Load, host: str, port: int) -> float:
+def run_load(load: Load, host: str, port: int, timeout: float = 900.0) -> float:
     """Seconds smtp-source takes for the load."""
     argv = ["smtp-source", "-s", str(load.sessions), "-m", str(load.messages), "-l", str(load.size)]
-    argv += ["-f", "bench@client.test", "-t", "rcpt@bench.test", "-M", "client.test"]
+    argv += ["-f", SENDER, "-t", RECIPIENT, "-M", HELO]
     if load.reuse:
         argv.append("-d")
     started_at = time.monotonic()
-    result = subprocess.run([*argv, f"{host}:{port}"], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [*argv, f"{host}:{port}"], capture_output=True, text=True, timeout=timeout
+    )
     elapsed = time.monotonic() - started_at
     if result.returncode != 0 or "fatal" in result.stderr:
         raise RuntimeError(f"smtp-source failed: {result.stderr[-500:]}")
@@ -175,27 +194,217 @@ ha_proxy_src_addr = "{SOURCE}"
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
-    parser.add_argument("--messages", type=int, default=5000, help="2 KB messages per run")
-    parser.add_argument("--quick", action="store_true", help="small counts, to check it works")
-    parser.add_argument(
-        "--profile",
-        metavar="FILE",
-        help="run the sidecar under py-spy, writing collapsed stacks to FILE (sidecar path only)",
-    )
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("error: run as root (HAProxy's usesrc clientip)", file=sys.stderr)
-        return 2
-    for tool in ("smtp-source", "smtp-sink", "haproxy", "dnsmasq"):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} not found (./scripts/test.sh installs it)", file=sys.stderr)
-            return 2
-    messages = 300 if args.quick else args.messages
-    big = 3 if args.quick else 20
-    loads = [
+# The latency client's envelope (dnsmasq resolves bench.test to the MX).
+SENDER, RECIPIENT, HELO = "bench@client.test", "rcpt@bench.test", "client.test"
+EHLO = f"EHLO {HELO}\r\n".encode()
+MAIL = f"MAIL FROM:<{SENDER}>\r\n".encode()
+RCPT = f"RCPT TO:<{RECIPIENT}>\r\n".encode()
+ISSUE_RSS_TARGET_MIB = 40
+
+
+class SmtpError(RuntimeError):
+    """A reply other than the expected one (or none) from a server under test."""
+
+
+class SmtpClient:
+    """A minimal blocking SMTP client on a plain socket: one command, one reply, no pipelining.
+
+    Deliberately tiny so its overhead is small and the same for every path.
+    """
+
+    def __init__(self, label: str, host: str, port: int, timeout: float = 30.0) -> None:
+        self.where = f"{label} ({host}:{port})"
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray()
+
+    def expect(self, code: int) -> None:
+        """Read one reply (all its lines) and raise :class:`SmtpError` unless it is ``code``."""
+        lines = [self._line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self._line())
+        if any(line[:3] != b"%d" % code for line in lines):
+            raise SmtpError(f"{self.where}: expected {code}, got {b' | '.join(lines)!r}")
+
+    def send(self, data: bytes, code: int) -> None:
+        self.sock.sendall(data)
+        self.expect(code)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            data = self.sock.recv(65536)
+            if not data:
+                raise SmtpError(f"{self.where}: connection closed after {bytes(self.buffer)!r}")
+            self.buffer += data
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return line
+
+
+def message_data(size: int = 2048) -> bytes:
+    """About ``size`` bytes of headers and body, then the end-of-data dot."""
+    head = f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: latency\r\n\r\n".encode()
+    line = b"x" * 78 + b"\r\n"
+    full, rest = divmod(size - len(head), len(line))
+    tail = b"y" * (rest - 2) + b"\r\n" if rest >= 2 else b""
+    return head + line * full + tail + b".\r\n"
+
+
+def timed_message(label: str, host: str, port: int, data: bytes) -> float:
+    """Seconds from connect to the end-of-data reply of one message on a new connection."""
+    started_at = time.perf_counter()
+    client = SmtpClient(label, host, port)
+    try:
+        client.expect(220)
+        client.send(EHLO, 250)
+        client.send(MAIL, 250)
+        client.send(RCPT, 250)
+        client.send(b"DATA\r\n", 354)
+        client.send(data, 250)
+        elapsed = time.perf_counter() - started_at
+        client.send(b"QUIT\r\n", 221)
+    finally:
+        client.close()
+    return elapsed
+
+
+def measure_latency(
+    paths: dict[str, tuple[str, int]], count: int, warmup: int = 5
+) -> dict[str, list[float]]:
+    """Milliseconds per message for each path; the order rotates message by message so that
+    drift (other load on the machine, caches) hits every path alike."""
+    data = message_data()
+    names = list(paths)
+    for _ in range(warmup):
+        for name in names:
+            timed_message(name, *paths[name], data)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(count):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            latencies[name].append(timed_message(name, *paths[name], data) * 1000)
+    return latencies
+
+
+def percentile(values: list[float], pct: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+@dataclass(frozen=True)
+class IdleRss:
+    sessions: int
+    before_kib: int
+    with_sessions_kib: int
+    open_seconds: float  # to open and greet them all
+
+
+def measure_idle_rss(pid: int, host: str, port: int, sessions: int) -> IdleRss:
+    """The sidecar's VmRSS before and with ``sessions`` open sessions, each greeted (220) and
+    past EHLO, then idle; they are closed afterwards."""
+    before = rss_kib(pid)
+    started_at = time.monotonic()
+    clients: list[SmtpClient] = []
+    try:
+        for _ in range(sessions):
+            client = SmtpClient("sidecar (idle session)", host, port)
+            clients.append(client)
+            client.expect(220)
+            client.send(EHLO, 250)
+        open_seconds = time.monotonic() - started_at
+        during = rss_kib(pid)
+    finally:
+        for client in clients:
+            client.close()
+    return IdleRss(sessions, before, during, open_seconds)
+
+
+@contextmanager
+def sampling_rss(pid: int, interval: float) -> Iterator[list[tuple[float, int]]]:
+    """Sample VmRSS as (seconds since start, KiB) in a thread every ``interval`` s while
+    inside, and once more on leaving."""
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    started_at = time.monotonic()
+
+    def sample() -> None:
+        while True:
+            samples.append((time.monotonic() - started_at, rss_kib(pid)))
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+        samples.append((time.monotonic() - started_at, rss_kib(pid)))
+
+
+@dataclass(frozen=True)
+class Soak:
+    load: Load
+    seconds: float
+    cpu_seconds: float
+    interval: float
+    samples: tuple[tuple[float, int], ...]  # (seconds since start, VmRSS KiB)
+
+    def rss_at(self, fraction: float) -> int:
+        """VmRSS of the first sample taken at or after ``fraction`` of the run's time."""
+        at = fraction * self.samples[-1][0]
+        return next(kib for seconds, kib in self.samples if seconds >= at)
+
+    @property
+    def rss_max(self) -> int:
+        return max(kib for _, kib in self.samples)
+
+
+def run_soak(pid: int, host: str, port: int, messages: int, interval: float) -> Soak:
+    load = Load("soak", 100, messages, 2048, False)
+    before = cpu_seconds(pid)
+    with sampling_rss(pid, interval) as samples:
+        seconds = run_load(load, host, port, timeout=max(900.0, messages / 50))
+    return Soak(load, seconds, cpu_seconds(pid) - before, interval, tuple(samples))
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE (children inherit it) to the hard limit, and the hard limit to
+    ``wanted`` if it is lower and we may; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if soft < target:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run measures; a zero count skips that part."""
+
+    rounds: int
+    loads: list[Load]  # the throughput table
+    latency_messages: int
+    idle_sessions: int
+    soak_messages: int
+    soak_interval: float
+    profile: str | None
+
+
+def throughput_loads(messages: int, big: int) -> list[Load]:
+    return [
         Load("2 KB, 1 session, new connection per message", 1, messages // 5, 2048, False),
         Load("2 KB, 10 sessions, new connection per message", 10, messages, 2048, False),
         Load("2 KB, 100 sessions, new connection per message", 100, messages, 2048, False),
@@ -203,70 +412,195 @@ def main() -> int:
         Load("2 KB, 100 sessions, -d (many per connection)", 100, messages, 2048, True),
         Load("10 MB, 4 sessions, -d", 4, big, 10 * 1024 * 1024, True),
     ]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--messages", type=int, default=5000, help="2 KB messages per run")
+    parser.add_argument("--quick", action="store_true", help="small counts, to check it works")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the sidecar under py-spy, writing collapsed stacks to FILE (sidecar path and"
+        " throughput loads only)",
+    )
+    parser.add_argument(
+        "--latency-messages", type=int, help="messages per path (default 1000, --quick 100)"
+    )
+    parser.add_argument("--idle-sessions", type=int, default=1000, help="default 1000")
+    parser.add_argument(
+        "--soak-messages", type=int, help="sidecar soak (default 100000, --quick 10000)"
+    )
+    for part in ("throughput", "latency", "idle", "soak"):
+        parser.add_argument(f"--no-{part}", action="store_true", help=f"skip the {part} part")
+    return parser.parse_args()
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    quick: bool = args.quick
+    only_throughput = args.profile is not None
+
+    def count(given: int | None, skip: bool, quick_default: int, default: int) -> int:
+        if skip or only_throughput:
+            return 0
+        if given is not None:
+            return given
+        return quick_default if quick else default
+
+    loads = (
+        []
+        if args.no_throughput
+        else throughput_loads(300 if quick else args.messages, 3 if quick else 20)
+    )
+    return Plan(
+        rounds=args.rounds,
+        loads=loads,
+        latency_messages=count(args.latency_messages, args.no_latency, 100, 1000),
+        idle_sessions=count(args.idle_sessions, args.no_idle, 1000, 1000),
+        soak_messages=count(args.soak_messages, args.no_soak, 10_000, 100_000),
+        soak_interval=0.5 if quick else 2.0,
+        profile=args.profile,
+    )
+
+
+def missing_prerequisite() -> str | None:
+    if os.geteuid() != 0:
+        return "run as root (HAProxy's usesrc clientip)"
+    for tool in ("smtp-source", "smtp-sink", "haproxy", "dnsmasq"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (./scripts/test.sh installs it)"
+    return None
+
+
+@contextmanager
+def services(workdir: Path, profile: str | None) -> Iterator[int]:
+    """smtp-sink, dnsmasq, both HAProxies and the sidecar; yields the sidecar's pid."""
     profiler: list[str] = []
-    if args.profile:
+    if profile:
         py_spy = ROOT / ".venv" / "bin" / "py-spy"
-        profiler = [str(py_spy), "record", "-r", "250", "-f", "raw", "-o", args.profile, "--"]
+        profiler = [str(py_spy), "record", "-r", "250", "-f", "raw", "-o", profile, "--"]
+    write_configs(workdir)
+    dnsmasq = [
+        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        "--bind-interfaces", f"--listen-address={DNS}", f"--port={DNS_PORT}",
+        "--local=/test/", "--mx-host=bench.test,mx.bench.test,10",
+        f"--host-record=mx.bench.test,{MX}", "--local-ttl=300",
+    ]  # fmt: skip
+    sink = ["smtp-sink", "-u", "nobody", "-c", f"{MX}:{MX_PORT}", "4096"]
+    with (
+        started(sink, "smtp-sink", workdir, (MX, MX_PORT)),
+        started(dnsmasq, "dnsmasq", workdir, (MX, MX_PORT)),  # UDP: no TCP probe
+        started([*HAPROXY, "egress.cfg"], "egress", workdir, (EGRESS, EGRESS_PORT)),
+        started([*HAPROXY, "front.cfg"], "front", workdir, (FRONT, FRONT_PORT)),
+        started(
+            [*profiler, str(SIDECAR), "run", "-c", "sidecar.toml", "--log-level", "warning"],
+            "sidecar",
+            workdir,
+            (SIDECAR_ADDRESS, SIDECAR_PORT),
+            signal.SIGINT if profiler else signal.SIGTERM,  # py-spy writes on SIGINT
+        ) as sidecar_pid,
+    ):
+        yield sidecar_pid
+
+
+@dataclass
+class Results:
+    throughput: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # sidecar CPU s per throughput load
+    peak_rss: int = 0  # VmHWM after the throughput loads, KiB
+    latency: dict[str, list[float]] | None = None
+    idle: IdleRss | None = None
+    soak: Soak | None = None
+
+
+def run_throughput(
+    plan: Plan, paths: dict[str, tuple[str, int]], sidecar_pid: int, results: Results
+) -> None:
+    for load in plan.loads:
+        progress(f"throughput: {load.name}")
+        for _ in range(plan.rounds):
+            for path, (host, port) in paths.items():
+                before = cpu_seconds(sidecar_pid)
+                seconds = run_load(load, host, port)
+                if path == "sidecar":
+                    results.cpu[load.name] = cpu_seconds(sidecar_pid) - before
+                results.throughput.setdefault((load.name, path), []).append(seconds)
+    results.peak_rss = rss_kib(sidecar_pid, "VmHWM")
+
+
+def run_plan(plan: Plan, paths: dict[str, tuple[str, int]], sidecar_pid: int) -> Results:
+    results = Results()
+    if plan.loads:
+        run_throughput(plan, paths, sidecar_pid, results)
+    if plan.latency_messages:
+        progress(f"latency: {plan.latency_messages} messages per path")
+        latency_paths = {name: paths[name] for name in ("direct", "chain", "sidecar")}
+        results.latency = measure_latency(latency_paths, plan.latency_messages)
+    if plan.idle_sessions:
+        progress(f"idle sessions: {plan.idle_sessions}")
+        results.idle = measure_idle_rss(
+            sidecar_pid, SIDECAR_ADDRESS, SIDECAR_PORT, plan.idle_sessions
+        )
+    if plan.soak_messages:
+        progress(f"soak: {plan.soak_messages} messages through the sidecar")
+        results.soak = run_soak(
+            sidecar_pid, SIDECAR_ADDRESS, SIDECAR_PORT, plan.soak_messages, plan.soak_interval
+        )
+    return results
+
+
+def main() -> int:
+    args = parse_args()
+    if (problem := missing_prerequisite()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    plan = plan_from(args)
+    # Before any child starts, so that the sidecar inherits it: one descriptor per session.
+    fd_limit = raise_fd_limit(2 * plan.idle_sessions + 1024)
+    if fd_limit < plan.idle_sessions + 256:
+        print(f"error: RLIMIT_NOFILE is {fd_limit}, too low for the idle sessions", file=sys.stderr)
+        return 2
     paths = {
         "sidecar": (SIDECAR_ADDRESS, SIDECAR_PORT),
         "chain": (FRONT, FRONT_PORT),
         "direct": (MX, MX_PORT),
     }
-    if args.profile:
+    if plan.profile:
         paths = {"sidecar": paths["sidecar"]}
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
-        workdir = Path(tmp)
-        write_configs(workdir)
-        dnsmasq = [
-            "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-            "--bind-interfaces", f"--listen-address={DNS}", f"--port={DNS_PORT}",
-            "--local=/test/", "--mx-host=bench.test,mx.bench.test,10",
-            f"--host-record=mx.bench.test,{MX}", "--local-ttl=300",
-        ]  # fmt: skip
-        sink = ["smtp-sink", "-u", "nobody", "-c", f"{MX}:{MX_PORT}", "4096"]
-        with (
-            started(sink, "smtp-sink", workdir, (MX, MX_PORT)),
-            started(dnsmasq, "dnsmasq", workdir, (MX, MX_PORT)),  # UDP: no TCP probe
-            started([*HAPROXY, "egress.cfg"], "egress", workdir, (EGRESS, EGRESS_PORT)),
-            started([*HAPROXY, "front.cfg"], "front", workdir, (FRONT, FRONT_PORT)),
-            started(
-                [*profiler, str(SIDECAR), "run", "-c", "sidecar.toml", "--log-level", "warning"],
-                "sidecar",
-                workdir,
-                (SIDECAR_ADDRESS, SIDECAR_PORT),
-                signal.SIGINT if profiler else signal.SIGTERM,  # py-spy writes on SIGINT
-            ) as sidecar_pid,
-        ):
-            results: dict[tuple[str, str], list[float]] = {}
-            cpu: dict[str, float] = {}
-            for load in loads:
-                for _ in range(args.rounds):
-                    for path, (host, port) in paths.items():
-                        before = cpu_seconds(sidecar_pid)
-                        seconds = run_load(load, host, port)
-                        if path == "sidecar":
-                            cpu[load.name] = cpu_seconds(sidecar_pid) - before
-                        results.setdefault((load.name, path), []).append(seconds)
-            peak_rss = rss_kib(sidecar_pid, "VmHWM")
-    if args.profile:
-        print(f"collapsed stacks in {args.profile}")
+    with (
+        tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp,
+        services(Path(tmp), plan.profile) as sidecar_pid,
+    ):
+        results = run_plan(plan, paths, sidecar_pid)
+    if plan.profile:
+        print(f"collapsed stacks in {plan.profile}")
         return 0
-    lines = report(loads, results, cpu, peak_rss, args.rounds)
+    lines = report(plan, results)
     print("\n".join(lines))
     (ROOT / "bench" / "throughput-results.txt").write_text("\n".join(lines) + "\n")
     return 0
 
 
-def report(
-    loads: list[Load],
-    results: dict[tuple[str, str], list[float]],
-    cpu: dict[str, float],
-    peak_rss: int,
-    rounds: int,
-) -> list[str]:
+def report(plan: Plan, results: Results) -> list[str]:
+    rounds = f", median of {plan.rounds} rounds" if plan.loads else ""
     lines = [
         f"sidecar throughput benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
-        f"{os.cpu_count()} cores, python {platform.python_version()}, median of {rounds} rounds",
+        f"{os.cpu_count()} cores, python {platform.python_version()}{rounds}",
+    ]
+    if plan.loads:
+        lines += report_throughput(plan.loads, results)
+    if results.latency is not None:
+        lines += report_latency(results.latency)
+    if results.idle is not None:
+        lines += report_idle(results.idle)
+    if results.soak is not None:
+        lines += report_soak(results.soak)
+    return lines
+
+
+def report_throughput(loads: list[Load], results: Results) -> list[str]:
+    lines = [
         "",
         f"{'load':48} {'direct':>10} {'chain':>10} {'sidecar':>10} {'vs chain':>9}"
         f" {'CPU s/1000':>11}",
@@ -274,20 +608,64 @@ def report(
     for load in loads:
         rates = {}
         for path in ("direct", "chain", "sidecar"):
-            seconds = statistics.median(results[(load.name, path)])
+            seconds = statistics.median(results.throughput[(load.name, path)])
             if load.size >= 1024 * 1024:
                 rates[path] = load.messages * load.size / seconds / 1e6  # MB/s
             else:
                 rates[path] = load.messages / seconds  # msg/s
         unit = "MB/s" if load.size >= 1024 * 1024 else "msg/s"
-        per_1000 = cpu.get(load.name, 0.0) / load.messages * 1000
+        per_1000 = results.cpu.get(load.name, 0.0) / load.messages * 1000
         lines.append(
             f"{load.name:48} {rates['direct']:>10.1f} {rates['chain']:>10.1f} "
             f"{rates['sidecar']:>10.1f} {rates['sidecar'] / rates['chain']:>8.2f}x "
             f"{per_1000:>11.2f}  ({unit})"
         )
-    lines += ["", f"sidecar peak RSS: {peak_rss / 1024:.1f} MiB"]
+    lines += ["", f"sidecar peak RSS: {mib(results.peak_rss)} MiB"]
     return lines
+
+
+def report_latency(latencies: dict[str, list[float]]) -> list[str]:
+    count = len(latencies["direct"])
+    lines = [
+        "",
+        "latency per message in ms, from connect to the end-of-data reply",
+        f"({count} messages per path, 1 session, new connection each, 2 KB, paths rotated)",
+        f"{'path':10} {'p50':>7} {'p99':>7} {'added p50':>10} {'added p99':>10}",
+    ]
+    direct_p50, direct_p99 = (percentile(latencies["direct"], pct) for pct in (50, 99))
+    for path in ("direct", "chain", "sidecar"):
+        p50, p99 = (percentile(latencies[path], pct) for pct in (50, 99))
+        added = (
+            "" if path == "direct" else f" {p50 - direct_p50:>+10.2f} {p99 - direct_p99:>+10.2f}"
+        )
+        lines.append(f"{path:10} {p50:>7.2f} {p99:>7.2f}{added}")
+    return lines
+
+
+def report_idle(idle: IdleRss) -> list[str]:
+    return [
+        "",
+        f"sidecar RSS: {mib(idle.before_kib)} MiB before, {mib(idle.with_sessions_kib)} MiB with"
+        f" {idle.sessions} idle sessions (target <= {ISSUE_RSS_TARGET_MIB} MiB;"
+        f" opened and greeted in {idle.open_seconds:.1f} s)",
+    ]
+
+
+def report_soak(soak: Soak) -> list[str]:
+    load = soak.load
+    per_1000 = soak.cpu_seconds / load.messages * 1000
+    return [
+        "",
+        f"soak: {load.messages} messages, {load.sessions} sessions, new connection per message,"
+        f" 2 KB: {load.messages / soak.seconds:.0f} msg/s, sidecar CPU {per_1000:.2f} s/1000",
+        f"  RSS {mib(soak.rss_at(0.1))} MiB at 10%, {mib(soak.samples[-1][1])} MiB at the end,"
+        f" max {mib(soak.rss_max)} MiB (start {mib(soak.samples[0][1])} MiB,"
+        f" {len(soak.samples)} samples every {soak.interval:g} s)",
+    ]
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.1f}"
 
 
 if __name__ == "__main__":
