@@ -25,6 +25,7 @@ from sidecar.logs import configure_logging
 from sidecar.server import ListenError, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
+from sidecar.workers import supervise
 
 CONFIG_ENVVAR = "SIDECAR_CONFIG"
 EXIT_CONFIG_ERROR = 2
@@ -124,6 +125,8 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
     config = _load(config_path)
     configure_logging(log_level, "json" if log_format == "json" else "text")
     try:
+        if config.server.workers > 1:
+            sys.exit(supervise(config, config_path))
         trio.run(run_until_signal, config, config_path)
     except ListenError as e:
         click.echo(f"error: cannot listen on {e}", err=True)
@@ -231,9 +234,16 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 def render_status(data: dict[str, Any]) -> list[str]:
     """The /status JSON as tables for a terminal."""
+    workers = data.get("workers", 1)
     lines = [
         f"sidecar {data.get('hostname', '?')}, up {data.get('uptime_seconds', 0):.0f}s"
         + (" (shutting down)" if data.get("shutting_down") else "")
+        + (
+            f", worker {data.get('worker')} of {workers}: the others serve their status on"
+            " the next ports"
+            if isinstance(workers, int) and workers > 1
+            else ""
+        )
     ]
     rows = [["HAPROXY SERVER", "STATE", "FAILS", "OKS", "LAST CHECK", "LAST ERROR"]]
     for server in data.get("servers", []):

@@ -109,6 +109,8 @@ class ServerConfig:
     data_timeout: float = 180.0
     data_total_timeout: float = 3600.0
     shutdown_grace: float = 30.0
+    # Processes sharing the listeners (SO_REUSEPORT), each with its own event loop.
+    workers: int = 1
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            entry["worker"] = worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
             entry.update(fields)
@@ -31,12 +34,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s [worker %(worker)s] %(name)s: %(message)s"
+
+
+class _WorkerTag(logging.Filter):
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def tag_worker(index: int) -> None:
+    """In worker process ``index`` (``server.workers``): every log line says which worker."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(index))
+        if not isinstance(handler.formatter, JsonFormatter):
+            handler.setFormatter(logging.Formatter(WORKER_TEXT_FORMAT))
+
+
 def configure_logging(level: str = "info", log_format: LogFormat = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -113,9 +113,10 @@ class Runtime:
     the new one, open sessions keep theirs. Metrics, shutdown state and the health of servers
     present in both configurations carry over."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: tuple[int, int] | None = None) -> None:
         self.context = build_context(config)
         self.started = trio.current_time()
+        self.worker = worker  # (index, count) when one of several worker processes
 
     def reload(self, config: Config) -> ServerContext:
         old = self.context
@@ -166,6 +167,8 @@ class Runtime:
             "hostname": context.config.server.hostname,
             "uptime_seconds": round(now - self.started, 1),
             "shutting_down": context.shutting_down.is_set(),
+            "worker": None if self.worker is None else self.worker[0],
+            "workers": 1 if self.worker is None else self.worker[1],
             "servers": [
                 {
                     **dataclasses.asdict(state),
@@ -212,6 +215,8 @@ def reload_problem(old: Config, new: Config) -> str | None:
         return "listener addresses changed (restart to apply)"
     if old.status.address != new.status.address:
         return "status.address changed (restart to apply)"
+    if old.server.workers != new.server.workers:
+        return "server.workers changed (restart to apply)"
     return None
 
 
@@ -235,12 +240,13 @@ async def serve(
     reloads: trio.MemoryReceiveChannel[Config] | None = None,
     status_sockets: list[trio.SocketListener] | None = None,
     *,
+    worker: tuple[int, int] | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set: then stop accepting, give open sessions
     ``server.shutdown_grace`` seconds, and cancel what is left. Configs received on
     ``reloads`` replace the running one (SIGHUP)."""
-    runtime = Runtime(config)
+    runtime = Runtime(config, worker)
     if shutdown is None:
         shutdown = trio.Event()
     if opened is None:
@@ -313,17 +319,36 @@ async def open_status_listener(config: Config) -> list[trio.SocketListener]:
         raise ListenError(f"status endpoint {address}", error) from error
 
 
-async def run_until_signal(config: Config, config_path: str | None = None) -> None:
+async def run_until_signal(
+    config: Config,
+    config_path: str | None = None,
+    *,
+    opened: list[tuple[Listener, list[trio.SocketListener]]] | None = None,
+    status_sockets: list[trio.SocketListener] | None = None,
+    worker: tuple[int, int] | None = None,
+) -> None:
     """``sidecar run``: serve; SIGTERM/SIGINT shut down gracefully, SIGHUP re-reads
-    ``config_path`` (an invalid file is logged and the running configuration kept)."""
+    ``config_path`` (an invalid file is logged and the running configuration kept).
+
+    A worker of several (``server.workers``) gets its sockets bound by the supervisor and
+    ``worker`` = (its index, how many there are)."""
     shutdown = trio.Event()
     # Listening errors (address in use, no permission) surface here, before any task starts.
-    opened = await open_listeners(config)
-    status_sockets = await open_status_listener(config)
+    if opened is None:
+        opened = await open_listeners(config)
+    if status_sockets is None:
+        status_sockets = await open_status_listener(config)
     send_reload, receive_reload = trio.open_memory_channel[Config](1)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            await nursery.start(serve, config, shutdown, opened, receive_reload, status_sockets)
+            await nursery.start(
+                partial(serve, worker=worker),
+                config,
+                shutdown,
+                opened,
+                receive_reload,
+                status_sockets,
+            )
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     if config_path is None:

@@ -1,0 +1,266 @@
+"""``server.workers = N``: N processes share the listeners, each with its own trio loop.
+
+``sidecar run`` becomes a small supervisor. It binds every listener N times with SO_REUSEPORT
+(the kernel spreads new connections across the N sockets), then forks one worker per socket
+set before any thread or event loop exists. It forwards SIGTERM, SIGINT and SIGHUP to the
+workers, restarts a worker that dies (its socket stays open in the supervisor, so connections
+that arrive meanwhile wait in its backlog), and exits when all have stopped after a shutdown.
+
+Each worker is a whole sidecar: its own health checks, DNS cache, connection cache and
+counters. Worker ``i`` serves the status endpoint on the configured port + ``i``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+import trio
+
+from sidecar.config import Config, HostPort, Listener
+from sidecar.logs import tag_worker
+from sidecar.server import ListenError, run_until_signal
+
+log = logging.getLogger("sidecar.workers")
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+LISTEN_BACKLOG = 1024
+# A worker that dies is restarted after this many seconds, doubled on every death that
+# follows a short life, up to the maximum; a worker that ran RESTART_RESET seconds starts over.
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 30.0
+RESTART_RESET = 60.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class WorkerSockets:
+    """The listening sockets of one worker: its share of every listener, and its status port."""
+
+    listeners: list[tuple[Listener, list[socket.socket]]] = field(default_factory=list)
+    status: list[socket.socket] = field(default_factory=list)
+
+    def close(self) -> None:
+        for _, sockets in self.listeners:
+            for sock in sockets:
+                sock.close()
+        for sock in self.status:
+            sock.close()
+
+
+def _addresses(address: HostPort) -> list[tuple[int, tuple[object, ...]]]:
+    infos = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    unique: dict[tuple[object, ...], int] = {}
+    for family, _, _, _, sockaddr in infos:
+        unique.setdefault(tuple(sockaddr), family)
+    return [(family, sockaddr) for sockaddr, family in unique.items()]
+
+
+def _bind(family: int, sockaddr: tuple[object, ...], *, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_shared(address: HostPort, copies: int) -> list[list[socket.socket]]:
+    """``copies`` sets of sockets listening on ``address`` with SO_REUSEPORT.
+
+    First a plain bind: it fails if anything else listens there, including another sidecar
+    whose own SO_REUSEPORT sockets would otherwise silently share the port with ours.
+    """
+    sets: list[list[socket.socket]] = [[] for _ in range(copies)]
+    try:
+        for family, sockaddr in _addresses(address):
+            _bind(family, sockaddr, reuse_port=False).close()
+            if sockaddr[1] == 0:
+                raise OSError(0, "port 0 cannot be shared by several workers")
+            for sockets in sets:
+                sockets.append(_bind(family, sockaddr, reuse_port=True))
+    except BaseException:
+        for sockets in sets:
+            for sock in sockets:
+                sock.close()
+        raise
+    return sets
+
+
+def bind_workers(config: Config, workers: int) -> list[WorkerSockets]:
+    """Every worker's sockets, or :class:`ListenError` (and nothing left open)."""
+    bound = [WorkerSockets() for _ in range(workers)]
+    try:
+        for listener in config.listeners:
+            try:
+                sets = bind_shared(listener.address, workers)
+            except OSError as error:
+                raise ListenError(listener, error) from error
+            for worker, sockets in zip(bound, sets, strict=True):
+                worker.listeners.append((listener, sockets))
+        status = config.status.address
+        if status is not None:
+            for index, worker in enumerate(bound):
+                address = HostPort(status.host, status.port + index)
+                what = f"status endpoint {address} (worker {index})"
+                try:
+                    worker.status = [_bind(f, a, reuse_port=False) for f, a in _addresses(address)]
+                except OSError as error:
+                    raise ListenError(what, error) from error
+    except BaseException:
+        for worker in bound:
+            worker.close()
+        raise
+    return bound
+
+
+def _trio_listeners(sockets: list[socket.socket]) -> list[trio.SocketListener]:
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+
+
+def run_worker(index: int, sockets: WorkerSockets, config: Config, config_path: str) -> int:
+    """In a forked child: serve on this worker's sockets until a signal; the exit code."""
+    tag_worker(index)
+    with contextlib.suppress(OSError, AttributeError):
+        # The kernel ends this worker if the supervisor dies without stopping it.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    opened = [(listener, _trio_listeners(socks)) for listener, socks in sockets.listeners]
+
+    async def main() -> None:
+        await run_until_signal(
+            config,
+            config_path,
+            opened=opened,
+            status_sockets=_trio_listeners(sockets.status),
+            worker=(index, config.server.workers),
+        )
+
+    try:
+        trio.run(main)
+    except Exception:
+        log.exception("worker %d failed", index)
+        return 1
+    return 0
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    started: float
+    delay: float
+
+
+class Supervisor:
+    """Forks the workers and keeps them running until a shutdown signal."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str,
+        sockets: list[WorkerSockets],
+        fork: Callable[[], int] = os.fork,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.sockets = sockets
+        self.fork = fork
+        self.workers: dict[int, _Worker] = {}
+        self.stopping = False
+        self.failed = False
+
+    def _spawn(self, index: int, delay: float = RESTART_DELAY) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        # Signals wait until the child has dropped the supervisor's handlers: a SIGTERM
+        # caught in between would otherwise make the child forward it to its siblings.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        pid = self.fork()
+        if pid == 0:  # the child never returns from here
+            code = 1
+            try:
+                for signum in FORWARDED_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+                code = run_worker(index, self.sockets[index], self.config, self.config_path)
+            finally:
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(code)
+        self.workers[pid] = _Worker(index, pid, time.monotonic(), delay)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        if signum != signal.SIGHUP:
+            self.stopping = True
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def run(self) -> int:
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, self._forward)
+        for index in range(len(self.sockets)):
+            self._spawn(index)
+        log.info("supervising %d workers", len(self.sockets))
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:  # pragma: no cover - every child is in self.workers
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                if code != 0:
+                    self.failed = True
+                    log.error("worker %d exited with status %d", worker.index, code)
+                continue
+            self._restart(worker, code)
+        for sockets in self.sockets:
+            sockets.close()
+        return 1 if self.failed else 0
+
+    def _restart(self, worker: _Worker, code: int) -> None:
+        lived = time.monotonic() - worker.started
+        delay = RESTART_DELAY if lived >= RESTART_RESET else worker.delay
+        log.error(
+            "worker %d (pid %d) exited with status %d after %.1fs; restarting it in %.1fs",
+            worker.index,
+            worker.pid,
+            code,
+            lived,
+            delay,
+        )
+        deadline = time.monotonic() + delay
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, delay))
+        if self.stopping:
+            return
+        self._spawn(worker.index, min(delay * 2, RESTART_DELAY_MAX))
+
+
+def supervise(config: Config, config_path: str) -> int:
+    """``sidecar run`` with ``server.workers`` > 1; raises :class:`ListenError` before forking."""
+    sockets = bind_workers(config, config.server.workers)
+    return Supervisor(config, config_path, sockets).run()

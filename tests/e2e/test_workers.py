@@ -1,0 +1,174 @@
+"""``server.workers = N`` on a real ``sidecar run``: N processes share each listener
+(SO_REUSEPORT), a supervisor forwards signals and restarts a worker that dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+
+import trio
+
+from .harness import Addresses, Endpoint
+from .processes import (
+    CliStack,
+    Processes,
+    SidecarProcess,
+    refuses_connections,
+    run_cli,
+    wait_exit,
+    wait_listening,
+)
+from .stack import MESSAGE, send
+from .test_operations import http_get, wait_for_log, write_config
+
+
+def with_workers(stack: CliStack, addresses: Addresses, workers: int = 2) -> Endpoint:
+    """Set ``server.workers`` and a status endpoint (worker i serves it on port + i)."""
+    status = addresses.endpoint()
+    config = dict(stack.config)
+    config["server"] = {**config["server"], "workers": workers}
+    config["status"] = {"address": str(status)}
+    stack.config = config
+    write_config(stack, config)
+    return status
+
+
+def worker_pids(started: SidecarProcess) -> dict[int, int]:
+    """The latest pid of each worker, from the supervisor's "worker N started (pid P)" lines."""
+    pids: dict[int, int] = {}
+    for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", started.stderr):
+        pids[int(index)] = int(pid)
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def send_ok(stack: CliStack, count: int) -> None:
+    for _ in range(count):
+        result = await send(stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+        assert result.error is None and not result.refused, result
+
+
+async def test_workers_share_the_listener_and_each_serve_status(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    status = with_workers(cli_stack, addresses)
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    await send_ok(cli_stack, 24)
+    assert len(await cli_stack.mxes[0].wait_for_messages(24)) == 24
+    # The kernel spread the 24 connections over both workers: each logged transactions.
+    log = started.stderr
+    for index in (0, 1):
+        assert f"[worker {index}] sidecar.transaction" in log, log
+    assert len(worker_pids(started)) == 2
+
+    for index in (0, 1):
+        endpoint = Endpoint(status.host, status.port + index)
+        code, body = await http_get(endpoint, "/status")
+        assert code == 200
+        data = json.loads(body)
+        assert (data["worker"], data["workers"]) == (index, 2)
+    shown = await run_cli("status", "-c", str(cli_stack.config_path))
+    assert "worker 0 of 2" in shown.stdout.decode(), shown
+
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started, timeout=10) == 0
+    assert refuses_connections(cli_stack.listener)
+    assert not any(alive(pid) for pid in worker_pids(started).values())
+
+
+async def test_a_worker_that_dies_is_restarted(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    with_workers(cli_stack, addresses)
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    with trio.fail_after(10):
+        while len(worker_pids(started)) < 2:
+            await trio.sleep(0.05)
+    killed = worker_pids(started)[1]
+    os.kill(killed, signal.SIGKILL)
+    await wait_for_log(started, "restarting it")
+    with trio.fail_after(10):
+        while worker_pids(started)[1] == killed:
+            await trio.sleep(0.05)
+    # Connections that arrive while a worker is down wait in its backlog: none is refused.
+    await send_ok(cli_stack, 16)
+    assert len(await cli_stack.mxes[0].wait_for_messages(16)) == 16
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started, timeout=10) == 0
+
+
+async def test_sighup_reaches_every_worker(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    with_workers(cli_stack, addresses)
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    with trio.fail_after(10):
+        while len(worker_pids(started)) < 2:
+            await trio.sleep(0.05)
+    await trio.sleep(0.5)  # both workers past start-up (their signal handlers installed)
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "[worker 0] sidecar.server: configuration reloaded")
+    await wait_for_log(started, "[worker 1] sidecar.server: configuration reloaded")
+    # A change of the worker count needs a restart: every worker refuses it.
+    config = dict(cli_stack.config)
+    config["server"] = {**config["server"], "workers": 3}
+    write_config(cli_stack, config)
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "server.workers changed (restart to apply)")
+    await send_ok(cli_stack, 2)
+    started.process.send_signal(signal.SIGINT)
+    assert await wait_exit(started, timeout=10) == 0
+
+
+async def test_a_taken_port_is_refused_before_any_worker_starts(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    with_workers(cli_stack, addresses)
+    first = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, first)
+    # A second sidecar with the same file must not quietly share the port through
+    # SO_REUSEPORT: it fails like any listener whose address is in use.
+    second = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    assert await wait_exit(second, timeout=10) == 1
+    assert f"error: cannot listen on {cli_stack.listener}" in second.stderr
+    assert "worker" not in second.stderr
+    first.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(first, timeout=10) == 0
+
+    # Likewise a plain listener that holds the port.
+    with socket.socket() as holder:
+        holder.bind(cli_stack.listener.as_tuple())
+        holder.listen()
+        third = await processes.start(["run", "-c", str(cli_stack.config_path)])
+        assert await wait_exit(third, timeout=10) == 1
+        assert "Address already in use" in third.stderr
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    cli_stack: CliStack, processes: Processes, addresses: Addresses
+) -> None:
+    with_workers(cli_stack, addresses)
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    with trio.fail_after(10):
+        while len(worker_pids(started)) < 2:
+            await trio.sleep(0.05)
+    started.process.kill()  # no chance to forward anything: the kernel tells the workers
+    await started.process.wait()
+    with trio.fail_after(10):
+        while any(alive(pid) for pid in worker_pids(started).values()):
+            await trio.sleep(0.05)
+    assert refuses_connections(cli_stack.listener)
