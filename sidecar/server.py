@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import Callable
+import socket
 from functools import partial
 from ipaddress import IPv6Address, ip_address
 
@@ -25,6 +25,7 @@ from sidecar.routing import Router
 from sidecar.session import ServerContext, Session
 from sidecar.smtp import replies
 from sidecar.status import StatusSource, serve_status
+from sidecar.tcp import TcpStream, accept_all, listen, send_by
 
 log = logging.getLogger("sidecar.server")
 
@@ -33,14 +34,6 @@ def build_context(config: Config) -> ServerContext:
     health = registry_for(config)
     router = Router(config, Resolver(config.dns), health)
     return ServerContext(config, router, health, pool=UpstreamPool(config.delivery))
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    return str(peer[0])
 
 
 def client_allowed(config: Config, client: str) -> bool:
@@ -53,33 +46,36 @@ def client_allowed(config: Config, client: str) -> bool:
     return any(address in network for network in config.server.allowed_clients)
 
 
-async def _refuse(stream: trio.SocketStream, answer: bytes) -> None:
-    with trio.move_on_after(5):
-        with contextlib.suppress(trio.BrokenResourceError, OSError):
-            await stream.send_all(answer)
-    await trio.aclose_forcefully(stream)
+async def _refuse(stream: TcpStream, answer: bytes) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await send_by(stream, answer, trio.current_time() + 5)
+    stream.close()
 
 
-async def handle_connection(runtime: Runtime, address: HostPort, stream: trio.SocketStream) -> None:
+async def handle_connection(
+    runtime: Runtime, address: HostPort, stream: TcpStream, client: str
+) -> None:
     context = runtime.context
-    listener = runtime.listener_for(address)
-    client = _peer(stream)
     counters = context.metrics
-    if not client_allowed(context.config, client):
-        counters.refused_connections += 1
-        log.warning("refused client %s on %s: not in allowed_clients", client, listener.address)
-        await _refuse(stream, replies.ACCESS_DENIED.to_bytes())
-        return
-    if counters.active_sessions >= context.config.server.max_connections:
-        counters.refused_connections += 1
-        await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
-        return
-    counters.sessions += 1
-    counters.active_sessions += 1
     try:
-        await Session(stream, client, listener, context).run()
+        listener = runtime.listener_for(address)
+        if not client_allowed(context.config, client):
+            counters.refused_connections += 1
+            log.warning("refused client %s on %s: not in allowed_clients", client, address)
+            await _refuse(stream, replies.ACCESS_DENIED.to_bytes())
+            return
+        if counters.active_sessions >= context.config.server.max_connections:
+            counters.refused_connections += 1
+            await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
+            return
+        counters.sessions += 1
+        counters.active_sessions += 1
+        try:
+            await Session(stream, client, listener, context).run()
+        finally:
+            counters.active_sessions -= 1
     finally:
-        counters.active_sessions -= 1
+        stream.close()
 
 
 class ListenError(Exception):
@@ -91,18 +87,19 @@ class ListenError(Exception):
         self.error = error
 
 
-async def open_listeners(config: Config) -> list[tuple[Listener, list[trio.SocketListener]]]:
+Opened = list[tuple[Listener, list[socket.socket]]]
+
+
+def open_listeners(config: Config) -> Opened:
     """Bind every listener, or close those already bound and raise :class:`ListenError`."""
-    opened: list[tuple[Listener, list[trio.SocketListener]]] = []
+    opened: Opened = []
     for listener in config.listeners:
         try:
-            sockets = await trio.open_tcp_listeners(
-                listener.address.port, host=listener.address.host, backlog=1024
-            )
+            sockets = listen(listener.address.host, listener.address.port)
         except OSError as error:
             for _, bound in opened:
                 for sock in bound:
-                    sock.socket.close()
+                    sock.close()
             raise ListenError(listener, error) from error
         opened.append((listener, sockets))
     return opened
@@ -236,7 +233,7 @@ async def _generation(
 async def serve(
     config: Config,
     shutdown: trio.Event | None = None,
-    opened: list[tuple[Listener, list[trio.SocketListener]]] | None = None,
+    opened: Opened | None = None,
     reloads: trio.MemoryReceiveChannel[Config] | None = None,
     status_sockets: list[trio.SocketListener] | None = None,
     *,
@@ -250,10 +247,10 @@ async def serve(
     if shutdown is None:
         shutdown = trio.Event()
     if opened is None:
-        opened = await open_listeners(config)
+        opened = open_listeners(config)
     if status_sockets is None:
         status_sockets = await open_status_listener(config)
-    bound = [sock.socket.getsockname()[:2] for _, sockets in opened for sock in sockets]
+    bound = [sock.getsockname()[:2] for _, sockets in opened for sock in sockets]
     async with trio.open_nursery() as nursery:
         generation = await nursery.start(_generation, runtime.context)
         if status_sockets:
@@ -276,23 +273,14 @@ async def serve(
         async with trio.open_nursery() as sessions:
             accepting = trio.CancelScope()
 
-            async def accept_all() -> None:
+            async def accept_every_listener() -> None:
                 with accepting:
                     async with trio.open_nursery() as acceptors:
                         for listener, sockets in opened:
-                            handler: Callable[[trio.SocketStream], object] = partial(
-                                handle_connection, runtime, listener.address
-                            )
-                            acceptors.start_soon(
-                                partial(
-                                    trio.serve_listeners,
-                                    handler,  # type: ignore[arg-type]
-                                    sockets,
-                                    handler_nursery=sessions,
-                                )
-                            )
+                            handler = partial(handle_connection, runtime, listener.address)
+                            acceptors.start_soon(accept_all, sockets, handler, sessions)
 
-            sessions.start_soon(accept_all)
+            sessions.start_soon(accept_every_listener)
             log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
             task_status.started([(str(h), int(p)) for h, p in bound])
             await shutdown.wait()
@@ -301,7 +289,8 @@ async def serve(
             accepting.cancel()
             for _, sockets in opened:
                 for sock in sockets:
-                    await sock.aclose()
+                    trio.lowlevel.notify_closing(sock)
+                    sock.close()
             with trio.move_on_after(context.config.server.shutdown_grace):
                 while context.metrics.active_sessions:
                     await trio.sleep(0.05)
@@ -323,7 +312,7 @@ async def run_until_signal(
     config: Config,
     config_path: str | None = None,
     *,
-    opened: list[tuple[Listener, list[trio.SocketListener]]] | None = None,
+    opened: Opened | None = None,
     status_sockets: list[trio.SocketListener] | None = None,
     worker: tuple[int, int] | None = None,
 ) -> None:
@@ -335,7 +324,7 @@ async def run_until_signal(
     shutdown = trio.Event()
     # Listening errors (address in use, no permission) surface here, before any task starts.
     if opened is None:
-        opened = await open_listeners(config)
+        opened = open_listeners(config)
     if status_sockets is None:
         status_sockets = await open_status_listener(config)
     send_reload, receive_reload = trio.open_memory_channel[Config](1)

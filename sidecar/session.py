@@ -35,11 +35,12 @@ from sidecar.smtp.commands import (
 from sidecar.smtp.data import DataScanner
 from sidecar.smtp.lines import LineReader, LineTooLong
 from sidecar.smtp.replies import Reply, reply
+from sidecar.tcp import receive_by, send_by
 from sidecar.upstream import Upstream, UpstreamError, UpstreamLost, open_upstream
 
 log = logging.getLogger("sidecar.session")
 
-RECEIVE_SIZE = 262_144
+RECEIVE_SIZE = 65_536
 _session_ids = itertools.count(1)
 
 # MAIL parameters the sidecar accepts, and the MX capability each needs to be replayed.
@@ -133,14 +134,14 @@ class Session:
 
     async def flush(self) -> None:
         if self.out:
-            data = b"".join(self.out)
+            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
             self.out.clear()
-            with trio.move_on_after(self.config.server.command_timeout) as scope:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    raise _CloseSession from None
-            if scope.cancelled_caught:
+            deadline = trio.current_time() + self.config.server.command_timeout
+            try:
+                sent = await send_by(self.stream, data, deadline)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise _CloseSession from None
+            if not sent:
                 raise _CloseSession
 
     async def receive(self, timeout: float, deadline: float | None = None) -> bytes | bytearray:
@@ -148,17 +149,17 @@ class Session:
         and close."""
         if deadline is None:
             deadline = trio.current_time() + timeout
-        with trio.move_on_at(deadline):
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise _CloseSession from None
-            if not data:
-                raise _CloseSession
-            return data
-        self.queue(replies.TIMEOUT)
-        await self.flush()
-        raise _CloseSession
+        try:
+            data = await receive_by(self.stream, RECEIVE_SIZE, deadline)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise _CloseSession from None
+        if data is None:
+            self.queue(replies.TIMEOUT)
+            await self.flush()
+            raise _CloseSession
+        if not data:
+            raise _CloseSession
+        return data
 
     async def receive_command(self) -> bytes | bytearray:
         """Like :meth:`receive` for the next command; between transactions a shutdown of the

@@ -19,6 +19,7 @@ from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities, reply
+from sidecar.tcp import TcpStream, receive_by, send_by, stream_from
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -79,33 +80,33 @@ class Upstream:
     transactions: int = 0  # final replies received: how often it was used
 
     async def read_reply(self, timeout: float) -> Reply:
+        deadline = trio.current_time() + timeout
         try:
-            with trio.fail_after(timeout):
-                while (answer := self.parser.next_reply()) is None:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                    if not data:
-                        raise UpstreamLost("connection closed by the MX")
-                    if self.metrics is not None:
-                        self.metrics.bytes_from_mx += len(data)
-                    self.parser.feed(data)
-                return answer
-        except trio.TooSlowError:
-            raise UpstreamLost(f"no reply within {timeout:g}s") from None
+            while (answer := self.parser.next_reply()) is None:
+                data = await receive_by(self.stream, RECEIVE_SIZE, deadline)
+                if data is None:
+                    raise UpstreamLost(f"no reply within {timeout:g}s")
+                if not data:
+                    raise UpstreamLost("connection closed by the MX")
+                if self.metrics is not None:
+                    self.metrics.bytes_from_mx += len(data)
+                self.parser.feed(data)
+            return answer
         except ReplyError as error:
             raise UpstreamLost(f"bad reply: {error}") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise UpstreamLost(f"connection lost: {error}") from None
 
     async def send(self, data: bytes | bytearray, timeout: float | None = None) -> None:
+        deadline = trio.current_time() + (timeout or self.delivery.command_timeout)
         try:
-            with trio.fail_after(timeout or self.delivery.command_timeout):
-                await self.stream.send_all(data)
-            if self.metrics is not None:
-                self.metrics.bytes_to_mx += len(data)
-        except trio.TooSlowError:
-            raise UpstreamLost("send timed out") from None
+            sent = await send_by(self.stream, data, deadline)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise UpstreamLost(f"connection lost: {error}") from None
+        if not sent:
+            raise UpstreamLost("send timed out")
+        if self.metrics is not None:
+            self.metrics.bytes_to_mx += len(data)
 
     async def command(self, line: bytes, timeout: float | None = None) -> Reply:
         (answer,) = await self.commands(line, timeout=timeout)
@@ -140,7 +141,7 @@ class Upstream:
 
 async def _connect_via_proxy(
     route: Route, candidate: Candidate, delivery: DeliveryConfig, health: HealthRegistry
-) -> tuple[trio.SocketStream, HostPort]:
+) -> tuple[TcpStream, HostPort]:
     assert candidate.source is not None
     errors = []
     for server in route.servers:
@@ -149,7 +150,7 @@ async def _connect_via_proxy(
             continue
         try:
             with trio.fail_after(delivery.connect_timeout):
-                stream = await trio.open_tcp_stream(server.host, server.port)
+                stream = stream_from(await trio.open_tcp_stream(server.host, server.port))
         except (OSError, trio.TooSlowError) as error:
             why = "timeout" if isinstance(error, trio.TooSlowError) else str(error)
             health.record(server, False, f"delivery connect failed: {why}")
@@ -174,10 +175,10 @@ async def _connect_via_proxy(
     )
 
 
-async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> trio.SocketStream:
+async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> TcpStream:
     try:
         with trio.fail_after(delivery.connect_timeout):
-            return await trio.open_tcp_stream(str(candidate.address), delivery.port)
+            return stream_from(await trio.open_tcp_stream(str(candidate.address), delivery.port))
     except (OSError, trio.TooSlowError) as error:
         raise _CandidateFailed(f"connect failed: {error or 'timeout'}") from None
 
@@ -247,7 +248,7 @@ async def _open_one(
 ) -> Upstream:
     started = trio.current_time()
     if route.bypass:
-        stream: trio.SocketStream = await _connect_direct(candidate, delivery)
+        stream = await _connect_direct(candidate, delivery)
         server = None
     else:
         stream, server = await _connect_via_proxy(route, candidate, delivery, health)

@@ -29,11 +29,11 @@ import trio
 from sidecar.config import Config, HostPort, Listener
 from sidecar.logs import tag_worker
 from sidecar.server import ListenError, run_until_signal
+from sidecar.tcp import addresses_of, listen, listening_socket
 
 log = logging.getLogger("sidecar.workers")
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-LISTEN_BACKLOG = 1024
 # A worker that dies is restarted after this many seconds, doubled on every death that
 # follows a short life, up to the maximum; a worker that ran RESTART_RESET seconds starts over.
 RESTART_DELAY = 0.5
@@ -57,32 +57,6 @@ class WorkerSockets:
             sock.close()
 
 
-def _addresses(address: HostPort) -> list[tuple[int, tuple[object, ...]]]:
-    infos = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    unique: dict[tuple[object, ...], int] = {}
-    for family, _, _, _, sockaddr in infos:
-        unique.setdefault(tuple(sockaddr), family)
-    return [(family, sockaddr) for sockaddr, family in unique.items()]
-
-
-def _bind(family: int, sockaddr: tuple[object, ...], *, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def bind_shared(address: HostPort, copies: int) -> list[list[socket.socket]]:
     """``copies`` sets of sockets listening on ``address`` with SO_REUSEPORT.
 
@@ -91,12 +65,12 @@ def bind_shared(address: HostPort, copies: int) -> list[list[socket.socket]]:
     """
     sets: list[list[socket.socket]] = [[] for _ in range(copies)]
     try:
-        for family, sockaddr in _addresses(address):
-            _bind(family, sockaddr, reuse_port=False).close()
+        for family, sockaddr in addresses_of(address.host, address.port):
+            listening_socket(family, sockaddr).close()
             if sockaddr[1] == 0:
                 raise OSError(0, "port 0 cannot be shared by several workers")
             for sockets in sets:
-                sockets.append(_bind(family, sockaddr, reuse_port=True))
+                sockets.append(listening_socket(family, sockaddr, reuse_port=True))
     except BaseException:
         for sockets in sets:
             for sock in sockets:
@@ -122,7 +96,7 @@ def bind_workers(config: Config, workers: int) -> list[WorkerSockets]:
                 address = HostPort(status.host, status.port + index)
                 what = f"status endpoint {address} (worker {index})"
                 try:
-                    worker.status = [_bind(f, a, reuse_port=False) for f, a in _addresses(address)]
+                    worker.status = listen(address.host, address.port)
                 except OSError as error:
                     raise ListenError(what, error) from error
     except BaseException:
@@ -142,13 +116,12 @@ def run_worker(index: int, sockets: WorkerSockets, config: Config, config_path: 
     with contextlib.suppress(OSError, AttributeError):
         # The kernel ends this worker if the supervisor dies without stopping it.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    opened = [(listener, _trio_listeners(socks)) for listener, socks in sockets.listeners]
 
     async def main() -> None:
         await run_until_signal(
             config,
             config_path,
-            opened=opened,
+            opened=sockets.listeners,
             status_sockets=_trio_listeners(sockets.status),
             worker=(index, config.server.workers),
         )

@@ -1,0 +1,235 @@
+"""TCP on the hot path: a lean stream, deadline-bounded send and receive, and the accept loop.
+
+trio's SocketStream pays on every send and receive for two passes through the scheduler, a
+conflict detector and an error-translating context manager, and the sidecar added a cancel
+scope per call for its timeout; that was about a fifth of its CPU per message
+(bench/NOTES.md). :class:`TcpStream` makes the system call first and sets up a deadline only
+when it has to wait. So that a connection whose peer is always ready cannot starve the
+others, it yields to the scheduler after every few calls that did not wait.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger("sidecar.tcp")
+
+# Calls that completed without waiting before the stream yields to the scheduler once.
+YIELD_EVERY = 8
+LISTEN_BACKLOG = 1024
+ACCEPT_BATCH = 64  # connections taken per wake-up of a listening socket
+# accept() errors that mean "out of a resource for now": wait a little and go on (as trio does).
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_PAUSE = 0.1
+
+
+def _broken(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if error.errno == errno.EBADF:
+        return trio.ClosedResourceError("the socket was closed")
+    return trio.BrokenResourceError(f"socket error: {error}")
+
+
+class TcpStream(trio.abc.HalfCloseableStream):
+    """A :class:`trio.abc.HalfCloseableStream` over a connected, non-blocking TCP socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._unyielded = 0
+
+    async def _after_ready_call(self) -> None:
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+
+    async def receive_by(self, max_bytes: int, deadline: float) -> bytes | None:
+        """Up to ``max_bytes`` (``b""`` at end of stream), or ``None`` if nothing arrived
+        by ``deadline`` (trio time)."""
+        while True:
+            try:
+                data = self.socket.recv(max_bytes)
+            except BlockingIOError:
+                self._unyielded = 0
+                if deadline == math.inf:
+                    await trio.lowlevel.wait_readable(self.socket)
+                    continue
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_readable(self.socket)
+                    continue
+                return None
+            except OSError as error:
+                raise _broken(error) from None
+            await self._after_ready_call()
+            return data
+
+    async def send_by(self, data: bytes | bytearray | memoryview, deadline: float) -> bool:
+        """Send all of ``data``; ``False`` if it could not all go by ``deadline`` (then
+        part of it may have gone: the connection is no longer usable)."""
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += self.socket.send(view[sent:])
+                except BlockingIOError:
+                    self._unyielded = 0
+                    if deadline == math.inf:
+                        await trio.lowlevel.wait_writable(self.socket)
+                        continue
+                    with trio.move_on_at(deadline):
+                        await trio.lowlevel.wait_writable(self.socket)
+                        continue
+                    return False
+                except OSError as error:
+                    raise _broken(error) from None
+        await self._after_ready_call()
+        return True
+
+    # ---- trio.abc.HalfCloseableStream -----------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.receive_by(max_bytes or 65536, math.inf)
+        assert data is not None
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.send_by(data, math.inf)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            raise _broken(error) from None
+
+    def close(self) -> None:
+        if self.socket.fileno() != -1:
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+def stream_from(stream: trio.SocketStream) -> TcpStream:
+    """A :class:`TcpStream` that takes over the socket of a trio ``SocketStream`` (as
+    ``trio.open_tcp_stream`` returns)."""
+    trio_socket = stream.socket
+    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
+    return TcpStream(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
+
+
+async def receive_by(
+    stream: trio.abc.ReceiveStream, max_bytes: int, deadline: float
+) -> bytes | bytearray | None:
+    """:meth:`TcpStream.receive_by` for any stream (TLS, or a test's memory stream)."""
+    if isinstance(stream, TcpStream):
+        return await stream.receive_by(max_bytes, deadline)
+    with trio.move_on_at(deadline):
+        return await stream.receive_some(max_bytes)
+    return None
+
+
+async def send_by(
+    stream: trio.abc.SendStream, data: bytes | bytearray | memoryview, deadline: float
+) -> bool:
+    """:meth:`TcpStream.send_by` for any stream."""
+    if isinstance(stream, TcpStream):
+        return await stream.send_by(data, deadline)
+    with trio.move_on_at(deadline):
+        await stream.send_all(data)
+        return True
+    return False
+
+
+# ---- listening ------------------------------------------------------------------------------
+
+
+def addresses_of(host: str, port: int) -> list[tuple[int, tuple[object, ...]]]:
+    """(family, sockaddr) for each address ``host`` names, as a listener binds them."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    unique: dict[tuple[object, ...], int] = {}
+    for family, _, _, _, sockaddr in infos:
+        unique.setdefault(tuple(sockaddr), family)
+    return [(family, sockaddr) for sockaddr, family in unique.items()]
+
+
+def listening_socket(
+    family: int, sockaddr: tuple[object, ...], *, reuse_port: bool = False
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address of ``host``, or OSError (none left open)."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, sockaddr in addresses_of(host, port):
+            sockets.append(listening_socket(family, sockaddr))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+Handler = Callable[[TcpStream, str], Awaitable[object]]
+
+
+async def accept_forever(listener: socket.socket, handler: Handler, nursery: trio.Nursery) -> None:
+    """Accept connections on ``listener`` and run ``handler(stream, peer_host)`` for each in
+    ``nursery``; the handler owns (and closes) the stream."""
+    listener.setblocking(False)
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as error:
+                if error.errno in _ACCEPT_RESOURCE_ERRORS:
+                    log.error("accept failed, pausing %gs: %s", ACCEPT_PAUSE, error)
+                    await trio.sleep(ACCEPT_PAUSE)
+                    break
+                if error.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the listening socket was closed") from None
+                continue  # the connection died in the backlog (ECONNABORTED and the like)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                sock.close()
+                continue
+            nursery.start_soon(handler, TcpStream(sock), str(peer[0]))
+
+
+async def accept_all(
+    listeners: list[socket.socket], handler: Handler, nursery: trio.Nursery
+) -> None:
+    """:func:`accept_forever` on each listening socket; returns when cancelled."""
+    async with trio.open_nursery() as acceptors:
+        for listener in listeners:
+            acceptors.start_soon(accept_forever, listener, handler, nursery)
