@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -48,6 +49,8 @@ MAIL_PARAMETER_CAPABILITY = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SM
 BODY_VALUES = ("7BIT", "8BITMIME")
 # A SIZE value longer than this is over any max_message_size (and never reaches int()).
 MAX_SIZE_DIGITS = 20
+# Replies queued for one write at most; RFC 2920 lets the server flush whenever it likes.
+MAX_QUEUED_REPLIES = 64
 # How long a session that failed on an unexpected error may take to say 421 before closing.
 LAST_WORD_TIMEOUT = 5.0
 
@@ -172,15 +175,17 @@ class Session:
         deadline = self._command_deadline
         if self.txn is not None:
             return await self.receive(timeout, deadline)
-        with trio.CancelScope() as idle:
+        # One scope for both ways an idle wait ends early: the deadline, and a shutdown.
+        with trio.CancelScope(deadline=deadline) as idle:
             if self.context.shutting_down.is_set():
                 idle.cancel()
             self.context.idle_sessions.add(idle)
             try:
-                return await self.receive(timeout, deadline)
+                return await self.receive(timeout, math.inf)
             finally:
                 self.context.idle_sessions.discard(idle)
-        self.queue(replies.SHUTTING_DOWN)
+        shutdown = self.context.shutting_down.is_set()
+        self.queue(replies.SHUTTING_DOWN if shutdown else replies.TIMEOUT)
         await self.flush()
         raise _CloseSession
 
@@ -196,6 +201,10 @@ class Session:
                     self.reader.feed(await self.receive_command())
                     continue
                 await self.handle_line(line)
+                if len(self.out) >= MAX_QUEUED_REPLIES:
+                    # A client pipelining far ahead: its replies go out (or its session times
+                    # out) before more are made, and the other sessions get their turn.
+                    await self.flush()
         except _CloseSession:
             pass
         except Exception:

@@ -42,6 +42,9 @@ class TcpStream(trio.abc.HalfCloseableStream):
         sock.setblocking(False)
         self.socket = sock
         self._unyielded = 0
+        # After a send, the peer's answer is almost never there yet: the next receive waits
+        # for it rather than first paying for a recv() that fails.
+        self._answer_pending = False
 
     async def _after_ready_call(self) -> None:
         self._unyielded += 1
@@ -52,21 +55,26 @@ class TcpStream(trio.abc.HalfCloseableStream):
     async def receive_by(self, max_bytes: int, deadline: float) -> bytes | None:
         """Up to ``max_bytes`` (``b""`` at end of stream), or ``None`` if nothing arrived
         by ``deadline`` (trio time)."""
+        wait_first, self._answer_pending = self._answer_pending, False
         while True:
-            try:
-                data = self.socket.recv(max_bytes)
-            except BlockingIOError:
+            if wait_first:
                 self._unyielded = 0
                 if deadline == math.inf:
                     await trio.lowlevel.wait_readable(self.socket)
-                    continue
-                with trio.move_on_at(deadline):
-                    await trio.lowlevel.wait_readable(self.socket)
-                    continue
-                return None
+                else:
+                    with trio.move_on_at(deadline) as scope:
+                        await trio.lowlevel.wait_readable(self.socket)
+                    if scope.cancelled_caught:
+                        return None
+            try:
+                data = self.socket.recv(max_bytes)
+            except BlockingIOError:
+                wait_first = True
+                continue
             except OSError as error:
                 raise _broken(error) from None
-            await self._after_ready_call()
+            if not wait_first:
+                await self._after_ready_call()
             return data
 
     async def send_by(self, data: bytes | bytearray | memoryview, deadline: float) -> bool:
@@ -88,6 +96,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
                     return False
                 except OSError as error:
                     raise _broken(error) from None
+        self._answer_pending = True
         await self._after_ready_call()
         return True
 
