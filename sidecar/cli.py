@@ -10,13 +10,10 @@ import json
 import os
 import socket
 import sys
-import urllib.request
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any, TypeVar
 
 import click
-import tomli_w
 import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
@@ -33,11 +30,12 @@ EXIT_CONFIG_ERROR = 2
 _F = TypeVar("_F", bound=Callable[..., object])
 
 
-def _version() -> str:
-    try:
-        return metadata.version("sidecar")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
+def _urlopen(url: str, timeout: float) -> Any:
+    # Imported here: urllib.request pulls in the email and http packages, RSS that a
+    # running sidecar (which never makes an HTTP request) should not carry.
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=timeout)
 
 
 def config_option(f: _F) -> _F:
@@ -64,7 +62,8 @@ def _load(config_path: str) -> Config:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(_version(), "-V", "--version", prog_name="sidecar")
+# The version is looked up only when asked for: importlib.metadata costs ~1 MiB of RSS.
+@click.version_option(None, "-V", "--version", package_name="sidecar", prog_name="sidecar")
 def main() -> None:
     """Local SMTP-to-PROXY sidecar: delivers each message to its MX through an HAProxy egress
     with the binding's source address."""
@@ -78,6 +77,8 @@ def check(config_path: str) -> None:
     Exits 0 when valid, 2 with "error: <key path>: <problem>" on stderr when not.
     """
     config = _load(config_path)
+    import tomli_w
+
     click.echo(tomli_w.dumps(config_to_dict(config)), nl=False)
 
 
@@ -192,7 +193,7 @@ def probe(config_path: str, timeout: float) -> None:
     if config.status.address is not None:
         url = f"http://{config.status.address}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with _urlopen(url, timeout) as response:
                 response.read()
         except (OSError, ValueError) as e:  # HTTPError (503 while shutting down) is an OSError
             click.echo(f"{url}: {e}", err=True)
@@ -212,7 +213,7 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo("error: status.address is not set in the configuration", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
     try:
-        with urllib.request.urlopen(f"http://{address}/status", timeout=5) as response:
+        with _urlopen(f"http://{address}/status", 5) as response:
             data = json.load(response)
     except (OSError, ValueError) as e:
         click.echo(f"error: no status from http://{address}/status: {e}", err=True)

@@ -112,6 +112,24 @@ def _lost(what: str) -> Reply:
 
 
 class Session:
+    # A thousand idle sessions should cost little memory (issue 6: <= 40 MiB in all).
+    __slots__ = (
+        "_command_deadline",
+        "_last_proxy_error",
+        "client",
+        "config",
+        "context",
+        "errors",
+        "greeted",
+        "id",
+        "listener",
+        "out",
+        "reader",
+        "stream",
+        "txn",
+        "upstream",
+    )
+
     def __init__(
         self, stream: trio.abc.Stream, client: str, listener: Listener, context: ServerContext
     ) -> None:

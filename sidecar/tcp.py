@@ -38,6 +38,8 @@ def _broken(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceErr
 class TcpStream(trio.abc.HalfCloseableStream):
     """A :class:`trio.abc.HalfCloseableStream` over a connected, non-blocking TCP socket."""
 
+    __slots__ = ("_answer_pending", "_unyielded", "socket")
+
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.socket = sock
