@@ -56,6 +56,7 @@ DNS = "127.0.9.2"
 EGRESS = "127.0.9.3"
 FRONT = "127.0.9.4"
 SIDECAR_ADDRESS = "127.0.9.5"
+WORKERS_ADDRESS = "127.0.9.6"  # a second sidecar, with server.workers = --workers
 SOURCE = "127.0.9.44"
 MX_PORT, DNS_PORT, EGRESS_PORT, FRONT_PORT, SIDECAR_PORT = 10025, 5353, 5000, 2526, 2525
 
@@ -107,9 +108,16 @@ def started(
         log.close()
 
 
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
 def cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (the workers of a supervisor)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children(pid))
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
@@ -144,7 +152,7 @@ def run_load(load: Load, host: str, port: int, timeout: float = 900.0) -> float:
     return elapsed
 
 
-def write_configs(workdir: Path) -> None:
+def write_configs(workdir: Path, workers: int = 2) -> None:
     (workdir / "egress.cfg").write_text(
         HAPROXY_COMMON
         + f"""frontend egress
@@ -167,13 +175,18 @@ backend egress
     server egress {EGRESS}:{EGRESS_PORT} send-proxy-v2
 """
     )
-    (workdir / "sidecar.toml").write_text(
-        f"""[server]
+    (workdir / "sidecar.toml").write_text(sidecar_config(SIDECAR_ADDRESS, 1))
+    (workdir / "sidecar-workers.toml").write_text(sidecar_config(WORKERS_ADDRESS, workers))
+
+
+def sidecar_config(address: str, workers: int) -> str:
+    return f"""[server]
 hostname = "sidecar.bench.test"
 max_connections = 8000
+workers = {workers}
 
 [[listener]]
-address = "{SIDECAR_ADDRESS}:{SIDECAR_PORT}"
+address = "{address}:{SIDECAR_PORT}"
 binding = "b1"
 
 [dns]
@@ -191,7 +204,6 @@ health_check_interval = 5
 ha_proxy_server = "{EGRESS}:{EGRESS_PORT}"
 ha_proxy_src_addr = "{SOURCE}"
 """
-    )
 
 
 # The latency client's envelope (dnsmasq resolves bench.test to the MX).
@@ -200,6 +212,11 @@ EHLO = f"EHLO {HELO}\r\n".encode()
 MAIL = f"MAIL FROM:<{SENDER}>\r\n".encode()
 RCPT = f"RCPT TO:<{RECIPIENT}>\r\n".encode()
 ISSUE_RSS_TARGET_MIB = 40
+
+
+def workers_path(workers: int) -> str:
+    """The name (and column) of the second sidecar, the one with server.workers."""
+    return f"sidecar x{workers}"
 
 
 class SmtpError(RuntimeError):
@@ -401,6 +418,7 @@ class Plan:
     soak_messages: int
     soak_interval: float
     profile: str | None
+    workers: int  # of the second sidecar (server.workers); 1: no second sidecar
 
 
 def throughput_loads(messages: int, big: int) -> list[Load]:
@@ -432,6 +450,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--soak-messages", type=int, help="sidecar soak (default 100000, --quick 10000)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="server.workers of a second sidecar in the throughput table (1: none; default 2)",
+    )
     for part in ("throughput", "latency", "idle", "soak"):
         parser.add_argument(f"--no-{part}", action="store_true", help=f"skip the {part} part")
     return parser.parse_args()
@@ -461,6 +485,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         soak_messages=count(args.soak_messages, args.no_soak, 10_000, 100_000),
         soak_interval=0.5 if quick else 2.0,
         profile=args.profile,
+        workers=1 if args.profile else args.workers,
     )
 
 
@@ -474,13 +499,13 @@ def missing_prerequisite() -> str | None:
 
 
 @contextmanager
-def services(workdir: Path, profile: str | None) -> Iterator[int]:
-    """smtp-sink, dnsmasq, both HAProxies and the sidecar; yields the sidecar's pid."""
+def services(workdir: Path, profile: str | None, workers: int) -> Iterator[dict[str, int]]:
+    """smtp-sink, dnsmasq, both HAProxies and the sidecars; yields their pids by path."""
     profiler: list[str] = []
     if profile:
         py_spy = ROOT / ".venv" / "bin" / "py-spy"
         profiler = [str(py_spy), "record", "-r", "250", "-f", "raw", "-o", profile, "--"]
-    write_configs(workdir)
+    write_configs(workdir, workers)
     dnsmasq = [
         "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
         "--bind-interfaces", f"--listen-address={DNS}", f"--port={DNS_PORT}",
@@ -501,13 +526,20 @@ def services(workdir: Path, profile: str | None) -> Iterator[int]:
             signal.SIGINT if profiler else signal.SIGTERM,  # py-spy writes on SIGINT
         ) as sidecar_pid,
     ):
-        yield sidecar_pid
+        if workers == 1:
+            yield {"sidecar": sidecar_pid}
+            return
+        argv = [str(SIDECAR), "run", "-c", "sidecar-workers.toml", "--log-level", "warning"]
+        ready = (WORKERS_ADDRESS, SIDECAR_PORT)
+        with started(argv, "sidecar-workers", workdir, ready) as workers_pid:
+            yield {"sidecar": sidecar_pid, workers_path(workers): workers_pid}
 
 
 @dataclass
 class Results:
     throughput: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    cpu: dict[str, float] = field(default_factory=dict)  # sidecar CPU s per throughput load
+    # CPU seconds of each sidecar path per throughput load and round
+    cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     peak_rss: int = 0  # VmHWM after the throughput loads, KiB
     latency: dict[str, list[float]] | None = None
     idle: IdleRss | None = None
@@ -515,24 +547,26 @@ class Results:
 
 
 def run_throughput(
-    plan: Plan, paths: dict[str, tuple[str, int]], sidecar_pid: int, results: Results
+    plan: Plan, paths: dict[str, tuple[str, int]], pids: dict[str, int], results: Results
 ) -> None:
     for load in plan.loads:
         progress(f"throughput: {load.name}")
         for _ in range(plan.rounds):
             for path, (host, port) in paths.items():
-                before = cpu_seconds(sidecar_pid)
+                before = cpu_seconds(pids[path]) if path in pids else 0.0
                 seconds = run_load(load, host, port)
-                if path == "sidecar":
-                    results.cpu[load.name] = cpu_seconds(sidecar_pid) - before
+                if path in pids:
+                    used = cpu_seconds(pids[path]) - before
+                    results.cpu.setdefault((load.name, path), []).append(used)
                 results.throughput.setdefault((load.name, path), []).append(seconds)
-    results.peak_rss = rss_kib(sidecar_pid, "VmHWM")
+    results.peak_rss = rss_kib(pids["sidecar"], "VmHWM")
 
 
-def run_plan(plan: Plan, paths: dict[str, tuple[str, int]], sidecar_pid: int) -> Results:
+def run_plan(plan: Plan, paths: dict[str, tuple[str, int]], pids: dict[str, int]) -> Results:
+    sidecar_pid = pids["sidecar"]
     results = Results()
     if plan.loads:
-        run_throughput(plan, paths, sidecar_pid, results)
+        run_throughput(plan, paths, pids, results)
     if plan.latency_messages:
         progress(f"latency: {plan.latency_messages} messages per path")
         latency_paths = {name: paths[name] for name in ("direct", "chain", "sidecar")}
@@ -566,13 +600,15 @@ def main() -> int:
         "chain": (FRONT, FRONT_PORT),
         "direct": (MX, MX_PORT),
     }
+    if plan.workers > 1:
+        paths[workers_path(plan.workers)] = (WORKERS_ADDRESS, SIDECAR_PORT)
     if plan.profile:
         paths = {"sidecar": paths["sidecar"]}
     with (
         tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp,
-        services(Path(tmp), plan.profile) as sidecar_pid,
+        services(Path(tmp), plan.profile, plan.workers) as pids,
     ):
-        results = run_plan(plan, paths, sidecar_pid)
+        results = run_plan(plan, paths, pids)
     if plan.profile:
         print(f"collapsed stacks in {plan.profile}")
         return 0
@@ -589,7 +625,7 @@ def report(plan: Plan, results: Results) -> list[str]:
         f"{os.cpu_count()} cores, python {platform.python_version()}{rounds}",
     ]
     if plan.loads:
-        lines += report_throughput(plan.loads, results)
+        lines += report_throughput(plan.loads, results, plan.workers)
     if results.latency is not None:
         lines += report_latency(results.latency)
     if results.idle is not None:
@@ -599,28 +635,33 @@ def report(plan: Plan, results: Results) -> list[str]:
     return lines
 
 
-def report_throughput(loads: list[Load], results: Results) -> list[str]:
-    lines = [
-        "",
-        f"{'load':48} {'direct':>10} {'chain':>10} {'sidecar':>10} {'vs chain':>9}"
-        f" {'CPU s/1000':>11}",
-    ]
+def report_throughput(loads: list[Load], results: Results, workers: int) -> list[str]:
+    """One row per load: each path's rate, and for each sidecar its ratio to the chain and
+    its CPU seconds per 1000 messages (all its processes)."""
+    sidecars = ["sidecar"] + ([workers_path(workers)] if workers > 1 else [])
+    header = f"{'load':48} {'direct':>8} {'chain':>8}"
+    for path in sidecars:
+        header += f" | {path:>12} {'vs chain':>8} {'CPU/1000':>8}"
+    lines = ["", header]
     for load in loads:
         rates = {}
-        for path in ("direct", "chain", "sidecar"):
+        for path in ("direct", "chain", *sidecars):
             seconds = statistics.median(results.throughput[(load.name, path)])
             if load.size >= 1024 * 1024:
                 rates[path] = load.messages * load.size / seconds / 1e6  # MB/s
             else:
                 rates[path] = load.messages / seconds  # msg/s
         unit = "MB/s" if load.size >= 1024 * 1024 else "msg/s"
-        per_1000 = results.cpu.get(load.name, 0.0) / load.messages * 1000
-        lines.append(
-            f"{load.name:48} {rates['direct']:>10.1f} {rates['chain']:>10.1f} "
-            f"{rates['sidecar']:>10.1f} {rates['sidecar'] / rates['chain']:>8.2f}x "
-            f"{per_1000:>11.2f}  ({unit})"
-        )
-    lines += ["", f"sidecar peak RSS: {mib(results.peak_rss)} MiB"]
+        row = f"{load.name:48} {rates['direct']:>8.1f} {rates['chain']:>8.1f}"
+        for path in sidecars:
+            per_1000 = statistics.median(results.cpu[(load.name, path)]) / load.messages * 1000
+            row += f" | {rates[path]:>12.1f} {rates[path] / rates['chain']:>7.2f}x {per_1000:>8.2f}"
+        lines.append(f"{row}  ({unit})")
+    lines += [
+        "",
+        "CPU/1000: the sidecar's CPU seconds per 1000 messages, all its processes together.",
+        f"sidecar peak RSS (one process): {mib(results.peak_rss)} MiB",
+    ]
     return lines
 
 
