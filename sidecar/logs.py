@@ -74,6 +74,11 @@ def _text_value(value: object) -> str:
     return text
 
 
+def transaction_logging() -> bool:
+    """Whether transaction lines are logged (callers skip building them when not)."""
+    return transaction_log.isEnabledFor(logging.INFO)
+
+
 def log_transaction(fields: Mapping[str, object]) -> None:
     """One INFO line for one transaction: ``key=value`` pairs in text, the fields in JSON."""
     if not transaction_log.isEnabledFor(logging.INFO):

@@ -19,7 +19,7 @@ import trio
 
 from sidecar.config import Config, Listener
 from sidecar.health import HealthRegistry
-from sidecar.logs import log_transaction
+from sidecar.logs import log_transaction, transaction_logging
 from sidecar.metrics import RECIPIENT_OUTCOMES, Metrics, outcome_of, recipient_outcome
 from sidecar.pool import UpstreamPool
 from sidecar.routing import Route, RouteError, Router
@@ -336,7 +336,7 @@ class Session:
                 await self.error(reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
                 return
         self.txn = Transaction(mail)
-        self.queue(reply(250, "2.1.0", "Sender OK"))
+        self.queue(replies.SENDER_OK)
 
     async def do_rset(self, command: Command) -> None:
         await self._reset()
@@ -475,7 +475,7 @@ class Session:
             txn.accepted += 1
             txn.route = route
             if not txn.via and self.upstream is not None:
-                txn.via = self._describe_upstream(route, self.upstream)
+                txn.via = self._describe_upstream(self.upstream)
         return answer
 
     async def _replay(
@@ -619,16 +619,20 @@ class Session:
         self.queue(answer)
         return answer
 
-    def _describe_upstream(self, route: Route, upstream: Upstream) -> dict[str, object]:
-        candidate = upstream.candidate
-        return {
-            "binding": route.binding.name,
-            "proxy": str(upstream.server) if upstream.server is not None else "direct",
-            "source": str(candidate.source) if candidate.source is not None else None,
-            "mx": candidate.mx,
-            "mx_address": str(candidate.address),
-            "tls": upstream.tls,
-        }
+    def _describe_upstream(self, upstream: Upstream) -> dict[str, object]:
+        """The log line's fields about the upstream, worked out once per connection."""
+        if upstream.description is None:
+            candidate = upstream.candidate
+            assert upstream.route_key is not None
+            upstream.description = {
+                "binding": upstream.route_key[0],
+                "proxy": str(upstream.server) if upstream.server is not None else "direct",
+                "source": str(candidate.source) if candidate.source is not None else None,
+                "mx": candidate.mx,
+                "mx_address": str(candidate.address),
+                "tls": upstream.tls,
+            }
+        return upstream.description
 
     def _end_transaction(self, txn: Transaction, final: Reply | None) -> None:
         """Count the transaction and write its one log line (once)."""
@@ -637,6 +641,8 @@ class Session:
         txn.logged = True
         outcome = "aborted" if final is None else outcome_of(final.code)
         self.context.metrics.transactions[outcome] += 1
+        if not transaction_logging():
+            return
         counts = txn.recipient_outcomes
         log_transaction(
             {

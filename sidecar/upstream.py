@@ -78,6 +78,7 @@ class Upstream:
     closed: bool = False
     metrics: Metrics | None = None
     transactions: int = 0  # final replies received: how often it was used
+    description: dict[str, object] | None = None  # for log lines, made on first use
 
     async def read_reply(self, timeout: float) -> Reply:
         deadline = trio.current_time() + timeout
