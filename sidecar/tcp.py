@@ -11,6 +11,7 @@ others, it yields to the scheduler after every few calls that did not wait.
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import math
 import socket
@@ -29,6 +30,74 @@ _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 ACCEPT_PAUSE = 0.1
 
 
+class Timeouts:
+    """Deadlines for :class:`TcpStream` waits, cheaper than a cancel scope per wait.
+
+    Entering and leaving a cancel scope costs 5-10 us; the sidecar waits about 8 times per
+    message with a deadline, which came to some 10% of its CPU. Here a wait puts its stream
+    in a bucket RESOLUTION seconds wide and takes it out again when the wait ends, and one
+    system task per trio run (:meth:`run`) sweeps the expired buckets every RESOLUTION
+    seconds: ``notify_closing`` wakes those waits with ClosedResourceError, which the stream
+    turns into its timeout. A timeout fires at most RESOLUTION late; SMTP timeouts are
+    seconds to minutes.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, set[TcpStream]] = {}
+        self._keys: list[int] = []  # heap of bucket keys (some may be gone already)
+        self.running = True
+
+    def add(self, stream: TcpStream, deadline: float) -> int:
+        key = math.ceil(deadline / RESOLUTION)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = set()
+            heapq.heappush(self._keys, key)
+        bucket.add(stream)
+        return key
+
+    def discard(self, stream: TcpStream, key: int) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.discard(stream)
+            if not bucket:
+                del self._buckets[key]
+
+    def expire(self, now: float | None = None) -> None:
+        """End every wait whose deadline is at or before ``now`` (``None``: every wait)."""
+        due = None if now is None else math.floor(now / RESOLUTION)
+        while self._keys and (due is None or self._keys[0] <= due):
+            for stream in self._buckets.pop(heapq.heappop(self._keys), ()):
+                stream._expire()
+
+    async def run(self) -> None:
+        """Sweep until the trio run ends."""
+        try:
+            while True:
+                await trio.sleep(RESOLUTION)
+                self.expire(trio.current_time())
+        finally:
+            self.running = False  # later waits use cancel scopes
+            self.expire()  # nothing may wait for a sweep that will not come
+
+
+def _current_timeouts() -> Timeouts | None:
+    """This trio run's sweeper, started on first use; ``None`` once it has stopped."""
+    timeouts = _timeouts.get()
+    if timeouts is None:
+        timeouts = Timeouts()
+        _timeouts.set(timeouts)
+        trio.lowlevel.spawn_system_task(timeouts.run, name="sidecar.tcp.Timeouts.run")
+    return timeouts if timeouts.running else None
+
+
+RESOLUTION = 0.1  # seconds: how late a TcpStream timeout may fire
+_Wait = Callable[[socket.socket], Awaitable[None]]  # trio.lowlevel.wait_readable/_writable
+_timeouts: trio.lowlevel.RunVar[Timeouts | None] = trio.lowlevel.RunVar(
+    "sidecar_timeouts", default=None
+)
+
+
 def _broken(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     if error.errno == errno.EBADF:
         return trio.ClosedResourceError("the socket was closed")
@@ -38,7 +107,7 @@ def _broken(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceErr
 class TcpStream(trio.abc.HalfCloseableStream):
     """A :class:`trio.abc.HalfCloseableStream` over a connected, non-blocking TCP socket."""
 
-    __slots__ = ("_answer_pending", "_unyielded", "socket")
+    __slots__ = ("_answer_pending", "_timed_out", "_unyielded", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -47,6 +116,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         # After a send, the peer's answer is almost never there yet: the next receive waits
         # for it rather than first paying for a recv() that fails.
         self._answer_pending = False
+        self._timed_out = False
 
     async def _after_ready_call(self) -> None:
         self._unyielded += 1
@@ -54,20 +124,42 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._unyielded = 0
             await trio.lowlevel.checkpoint()
 
+    async def _wait(self, wait: _Wait, deadline: float) -> bool:
+        """Wait until the socket is ready (``True``) or ``deadline`` has passed (``False``)."""
+        self._unyielded = 0
+        if deadline == math.inf:
+            await wait(self.socket)
+            return True
+        timeouts = _current_timeouts()
+        if timeouts is None or deadline <= trio.current_time():
+            with trio.move_on_at(deadline) as scope:
+                await wait(self.socket)
+            return not scope.cancelled_caught
+        self._timed_out = False
+        key = timeouts.add(self, deadline)
+        try:
+            await wait(self.socket)
+        except trio.ClosedResourceError:
+            if self._timed_out:
+                return False
+            raise
+        finally:
+            timeouts.discard(self, key)
+        return True
+
+    def _expire(self) -> None:
+        """Called by :class:`Timeouts`: end the current wait as timed out."""
+        self._timed_out = True
+        if self.socket.fileno() != -1:
+            trio.lowlevel.notify_closing(self.socket)
+
     async def receive_by(self, max_bytes: int, deadline: float) -> bytes | None:
         """Up to ``max_bytes`` (``b""`` at end of stream), or ``None`` if nothing arrived
         by ``deadline`` (trio time)."""
         wait_first, self._answer_pending = self._answer_pending, False
         while True:
-            if wait_first:
-                self._unyielded = 0
-                if deadline == math.inf:
-                    await trio.lowlevel.wait_readable(self.socket)
-                else:
-                    with trio.move_on_at(deadline) as scope:
-                        await trio.lowlevel.wait_readable(self.socket)
-                    if scope.cancelled_caught:
-                        return None
+            if wait_first and not await self._wait(trio.lowlevel.wait_readable, deadline):
+                return None
             try:
                 data = self.socket.recv(max_bytes)
             except BlockingIOError:
@@ -88,14 +180,8 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 try:
                     sent += self.socket.send(view[sent:])
                 except BlockingIOError:
-                    self._unyielded = 0
-                    if deadline == math.inf:
-                        await trio.lowlevel.wait_writable(self.socket)
-                        continue
-                    with trio.move_on_at(deadline):
-                        await trio.lowlevel.wait_writable(self.socket)
-                        continue
-                    return False
+                    if not await self._wait(trio.lowlevel.wait_writable, deadline):
+                        return False
                 except OSError as error:
                     raise _broken(error) from None
         self._answer_pending = True
