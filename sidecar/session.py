@@ -36,7 +36,7 @@ from sidecar.smtp.commands import (
 from sidecar.smtp.data import DataScanner
 from sidecar.smtp.lines import LineReader, LineTooLong
 from sidecar.smtp.replies import Reply, reply
-from sidecar.tcp import receive_by, send_by
+from sidecar.tcp import TcpStream, receive_by, send_by
 from sidecar.upstream import Upstream, UpstreamError, UpstreamLost, open_upstream
 
 log = logging.getLogger("sidecar.session")
@@ -65,14 +65,18 @@ class ServerContext:
     metrics: Metrics = field(default_factory=Metrics)
     pool: UpstreamPool | None = None  # idle upstreams shared by sessions (None: no reuse)
     shutting_down: trio.Event = field(default_factory=trio.Event)
-    # Sessions waiting for a command between transactions: a shutdown ends them at once.
-    idle_sessions: set[trio.CancelScope] = field(default_factory=set)
+    # Sessions waiting for a command between transactions (their stream, or a cancel scope
+    # around the wait for other streams): a shutdown ends those waits at once.
+    idle_sessions: set[TcpStream | trio.CancelScope] = field(default_factory=set)
 
     def begin_shutdown(self) -> None:
         """Idle sessions get 421 and close now; a transaction in progress may finish."""
         self.shutting_down.set()
-        for scope in self.idle_sessions:
-            scope.cancel()
+        for idle in self.idle_sessions:
+            if isinstance(idle, TcpStream):
+                idle.interrupt()
+            else:
+                idle.cancel()
 
 
 @dataclass
@@ -175,7 +179,9 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _CloseSession from None
         if data is None:
-            self.queue(replies.TIMEOUT)
+            # A shutdown interrupts idle waits the way a deadline does.
+            shutdown = self.context.shutting_down.is_set()
+            self.queue(replies.SHUTTING_DOWN if shutdown else replies.TIMEOUT)
             await self.flush()
             raise _CloseSession
         if not data:
@@ -193,6 +199,17 @@ class Session:
         deadline = self._command_deadline
         if self.txn is not None:
             return await self.receive(timeout, deadline)
+        if isinstance(self.stream, TcpStream):
+            # No cancel scope: a shutdown interrupts the stream's wait like its deadline.
+            if self.context.shutting_down.is_set():
+                self.queue(replies.SHUTTING_DOWN)
+                await self.flush()
+                raise _CloseSession
+            self.context.idle_sessions.add(self.stream)
+            try:
+                return await self.receive(timeout, deadline)
+            finally:
+                self.context.idle_sessions.discard(self.stream)
         # One scope for both ways an idle wait ends early: the deadline, and a shutdown.
         with trio.CancelScope(deadline=deadline) as idle:
             if self.context.shutting_down.is_set():

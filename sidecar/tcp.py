@@ -68,7 +68,7 @@ class Timeouts:
         due = None if now is None else math.floor(now / RESOLUTION)
         while self._keys and (due is None or self._keys[0] <= due):
             for stream in self._buckets.pop(heapq.heappop(self._keys), ()):
-                stream._expire()
+                stream.interrupt()
 
     async def run(self) -> None:
         """Sweep until the trio run ends."""
@@ -130,12 +130,17 @@ class TcpStream(trio.abc.HalfCloseableStream):
         if deadline == math.inf:
             await wait(self.socket)
             return True
+        self._timed_out = False
         timeouts = _current_timeouts()
         if timeouts is None or deadline <= trio.current_time():
             with trio.move_on_at(deadline) as scope:
-                await wait(self.socket)
+                try:
+                    await wait(self.socket)
+                except trio.ClosedResourceError:
+                    if self._timed_out:
+                        return False
+                    raise
             return not scope.cancelled_caught
-        self._timed_out = False
         key = timeouts.add(self, deadline)
         try:
             await wait(self.socket)
@@ -147,8 +152,9 @@ class TcpStream(trio.abc.HalfCloseableStream):
             timeouts.discard(self, key)
         return True
 
-    def _expire(self) -> None:
-        """Called by :class:`Timeouts`: end the current wait as timed out."""
+    def interrupt(self) -> None:
+        """End the current wait (if any) as if its deadline had passed: :class:`Timeouts`
+        calls this, and so does a shutdown for sessions waiting between transactions."""
         self._timed_out = True
         if self.socket.fileno() != -1:
             trio.lowlevel.notify_closing(self.socket)

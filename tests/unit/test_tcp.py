@@ -100,7 +100,7 @@ def test_expire_ends_only_the_due_waits() -> None:
     class Stub:
         expired = 0
 
-        def _expire(self) -> None:
+        def interrupt(self) -> None:
             self.expired += 1
 
     timeouts = Timeouts()
