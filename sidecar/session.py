@@ -36,7 +36,7 @@ from sidecar.smtp.commands import (
 from sidecar.smtp.data import DataScanner
 from sidecar.smtp.lines import LineReader, LineTooLong
 from sidecar.smtp.replies import Reply, reply
-from sidecar.tcp import TcpStream, receive_by, send_by
+from sidecar.tcp import TcpStream, close_now, receive_by, send_by
 from sidecar.upstream import Upstream, UpstreamError, UpstreamLost, open_upstream
 
 log = logging.getLogger("sidecar.session")
@@ -258,8 +258,7 @@ class Session:
                         await self._release_upstream()
                     else:
                         await self._drop_upstream(polite=False)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.stream)
+            await close_now(self.stream)
 
     async def _last_word(self, answer: Reply) -> None:
         """Send what is queued and ``answer``, best effort and briefly, before closing."""

@@ -19,7 +19,7 @@ from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities, reply
-from sidecar.tcp import TcpStream, receive_by, send_by, stream_from
+from sidecar.tcp import TcpStream, close_now, receive_by, send_by, stream_from
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -136,8 +136,7 @@ class Upstream:
     async def abort(self) -> None:
         """Close without QUIT; mid-DATA this makes the MX discard the partial message."""
         self.closed = True
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(self.stream)
+        await close_now(self.stream)
 
 
 async def _connect_via_proxy(
