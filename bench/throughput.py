@@ -12,7 +12,8 @@ The same run then measures, against the same processes:
   connect to the end-of-data reply. Reports p50 and p99 per path and the added latency against
   direct (difference of the percentiles).
 - idle sessions: the sidecar's VmRSS before and with 1000 open sessions that got their 220 and
-  an EHLO reply (issue target: <= 40 MiB).
+  an EHLO reply (issue target: <= 40 MiB), once on the just-started sidecar and once after the
+  throughput and latency loads (whose peaks leave the heap larger).
 - soak: 100 000 messages through the sidecar (smtp-source, 100 sessions, new connection per
   message, 2 KB) with its VmRSS sampled every 2 s: at ~10% of the run, at the end and the
   maximum (issue target: no growth), and CPU seconds per 1000 messages.
@@ -542,7 +543,8 @@ class Results:
     cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     peak_rss: int = 0  # VmHWM after the throughput loads, KiB
     latency: dict[str, list[float]] | None = None
-    idle: IdleRss | None = None
+    idle_fresh: IdleRss | None = None  # measured first, on the just-started sidecar
+    idle: IdleRss | None = None  # measured after the throughput and latency loads
     soak: Soak | None = None
 
 
@@ -565,6 +567,11 @@ def run_throughput(
 def run_plan(plan: Plan, paths: dict[str, tuple[str, int]], pids: dict[str, int]) -> Results:
     sidecar_pid = pids["sidecar"]
     results = Results()
+    if plan.idle_sessions:
+        progress(f"idle sessions on the fresh sidecar: {plan.idle_sessions}")
+        results.idle_fresh = measure_idle_rss(
+            sidecar_pid, SIDECAR_ADDRESS, SIDECAR_PORT, plan.idle_sessions
+        )
     if plan.loads:
         run_throughput(plan, paths, pids, results)
     if plan.latency_messages:
@@ -628,8 +635,8 @@ def report(plan: Plan, results: Results) -> list[str]:
         lines += report_throughput(plan.loads, results, plan.workers)
     if results.latency is not None:
         lines += report_latency(results.latency)
-    if results.idle is not None:
-        lines += report_idle(results.idle)
+    if results.idle is not None and results.idle_fresh is not None:
+        lines += report_idle(results.idle_fresh, results.idle)
     if results.soak is not None:
         lines += report_soak(results.soak)
     return lines
@@ -683,12 +690,18 @@ def report_latency(latencies: dict[str, list[float]]) -> list[str]:
     return lines
 
 
-def report_idle(idle: IdleRss) -> list[str]:
+def report_idle(fresh: IdleRss, loaded: IdleRss) -> list[str]:
+    def line(when: str, idle: IdleRss) -> str:
+        return (
+            f"  {when:34} {mib(idle.before_kib):>5} -> {mib(idle.with_sessions_kib):>5} MiB"
+            f" (opened and greeted in {idle.open_seconds:.1f} s)"
+        )
+
     return [
         "",
-        f"sidecar RSS: {mib(idle.before_kib)} MiB before, {mib(idle.with_sessions_kib)} MiB with"
-        f" {idle.sessions} idle sessions (target <= {ISSUE_RSS_TARGET_MIB} MiB;"
-        f" opened and greeted in {idle.open_seconds:.1f} s)",
+        f"sidecar RSS with {fresh.sessions} idle sessions (target <= {ISSUE_RSS_TARGET_MIB} MiB):",
+        line("just started:", fresh),
+        line("after the loads above:", loaded),
     ]
 
 
