@@ -89,6 +89,9 @@ def order_by_preference(
 
 def _reshuffled(result: MXResult) -> MXResult:
     """``result`` with hosts of equal preference in a new random order."""
+    preferences = [host.preference for host in result.hosts]
+    if len(set(preferences)) == len(preferences):
+        return result  # no two hosts to swap
     by_name = {host.name: host for host in result.hosts}
     order = order_by_preference([(host.preference, host.name) for host in result.hosts])
     return MXResult(result.domain, tuple(by_name[name] for _, name in order), result.implicit)

@@ -3,7 +3,7 @@ source address written in the PROXY header for each (DESIGN.md invariants 2 and 
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import itertools
 from collections.abc import Collection, Sequence
@@ -47,7 +47,7 @@ class Route:
     skipped: tuple[str, ...] = ()  # addresses left out, and why
     tls: TlsPolicy = "opportunistic"  # STARTTLS policy towards this domain's MX
 
-    @property
+    @functools.cached_property
     def key(self) -> RouteKey:
         """Two recipients share a transaction (and a connection) only when their keys are equal."""
         hosts = frozenset(host.name for host in self.mx.hosts)
@@ -58,6 +58,7 @@ class Route:
         return () if self.bypass else self.binding.ha_proxy_server
 
 
+@functools.lru_cache(maxsize=4096)
 def refused_destination(address: IPAddress) -> str | None:
     """Why an MX address must not be connected to by default, or ``None``."""
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
@@ -186,10 +187,17 @@ class Router:
                 mx = await self.resolver.resolve_mx(domain)
             except ResolutionError as error:
                 raise RouteError(error.reply) from None
-        route = self.candidates(domain, binding, bypass, mx)
-        return dataclasses.replace(route, tls=self.tls_policy(binding, group, domain))
+        tls = self.tls_policy(binding, group, domain)
+        return self.candidates(domain, binding, bypass, mx, tls)
 
-    def candidates(self, domain: str, binding: Binding, bypass: bool, mx: MXResult) -> Route:
+    def candidates(
+        self,
+        domain: str,
+        binding: Binding,
+        bypass: bool,
+        mx: MXResult,
+        tls: TlsPolicy = "opportunistic",
+    ) -> Route:
         delivery = self.config.delivery
         chosen: list[Candidate] = []
         skipped: list[str] = []
@@ -224,5 +232,6 @@ class Router:
             mx,
             tuple(chosen[: delivery.max_mx_addresses]),
             tuple(skipped),
+            tls,
         )
         return route
