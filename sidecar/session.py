@@ -86,6 +86,9 @@ class Transaction:
     recipients: int = 0
     accepted: int = 0
     mail_sent: bool = False  # MAIL replayed on the current upstream
+    # The MX's reply to a DATA sent along with the last RCPT (the client had pipelined its
+    # DATA after that RCPT), kept for when the client's DATA is handled.
+    data_reply: Reply | None = None
     broken: bool = False  # the upstream was lost after a recipient was accepted
     started: float = field(default_factory=trio.current_time)
     recipient_outcomes: dict[str, int] = field(
@@ -506,25 +509,39 @@ class Session:
             )
             self.upstream = upstream
             txn.mail_sent = False
+        txn.data_reply = None
+        mail_line = None
         if not txn.mail_sent:
             if _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8"):
                 return reply(553, "5.6.7", "The MX does not support SMTPUTF8")
             mail_line = txn.mail.to_line(
                 keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword])
             )
-            if upstream.supports("PIPELINING"):
-                # RFC 2920: MAIL and RCPT in one write, one round trip. After a refused MAIL
-                # the MX answers the RCPT with a 503, which is not passed on.
-                mail_answer, answer = await upstream.commands(mail_line, line)
-                if not mail_answer.is_positive:
-                    return mail_answer
+        if not upstream.supports("PIPELINING"):
+            if mail_line is not None:
+                answer = await upstream.command(mail_line)
+                if not answer.is_positive:
+                    return answer
                 txn.mail_sent = True
-                return answer
-            answer = await upstream.command(mail_line)
-            if not answer.is_positive:
-                return answer
+            return await upstream.command(line)
+        # RFC 2920: MAIL (if not sent yet), the RCPT and, when the client has already sent
+        # DATA after this RCPT, DATA too, in one write: one round trip. After a refused MAIL
+        # the MX answers the rest with 503s, which are not passed on.
+        with_data = self.reader.next_is(b"DATA\r\n")
+        lines = [line, b"DATA\r\n"] if with_data else [line]
+        if mail_line is not None:
+            lines.insert(0, mail_line)
+        answers = await upstream.commands(*lines)
+        data_reply = answers.pop() if with_data else None
+        if mail_line is not None:
+            mail_answer = answers.pop(0)
+            if not mail_answer.is_positive:
+                if data_reply is not None and data_reply.code == 354:
+                    await self._drop_upstream(polite=False)  # in data mode without a MAIL?
+                return mail_answer
             txn.mail_sent = True
-        return await upstream.command(line)
+        txn.data_reply = data_reply
+        return answers[0]
 
     # ---- DATA: relay to the end marker, pass the MX's final reply ---------------------------
 
@@ -536,6 +553,12 @@ class Session:
         if command.argument:
             await self.error(reply(501, "5.5.4", "DATA takes no argument"))
             return
+        early, txn.data_reply = txn.data_reply, None  # DATA already sent with the last RCPT
+        upstream = self.upstream
+        if early is not None and early.code == 354 and (not txn.accepted or txn.broken):
+            # The MX waits for data that will not come: it must not see an end of data.
+            await self._drop_upstream(polite=False)
+            upstream = None
         if not txn.accepted:
             if txn.recipients:
                 self.queue(replies.NO_VALID_RECIPIENTS)
@@ -543,14 +566,13 @@ class Session:
             else:
                 await self.error(reply(503, "5.5.1", "Need RCPT before DATA"))
             return
-        upstream = self.upstream
         if txn.broken or upstream is None or upstream.closed:
             self._end_transaction(txn, self._queued(_lost("before DATA")))
             await self._reset()
             return
         await self.flush()
         try:
-            answer = await upstream.command(b"DATA\r\n")
+            answer = early or await upstream.command(b"DATA\r\n")
         except UpstreamLost:
             await self._drop_upstream(polite=False)
             self._end_transaction(txn, self._queued(_lost("at DATA")))

@@ -126,6 +126,15 @@ class LineReader:
             return data[pos : lf - 1]
         return data[pos:lf]
 
+    def next_is(self, line: bytes) -> bool:
+        """Whether the next buffered line is ``line`` (terminator included, given in upper
+        case; compared case-insensitively), without consuming it. Lets a server see that a
+        pipelining client already sent its next command."""
+        if self._owed or self._discarding:
+            return False
+        start = self._pos
+        return self._data[start : start + len(line)].upper() == line
+
     def take_buffer(self) -> bytes:
         """Remove and return every byte buffered after the last returned line.
 

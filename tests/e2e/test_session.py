@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from .harness import (
+    MXConnection,
     MXFactory,
     RawSMTPClient,
     smtp_reply,
@@ -146,6 +147,107 @@ async def test_pipelined_envelope_in_one_write(relay_stack: RelayStackFactory) -
     await settle()
     assert len(mx.messages) == 1
     assert len(mx.connections) == 1
+
+
+def mx_commands(connection: MXConnection) -> list[tuple[bytes, bool]]:
+    """(verb, arrived pipelined) for each command the MX read on ``connection``."""
+    verbs = [command.split(b" ")[0] for command in connection.commands]
+    return list(zip(verbs, connection.pipelined, strict=True))
+
+
+async def test_data_pipelined_by_the_client_goes_to_the_mx_with_the_rcpt(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """A client that pipelines MAIL, RCPT and DATA (Postfix, Exim) costs one MX round trip
+    less per message: DATA goes out with the RCPT, and the 354 passed on is the MX's."""
+    stack = await relay_stack()
+    mx = stack.mx
+    async with await stack.client() as client:
+        await client.send(MAIL + b"\r\nRCPT TO:<one@example.test>\r\nDATA\r\n")
+        replies = [await client.read_reply() for _ in range(3)]
+        assert replies[0].startswith(b"250 2.1.0 ")
+        assert replies[1] == b"250 2.1.5 Ok\r\n"
+        assert replies[2] == b"354 End data with <CR><LF>.<CR><LF>\r\n"  # the MX's text
+        await client.send(BODY + b".\r\n")
+        final = await client.read_reply()
+        # A client that waits for each reply: DATA is sent when it arrives.
+        second = await deliver(client, [b"two@example.test"], b"second\r\n")
+    first_message, second_message = await mx.wait_for_messages(2)
+    assert final == first_message.reply and second == second_message.reply
+    assert first_message.data == BODY
+    assert mx_commands(mx.connections[0])[-6:] == [
+        (b"MAIL", False),
+        (b"RCPT", True),
+        (b"DATA", True),
+        (b"MAIL", False),
+        (b"RCPT", True),
+        (b"DATA", False),
+    ]
+
+
+async def test_pipelined_data_after_the_only_recipient_is_refused(
+    relay_stack: RelayStackFactory,
+) -> None:
+    stack = await relay_stack(
+        mxes=[{"replies": {"RCPT": smtp_reply(550, "5.1.1 <one@example.test>: no such user")}}]
+    )
+    mx = stack.mx
+    async with await stack.client() as client:
+        await client.send(MAIL + b"\r\nRCPT TO:<one@example.test>\r\nDATA\r\n")
+        replies = [await client.read_reply() for _ in range(3)]
+        assert replies[1].startswith(b"550 5.1.1 <one@example.test>")
+        assert replies[2].startswith(b"554 5.5.1 ")  # the MX refused the DATA too
+        assert (await client.command(b"RSET")).startswith(b"250 ")
+    await settle()
+    assert mx.messages == []
+    assert mx_commands(mx.connections[0])[-2:] == [(b"DATA", True), (b"RSET", False)]
+
+
+async def test_pipelined_data_after_a_refused_last_recipient_sends_the_message(
+    relay_stack: RelayStackFactory,
+) -> None:
+    def rcpt(line: bytes) -> bytes:
+        if b"two@" in line:
+            return smtp_reply(550, "5.1.1 no such user")
+        return smtp_reply(250, "2.1.5 Ok")
+
+    stack = await relay_stack(mxes=[{"replies": {"RCPT": rcpt}}])
+    async with await stack.client() as client:
+        await client.send(
+            MAIL + b"\r\nRCPT TO:<one@example.test>\r\nRCPT TO:<two@example.test>\r\nDATA\r\n"
+        )
+        replies = [await client.read_reply() for _ in range(4)]
+        assert [reply[:4] for reply in replies] == [b"250 ", b"250 ", b"550 ", b"354 "]
+        await client.send(BODY + b".\r\n")
+        final = await client.read_reply()
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert final == message.reply and final.startswith(b"250 ")
+    assert message.rcpt_to == [b"RCPT TO:<one@example.test>"]
+
+
+async def test_an_mx_that_waits_for_data_after_refusing_mail_is_dropped(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """A broken MX that answers a pipelined DATA with 354 after refusing MAIL waits for data:
+    that connection must not be reused (its next "MAIL" would become message text)."""
+    stack = await relay_stack(
+        mxes=[
+            {
+                "replies": {
+                    "MAIL": smtp_reply(550, "5.7.1 sender refused"),
+                    "DATA": smtp_reply(354, "go ahead"),
+                }
+            }
+        ]
+    )
+    mx = stack.mx
+    async with await stack.client() as client:
+        await client.send(MAIL + b"\r\nRCPT TO:<one@example.test>\r\nDATA\r\n")
+        replies = [await client.read_reply() for _ in range(3)]
+        assert replies[1].startswith(b"550 5.7.1 sender refused")
+        assert replies[2].startswith(b"554 5.5.1 ")
+        closed = await mx.wait_closed(0)
+        assert closed.commands[-1] == b"DATA" and mx.messages == []
 
 
 async def test_pipelined_whole_transaction_with_rset_and_second_mail(

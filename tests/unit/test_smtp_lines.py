@@ -264,3 +264,32 @@ def test_feed_accepts_bytearray() -> None:
     rest = reader.take_buffer()
     assert rest == b"body"
     assert type(rest) is bytes
+
+
+def test_next_is_peeks_at_the_next_line_without_taking_it() -> None:
+    reader = LineReader(100)
+    reader.feed(b"RCPT TO:<a@b.test>\r\ndata\r\nQUIT\r\n")
+    assert not reader.next_is(b"DATA\r\n")  # the RCPT comes first
+    assert reader.next_line() == b"RCPT TO:<a@b.test>"
+    assert reader.next_is(b"DATA\r\n")  # case-insensitive, terminator included
+    assert reader.next_line() == b"data"
+    assert not reader.next_is(b"DATA\r\n")
+    reader.next_line()
+    assert not reader.next_is(b"DATA\r\n")  # nothing buffered
+    reader.feed(b"DAT")
+    assert not reader.next_is(b"DATA\r\n")  # not all of it yet
+    reader.feed(b"A \r\n")
+    assert not reader.next_is(b"DATA\r\n")  # "DATA " is not "DATA"
+
+
+@given(st.lists(st.sampled_from([b"DATA\r\n", b"data\r\n", b"DATA\n", b"NOOP\r\n", b"DATA"])))
+def test_next_is_never_claims_a_line_that_next_line_does_not_return(parts: list[bytes]) -> None:
+    reader = LineReader(100)
+    reader.feed(b"".join(parts))
+    while True:
+        peeked = reader.next_is(b"DATA\r\n")
+        line = reader.next_line()
+        if peeked:
+            assert isinstance(line, bytes) and line.upper() == b"DATA"
+        if line is None:
+            break

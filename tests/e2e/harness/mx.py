@@ -137,6 +137,9 @@ class MXConnection:
     ehlo: str | None = None
     tls: bool = False
     commands: list[bytes] = field(default_factory=list)
+    # For each command: was it already received when the reply to the one before was sent
+    # (the client pipelined it)?
+    pipelined: list[bool] = field(default_factory=list)
     messages: list[MXMessage] = field(default_factory=list)
     discarded_before_tls: bytes = b""
     error: str | None = None
@@ -308,6 +311,7 @@ class _Session:
         self.connection = connection
         self.stream: trio.abc.Stream = stream
         self.buffer = bytearray()
+        self.line_was_buffered = False
         self.mail_from: bytes | None = None
         self.rcpt_to: list[bytes] = []
         self.handlers: dict[str, Callable[[bytes], Awaitable[bool]]] = {
@@ -329,6 +333,7 @@ class _Session:
 
     async def read_line(self) -> bytes | None:
         searched = 0
+        self.line_was_buffered = True
         while True:
             end = self.buffer.find(b"\n", searched)
             if end >= 0:
@@ -338,6 +343,7 @@ class _Session:
             searched = len(self.buffer)
             if searched > self.mx.max_line_length:
                 raise _LineTooLongError
+            self.line_was_buffered = False
             chunk = await self.stream.receive_some(_CHUNK)
             if not chunk:
                 return None
@@ -403,6 +409,7 @@ class _Session:
                 return
             command = line.rstrip(b"\r\n")
             self.connection.commands.append(command)
+            self.connection.pipelined.append(self.line_was_buffered)
             verb = command.split(b" ", 1)[0].upper().decode("ascii", "replace")
             if not in_service and verb != "QUIT":
                 await self.send(smtp_reply(503, "5.5.0 Error: no service"))
