@@ -10,7 +10,8 @@ The same run then measures, against the same processes:
 - latency: a small blocking raw-socket SMTP client sends messages one after another, one per
   connection, rotating over direct, chain and sidecar message by message; each is timed from
   connect to the end-of-data reply. Reports p50 and p99 per path and the added latency against
-  direct (difference of the percentiles).
+  direct (difference of the percentiles); once with one command at a time, once with MAIL,
+  RCPT and DATA pipelined in one write as Postfix and Exim send them.
 - idle sessions: the sidecar's VmRSS before and with 1000 open sessions that got their 220 and
   an EHLO reply (issue target: <= 40 MiB), once on the just-started sidecar and once after the
   throughput and latency loads (whose peaks leave the heap larger).
@@ -271,16 +272,22 @@ def message_data(size: int = 2048) -> bytes:
     return head + line * full + tail + b".\r\n"
 
 
-def timed_message(label: str, host: str, port: int, data: bytes) -> float:
-    """Seconds from connect to the end-of-data reply of one message on a new connection."""
+def timed_message(label: str, host: str, port: int, data: bytes, pipelined: bool) -> float:
+    """Seconds from connect to the end-of-data reply of one message on a new connection;
+    ``pipelined``: MAIL, RCPT and DATA in one write, as Postfix and Exim send them."""
     started_at = time.perf_counter()
     client = SmtpClient(label, host, port)
     try:
         client.expect(220)
         client.send(EHLO, 250)
-        client.send(MAIL, 250)
-        client.send(RCPT, 250)
-        client.send(b"DATA\r\n", 354)
+        if pipelined:
+            client.sock.sendall(MAIL + RCPT + b"DATA\r\n")
+            for code in (250, 250, 354):
+                client.expect(code)
+        else:
+            client.send(MAIL, 250)
+            client.send(RCPT, 250)
+            client.send(b"DATA\r\n", 354)
         client.send(data, 250)
         elapsed = time.perf_counter() - started_at
         client.send(b"QUIT\r\n", 221)
@@ -290,7 +297,7 @@ def timed_message(label: str, host: str, port: int, data: bytes) -> float:
 
 
 def measure_latency(
-    paths: dict[str, tuple[str, int]], count: int, warmup: int = 5
+    paths: dict[str, tuple[str, int]], count: int, pipelined: bool, warmup: int = 5
 ) -> dict[str, list[float]]:
     """Milliseconds per message for each path; the order rotates message by message so that
     drift (other load on the machine, caches) hits every path alike."""
@@ -298,12 +305,12 @@ def measure_latency(
     names = list(paths)
     for _ in range(warmup):
         for name in names:
-            timed_message(name, *paths[name], data)
+            timed_message(name, *paths[name], data, pipelined)
     latencies: dict[str, list[float]] = {name: [] for name in names}
     for index in range(count):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            latencies[name].append(timed_message(name, *paths[name], data) * 1000)
+            latencies[name].append(timed_message(name, *paths[name], data, pipelined) * 1000)
     return latencies
 
 
@@ -543,6 +550,7 @@ class Results:
     cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     peak_rss: int = 0  # VmHWM after the throughput loads, KiB
     latency: dict[str, list[float]] | None = None
+    latency_pipelined: dict[str, list[float]] | None = None
     idle_fresh: IdleRss | None = None  # measured first, on the just-started sidecar
     idle: IdleRss | None = None  # measured after the throughput and latency loads
     soak: Soak | None = None
@@ -577,7 +585,8 @@ def run_plan(plan: Plan, paths: dict[str, tuple[str, int]], pids: dict[str, int]
     if plan.latency_messages:
         progress(f"latency: {plan.latency_messages} messages per path")
         latency_paths = {name: paths[name] for name in ("direct", "chain", "sidecar")}
-        results.latency = measure_latency(latency_paths, plan.latency_messages)
+        results.latency = measure_latency(latency_paths, plan.latency_messages, False)
+        results.latency_pipelined = measure_latency(latency_paths, plan.latency_messages, True)
     if plan.idle_sessions:
         progress(f"idle sessions: {plan.idle_sessions}")
         results.idle = measure_idle_rss(
@@ -634,7 +643,9 @@ def report(plan: Plan, results: Results) -> list[str]:
     if plan.loads:
         lines += report_throughput(plan.loads, results, plan.workers)
     if results.latency is not None:
-        lines += report_latency(results.latency)
+        lines += report_latency(results.latency, "one command at a time")
+    if results.latency_pipelined is not None:
+        lines += report_latency(results.latency_pipelined, "MAIL, RCPT and DATA pipelined")
     if results.idle is not None and results.idle_fresh is not None:
         lines += report_idle(results.idle_fresh, results.idle)
     if results.soak is not None:
@@ -672,11 +683,11 @@ def report_throughput(loads: list[Load], results: Results, workers: int) -> list
     return lines
 
 
-def report_latency(latencies: dict[str, list[float]]) -> list[str]:
+def report_latency(latencies: dict[str, list[float]], client: str) -> list[str]:
     count = len(latencies["direct"])
     lines = [
         "",
-        "latency per message in ms, from connect to the end-of-data reply",
+        f"latency per message in ms, from connect to the end-of-data reply; client: {client}",
         f"({count} messages per path, 1 session, new connection each, 2 KB, paths rotated)",
         f"{'path':10} {'p50':>7} {'p99':>7} {'added p50':>10} {'added p99':>10}",
     ]
