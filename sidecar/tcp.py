@@ -132,25 +132,21 @@ class TcpStream(trio.abc.HalfCloseableStream):
             return True
         self._timed_out = False
         timeouts = _current_timeouts()
-        if timeouts is None or deadline <= trio.current_time():
-            with trio.move_on_at(deadline) as scope:
-                try:
-                    await wait(self.socket)
-                except trio.ClosedResourceError:
-                    if self._timed_out:
-                        return False
-                    raise
-            return not scope.cancelled_caught
-        key = timeouts.add(self, deadline)
         try:
-            await wait(self.socket)
+            if timeouts is None or deadline <= trio.current_time():
+                with trio.move_on_at(deadline) as scope:
+                    await wait(self.socket)
+                return not scope.cancelled_caught
+            key = timeouts.add(self, deadline)
+            try:
+                await wait(self.socket)
+            finally:
+                timeouts.discard(self, key)
+            return True
         except trio.ClosedResourceError:
-            if self._timed_out:
+            if self._timed_out:  # interrupt(): the deadline passed, or a shutdown
                 return False
             raise
-        finally:
-            timeouts.discard(self, key)
-        return True
 
     def interrupt(self) -> None:
         """End the current wait (if any) as if its deadline had passed: :class:`Timeouts`

@@ -52,6 +52,16 @@ def alive(pid: int) -> bool:
     return True
 
 
+async def start_workers(stack: CliStack, processes: Processes) -> SidecarProcess:
+    """``sidecar run`` with the stack's config, once it answers and both workers started."""
+    started = await processes.start(["run", "-c", str(stack.config_path)])
+    await wait_listening(stack.listener, started)
+    with trio.fail_after(10):
+        while len(worker_pids(started)) < 2:
+            await trio.sleep(0.05)
+    return started
+
+
 async def send_ok(stack: CliStack, count: int) -> None:
     for _ in range(count):
         result = await send(stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
@@ -91,11 +101,7 @@ async def test_a_worker_that_dies_is_restarted(
     cli_stack: CliStack, processes: Processes, addresses: Addresses
 ) -> None:
     with_workers(cli_stack, addresses)
-    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
-    await wait_listening(cli_stack.listener, started)
-    with trio.fail_after(10):
-        while len(worker_pids(started)) < 2:
-            await trio.sleep(0.05)
+    started = await start_workers(cli_stack, processes)
     killed = worker_pids(started)[1]
     os.kill(killed, signal.SIGKILL)
     await wait_for_log(started, "restarting it")
@@ -113,11 +119,7 @@ async def test_sighup_reaches_every_worker(
     cli_stack: CliStack, processes: Processes, addresses: Addresses
 ) -> None:
     with_workers(cli_stack, addresses)
-    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
-    await wait_listening(cli_stack.listener, started)
-    with trio.fail_after(10):
-        while len(worker_pids(started)) < 2:
-            await trio.sleep(0.05)
+    started = await start_workers(cli_stack, processes)
     await trio.sleep(0.5)  # both workers past start-up (their signal handlers installed)
     started.process.send_signal(signal.SIGHUP)
     await wait_for_log(started, "[worker 0] sidecar.server: configuration reloaded")
@@ -161,11 +163,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(
     cli_stack: CliStack, processes: Processes, addresses: Addresses
 ) -> None:
     with_workers(cli_stack, addresses)
-    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
-    await wait_listening(cli_stack.listener, started)
-    with trio.fail_after(10):
-        while len(worker_pids(started)) < 2:
-            await trio.sleep(0.05)
+    started = await start_workers(cli_stack, processes)
     started.process.kill()  # no chance to forward anything: the kernel tells the workers
     await started.process.wait()
     with trio.fail_after(10):
