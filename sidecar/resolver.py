@@ -23,7 +23,8 @@ import dns.resolver
 import trio
 
 from sidecar.config import DnsConfig
-from sidecar.smtp.replies import Reply, reply
+from sidecar.smtp import replies
+from sidecar.smtp.replies import Reply
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -55,22 +56,6 @@ class MXResult:
     domain: str
     hosts: tuple[MXHost, ...]  # in the order to try them
     implicit: bool = False  # no MX records: the domain's own addresses
-
-
-def nxdomain(domain: str) -> Reply:
-    return reply(550, "5.1.2", f"Domain {domain} does not exist")
-
-
-def no_mail_domain(domain: str) -> Reply:
-    return reply(550, "5.1.2", f"Domain {domain} has no mail exchanger and no address")
-
-
-def null_mx(domain: str) -> Reply:
-    return reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
-
-
-def dns_temporary(domain: str, why: str) -> Reply:
-    return reply(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why}), try later")
 
 
 # One generator: seeding a new one per call (from os.urandom) showed up in profiles.
@@ -149,11 +134,11 @@ class Resolver:
         try:
             answer = await self._query(domain, "MX", ttls)
         except dns.resolver.NXDOMAIN:
-            raise ResolutionError(nxdomain(domain)) from None
+            raise ResolutionError(replies.no_such_domain(domain)) from None
         except dns.resolver.NoAnswer:
             addresses = await self._host_addresses(domain, ttls)
             if not addresses:
-                raise ResolutionError(no_mail_domain(domain)) from None
+                raise ResolutionError(replies.no_mail_domain(domain)) from None
             return MXResult(domain, (MXHost(domain, 0, addresses),), implicit=True)
         records = [
             (int(rdata.preference), rdata.exchange.to_text(omit_final_dot=True).lower())
@@ -161,7 +146,7 @@ class Resolver:
         ]
         real = [(pref, host) for pref, host in records if host not in ("", ".")]
         if not real:
-            raise ResolutionError(null_mx(domain))
+            raise ResolutionError(replies.null_mx(domain))
         ordered = order_by_preference(real)[:MAX_MX_HOSTS]
         return MXResult(domain, await self._hosts_with_addresses(domain, ordered, ttls))
 
@@ -205,9 +190,7 @@ class Resolver:
         if not hosts:
             if failures:
                 raise failures[0]
-            raise ResolutionError(
-                reply(451, "4.4.3", f"No MX host of {domain} has an address, try later")
-            )
+            raise ResolutionError(replies.no_mx_address(domain))
         return hosts
 
     async def _host_addresses(self, host: str, ttls: list[int]) -> tuple[IPAddress, ...]:
@@ -230,7 +213,7 @@ class Resolver:
             nursery.start_soon(look_up, "AAAA")
         addresses = tuple(found["A"] + found["AAAA"])
         if not addresses and temporary:
-            raise ResolutionError(dns_temporary(host, "no answer for its addresses"))
+            raise ResolutionError(replies.dns_temporary(host, "no answer for its addresses"))
         return addresses
 
     async def _query(self, name: str, rdtype: str, ttls: list[int]) -> dns.resolver.Answer:
@@ -248,8 +231,8 @@ class Resolver:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             raise
         except dns.resolver.NoNameservers:
-            raise ResolutionError(dns_temporary(name, "SERVFAIL or refused")) from None
+            raise ResolutionError(replies.dns_temporary(name, "SERVFAIL or refused")) from None
         except dns.exception.Timeout:
-            raise ResolutionError(dns_temporary(name, "timeout")) from None
+            raise ResolutionError(replies.dns_temporary(name, "timeout")) from None
         except dns.exception.DNSException as error:
-            raise ResolutionError(dns_temporary(name, type(error).__name__)) from None
+            raise ResolutionError(replies.dns_temporary(name, type(error).__name__)) from None

@@ -13,7 +13,8 @@ from ipaddress import IPv4Address, IPv6Address
 from sidecar.config import Binding, Config, DomainPolicy, HostPort, Listener, TlsPolicy
 from sidecar.health import HealthRegistry
 from sidecar.resolver import MXHost, MXResult, ResolutionError, Resolver
-from sidecar.smtp.replies import Reply, reply
+from sidecar.smtp import replies
+from sidecar.smtp.replies import Reply
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -95,7 +96,7 @@ def hash_ranking(domain: str, members: Sequence[str]) -> list[str]:
 
 def unplumbed(binding: Binding) -> Reply:
     servers = ", ".join(str(server) for server in binding.ha_proxy_server)
-    return reply(451, "4.4.1", f"No HAProxy server of binding {binding.name} is up ({servers})")
+    return replies.binding_unplumbed(binding.name, servers)
 
 
 class Router:
@@ -157,9 +158,7 @@ class Router:
             and (self.is_bypass(member, group, domain) or self.has_plumbed_server(member))
         ]
         if not usable:
-            raise RouteError(
-                reply(451, "4.4.1", f"No binding of group {group} has an HAProxy server up")
-            )
+            raise RouteError(replies.group_unplumbed(group))
         if by_hash:
             return usable[0]
         for member in usable:
@@ -220,11 +219,7 @@ class Router:
                 chosen.append(Candidate(host.name, address, source))
         if not chosen:
             detail = "; ".join(skipped[:3]) or "no addresses"
-            raise RouteError(
-                reply(
-                    451, "4.4.4", f"No usable MX address for {domain} via {binding.name}: {detail}"
-                )
-            )
+            raise RouteError(replies.no_usable_mx_address(domain, binding.name, detail))
         route = Route(
             domain,
             binding,

@@ -35,7 +35,7 @@ from sidecar.smtp.commands import (
 )
 from sidecar.smtp.data import DataScanner
 from sidecar.smtp.lines import LineReader, LineTooLong
-from sidecar.smtp.replies import Reply, reply
+from sidecar.smtp.replies import Reply
 from sidecar.tcp import TcpStream, close_now, receive_by, send_by
 from sidecar.upstream import Upstream, UpstreamError, UpstreamLost, open_upstream
 
@@ -110,12 +110,6 @@ class _TryAnotherBinding:
 
 class _CloseSession(Exception):
     pass
-
-
-def _lost(what: str) -> Reply:
-    return reply(
-        451, "4.4.2", f"Connection to the MX lost {what}; message not delivered, try later"
-    )
 
 
 class Session:
@@ -231,7 +225,7 @@ class Session:
 
     async def run(self) -> None:
         try:
-            self.queue(reply(220, None, f"{self.config.server.hostname} ESMTP sidecar ready"))
+            self.queue(replies.service_ready(self.config.server.hostname))
             while True:
                 line = self.reader.next_line()
                 if line is None:
@@ -298,7 +292,7 @@ class Session:
 
     async def do_ehlo(self, command: Command) -> None:
         if not command.argument.strip():
-            await self.error(reply(501, "5.5.4", "EHLO needs a domain or address literal"))
+            await self.error(replies.EHLO_NEEDS_DOMAIN)
             return
         await self._reset()
         self.greeted = True
@@ -313,22 +307,22 @@ class Session:
             "SMTPUTF8",
             f"LIMITS RCPTMAX={server.max_recipients} RCPTDOMAINMAX=1",
         ]
-        self.queue(Reply(250, tuple(lines)))
+        self.queue(replies.ehlo_reply(lines[0], lines[1:]))
 
     async def do_helo(self, command: Command) -> None:
         if not command.argument.strip():
-            await self.error(reply(501, "5.5.4", "HELO needs a domain"))
+            await self.error(replies.HELO_NEEDS_DOMAIN)
             return
         await self._reset()
         self.greeted = True
-        self.queue(Reply(250, (self.config.server.hostname,)))
+        self.queue(replies.helo_reply(self.config.server.hostname))
 
     async def do_mail(self, command: Command) -> None:
         if not self.greeted:
-            await self.error(reply(503, "5.5.1", "Send EHLO or HELO first"))
+            await self.error(replies.NEED_HELLO)
             return
         if self.txn is not None:
-            await self.error(reply(503, "5.5.1", "Nested MAIL command"))
+            await self.error(replies.NESTED_MAIL)
             return
         try:
             mail = parse_mail_from(command.argument)
@@ -337,14 +331,14 @@ class Session:
             return
         for keyword, value in mail.params:
             if keyword not in MAIL_PARAMETER_CAPABILITY:
-                await self.error(reply(555, "5.5.4", f"Unsupported MAIL parameter {keyword}"))
+                await self.error(replies.unsupported_parameter("MAIL", keyword))
                 return
             if keyword == "SIZE":
                 # ASCII digits only: str.isdigit() also accepts "²" and other Unicode digits
                 # that int() refuses, and int() refuses more than 4300 digits; either used to
                 # raise out of the session and take the whole process down.
                 if value is None or not (value.isascii() and value.isdigit()):
-                    await self.error(reply(501, "5.5.4", "SIZE needs a number"))
+                    await self.error(replies.SIZE_NOT_A_NUMBER)
                     return
                 digits = value.lstrip("0") or "0"
                 too_big = len(digits) > MAX_SIZE_DIGITS
@@ -352,7 +346,7 @@ class Session:
                     self.queue(replies.MESSAGE_TOO_BIG)
                     return
             if keyword == "BODY" and (value or "").upper() not in BODY_VALUES:
-                await self.error(reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
+                await self.error(replies.BAD_BODY)
                 return
         self.txn = Transaction(mail)
         self.queue(replies.SENDER_OK)
@@ -385,7 +379,7 @@ class Session:
     async def do_rcpt(self, command: Command) -> None:
         txn = self.txn
         if txn is None:
-            await self.error(reply(503, "5.5.1", "Need MAIL before RCPT"))
+            await self.error(replies.NEED_MAIL_BEFORE_RCPT)
             return
         try:
             rcpt = parse_rcpt_to(command.argument)
@@ -393,14 +387,14 @@ class Session:
             await self.error(error.reply)
             return
         if rcpt.params:
-            await self.error(reply(555, "5.5.4", f"Unsupported RCPT parameter {rcpt.params[0][0]}"))
+            await self.error(replies.unsupported_parameter("RCPT", rcpt.params[0][0]))
             return
         if txn.recipients >= self.config.server.max_recipients:
             self._rcpt_reply(txn, replies.TOO_MANY_RECIPIENTS)
             return
         txn.recipients += 1
         if not rcpt.recipient.domain:
-            self._rcpt_reply(txn, reply(550, "5.1.1", "This relay needs a recipient with a domain"))
+            self._rcpt_reply(txn, replies.RECIPIENT_NEEDS_DOMAIN)
             return
         # Earlier pipelined replies go out now: the upstream set-up may take a while.
         await self.flush()
@@ -412,7 +406,7 @@ class Session:
         if answer is None:
             if self.upstream is not None:
                 await self._drop_upstream(polite=False)
-            answer = reply(451, "4.4.1", "Timed out setting up delivery to the MX, try later")
+            answer = replies.SETUP_TIMED_OUT
         self._rcpt_reply(txn, answer)
 
     def _rcpt_reply(self, txn: Transaction, answer: Reply) -> None:
@@ -449,7 +443,7 @@ class Session:
         if txn.route is not None and route.key != txn.route.key:
             return replies.OTHER_ROUTE
         if txn.broken:
-            return _lost("earlier in this transaction")
+            return replies.mx_connection_lost("earlier in this transaction")
         for attempt in (1, 2):
             upstream = self.upstream
             if upstream is not None and (upstream.closed or upstream.route_key != route.key):
@@ -478,7 +472,7 @@ class Session:
                     continue
                 if txn.accepted:
                     txn.broken = True
-                return _lost("while sending the envelope")
+                return replies.mx_connection_lost("while sending the envelope")
             if answer.code == 421 and stale_ok:
                 # Typically the MX's "421 timeout" sent while the connection sat idle.
                 log.info("session %s: kept upstream answered 421, reconnecting", self.id)
@@ -513,7 +507,7 @@ class Session:
         mail_line = None
         if not txn.mail_sent:
             if _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8"):
-                return reply(553, "5.6.7", "The MX does not support SMTPUTF8")
+                return replies.SMTPUTF8_NOT_SUPPORTED
             mail_line = txn.mail.to_line(
                 keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword])
             )
@@ -548,10 +542,10 @@ class Session:
     async def do_data(self, command: Command) -> None:
         txn = self.txn
         if txn is None:
-            await self.error(reply(503, "5.5.1", "Need MAIL before DATA"))
+            await self.error(replies.NEED_MAIL_BEFORE_DATA)
             return
         if command.argument:
-            await self.error(reply(501, "5.5.4", "DATA takes no argument"))
+            await self.error(replies.DATA_TAKES_NO_ARGUMENT)
             return
         early, txn.data_reply = txn.data_reply, None  # DATA already sent with the last RCPT
         upstream = self.upstream
@@ -564,10 +558,10 @@ class Session:
                 self.queue(replies.NO_VALID_RECIPIENTS)
                 self._end_transaction(txn, replies.NO_VALID_RECIPIENTS)
             else:
-                await self.error(reply(503, "5.5.1", "Need RCPT before DATA"))
+                await self.error(replies.NEED_RCPT_BEFORE_DATA)
             return
         if txn.broken or upstream is None or upstream.closed:
-            self._end_transaction(txn, self._queued(_lost("before DATA")))
+            self._end_transaction(txn, self._queued(replies.mx_connection_lost("before DATA")))
             await self._reset()
             return
         await self.flush()
@@ -575,7 +569,7 @@ class Session:
             answer = early or await upstream.command(b"DATA\r\n")
         except UpstreamLost:
             await self._drop_upstream(polite=False)
-            self._end_transaction(txn, self._queued(_lost("at DATA")))
+            self._end_transaction(txn, self._queued(replies.mx_connection_lost("at DATA")))
             self.txn = None
             return
         if answer.code != 354:
@@ -586,7 +580,9 @@ class Session:
             # A reply before any data was sent (e.g. "354 ...\r\n250 ..."): whatever it says
             # could not be about this message, so it must not be taken as its final reply.
             await self._drop_upstream(polite=False)
-            self._end_transaction(txn, self._queued(_lost("(it replied out of turn)")))
+            self._end_transaction(
+                txn, self._queued(replies.mx_connection_lost("(it replied out of turn)"))
+            )
             self.txn = None
             return
         self.queue(answer)
@@ -634,13 +630,13 @@ class Session:
             return replies.MESSAGE_TOO_BIG
         if not forwarding:
             await self._drop_upstream(polite=False)
-            return _lost("during DATA")
+            return replies.mx_connection_lost("during DATA")
         try:
             return await upstream.read_reply(self.config.delivery.data_done_timeout)
         except UpstreamLost as error:
             log.warning("session %s: no final reply from the MX: %r", self.id, str(error))
             await self._drop_upstream(polite=False)
-            return _lost("before its final reply")
+            return replies.mx_connection_lost("before its final reply")
 
     async def _receive_data(self, upstream: Upstream, deadline: float) -> bytes | bytearray:
         """Like :meth:`receive`, but a client that vanishes or stalls mid-DATA makes the

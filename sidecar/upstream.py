@@ -18,7 +18,8 @@ from sidecar.config import DeliveryConfig, HostPort, TlsPolicy
 from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
-from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities, reply
+from sidecar.smtp import replies
+from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities
 from sidecar.tcp import TcpStream, close_now, receive_by, send_by, stream_from
 
 log = logging.getLogger("sidecar.upstream")
@@ -166,12 +167,7 @@ async def _connect_via_proxy(
             continue
         return stream, server
     raise UpstreamError(
-        reply(
-            451,
-            "4.4.1",
-            f"Cannot reach HAProxy for binding {route.binding.name}: {'; '.join(errors)}",
-        ),
-        proxy_fault=True,
+        replies.proxy_unreachable(route.binding.name, "; ".join(errors)), proxy_fault=True
     )
 
 
@@ -311,10 +307,4 @@ async def open_upstream(
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
             break
         log.info("MX attempt failed for %s: %r", route.domain, problems[-1])
-    raise UpstreamError(
-        reply(
-            451,
-            "4.4.1",
-            f"No MX of {route.domain} reachable: {'; '.join(problems[-3:])}",
-        )
-    )
+    raise UpstreamError(replies.no_mx_reachable(route.domain, "; ".join(problems[-3:])))

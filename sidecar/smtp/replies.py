@@ -14,46 +14,61 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "ACCESS_DENIED",
+    "BAD_BODY",
     "BAD_RECIPIENT_SYNTAX",
     "BAD_SENDER_SYNTAX",
-    "BAD_SEQUENCE",
     "BARE_NEWLINE",
-    "DNS_TEMPFAIL",
+    "DATA_TAKES_NO_ARGUMENT",
+    "EHLO_NEEDS_DOMAIN",
     "GOODBYE",
+    "HELO_NEEDS_DOMAIN",
     "HELP",
     "LINE_TOO_LONG",
-    "LOCAL_ERROR",
     "LOCAL_ERROR_CLOSING",
     "MESSAGE_TOO_BIG",
-    "MX_UNREACHABLE",
+    "NEED_HELLO",
+    "NEED_MAIL_BEFORE_DATA",
+    "NEED_MAIL_BEFORE_RCPT",
+    "NEED_RCPT_BEFORE_DATA",
+    "NESTED_MAIL",
     "NOT_IMPLEMENTED",
-    "NO_SUCH_DOMAIN",
     "NO_VALID_RECIPIENTS",
-    "NULL_MX",
     "OK",
     "OTHER_ROUTE",
-    "PARAM_NOT_RECOGNIZED",
     "PARAM_SYNTAX",
-    "RECIPIENT_OK",
+    "RECIPIENT_NEEDS_DOMAIN",
     "SENDER_OK",
+    "SETUP_TIMED_OUT",
     "SHUTTING_DOWN",
-    "START_MAIL_INPUT",
+    "SIZE_NOT_A_NUMBER",
+    "SMTPUTF8_NOT_SUPPORTED",
     "SYNTAX_ERROR",
     "TIMEOUT",
     "TOO_MANY_CONNECTIONS",
     "TOO_MANY_ERRORS",
     "TOO_MANY_RECIPIENTS",
     "UNKNOWN_COMMAND",
-    "UPSTREAM_LOST",
     "VRFY_CANNOT",
     "Reply",
     "ReplyError",
     "ReplyParser",
+    "binding_unplumbed",
+    "dns_temporary",
     "ehlo_reply",
+    "group_unplumbed",
     "helo_reply",
+    "mx_connection_lost",
+    "no_mail_domain",
+    "no_mx_address",
+    "no_mx_reachable",
+    "no_such_domain",
+    "no_usable_mx_address",
+    "null_mx",
     "parse_ehlo_capabilities",
+    "proxy_unreachable",
     "reply",
     "service_ready",
+    "unsupported_parameter",
 ]
 
 _ENHANCED_RE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
@@ -290,11 +305,12 @@ def parse_ehlo_capabilities(reply: Reply) -> dict[str, str]:
 
 
 # --- The sidecar's own replies ---------------------------------------------------------
+# Every reply the sidecar itself gives a client is made here (DESIGN.md rule 4); the MX's
+# replies are passed through as parsed.
+
 # Positive
 OK = reply(250, "2.0.0", "OK")
 SENDER_OK = reply(250, "2.1.0", "Sender OK")
-RECIPIENT_OK = reply(250, "2.1.5", "Recipient OK")
-START_MAIL_INPUT = reply(354, None, "End data with <CR><LF>.<CR><LF>")
 GOODBYE = reply(221, "2.0.0", "Bye")
 VRFY_CANNOT = reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 HELP = reply(
@@ -310,15 +326,31 @@ UNKNOWN_COMMAND = reply(500, "5.5.1", "Command not recognized")
 PARAM_SYNTAX = reply(501, "5.5.4", "Syntax error in parameters or arguments")
 BAD_SENDER_SYNTAX = reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = reply(501, "5.1.3", "Bad recipient address syntax")
-PARAM_NOT_RECOGNIZED = reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized")
 NOT_IMPLEMENTED = reply(502, "5.5.1", "Command not implemented")
-BAD_SEQUENCE = reply(503, "5.5.1", "Bad sequence of commands")
+EHLO_NEEDS_DOMAIN = reply(501, "5.5.4", "EHLO needs a domain or address literal")
+HELO_NEEDS_DOMAIN = reply(501, "5.5.4", "HELO needs a domain")
+NEED_HELLO = reply(503, "5.5.1", "Send EHLO or HELO first")
+NESTED_MAIL = reply(503, "5.5.1", "Nested MAIL command")
+SIZE_NOT_A_NUMBER = reply(501, "5.5.4", "SIZE needs a number")
+BAD_BODY = reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+NEED_MAIL_BEFORE_RCPT = reply(503, "5.5.1", "Need MAIL before RCPT")
+NEED_MAIL_BEFORE_DATA = reply(503, "5.5.1", "Need MAIL before DATA")
+NEED_RCPT_BEFORE_DATA = reply(503, "5.5.1", "Need RCPT before DATA")
+DATA_TAKES_NO_ARGUMENT = reply(501, "5.5.4", "DATA takes no argument")
+
+
+def unsupported_parameter(command: str, keyword: str) -> Reply:
+    """555 for a MAIL or RCPT parameter the sidecar does not relay."""
+    return reply(555, "5.5.4", f"Unsupported {command} parameter {keyword}")
+
 
 # Transaction limits and refusals
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
 OTHER_ROUTE = reply(452, "4.5.3", "Recipient on another route, send it in a new transaction")
+RECIPIENT_NEEDS_DOMAIN = reply(550, "5.1.1", "This relay needs a recipient with a domain")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+SMTPUTF8_NOT_SUPPORTED = reply(553, "5.6.7", "The MX does not support SMTPUTF8")
 BARE_NEWLINE = reply(
     554,
     "5.6.0",
@@ -326,13 +358,56 @@ BARE_NEWLINE = reply(
 )
 ACCESS_DENIED = reply(554, "5.7.1", "Access denied")
 
-# Routing and delivery failures (DESIGN.md section 4)
-NO_SUCH_DOMAIN = reply(550, "5.1.2", "Recipient domain does not exist or accepts no mail")
-NULL_MX = reply(556, "5.1.10", "Recipient domain does not accept mail (null MX)")
-DNS_TEMPFAIL = reply(451, "4.4.3", "Temporary DNS failure, try again later")
-MX_UNREACHABLE = reply(451, "4.4.1", "No MX for the recipient domain could be reached")
-UPSTREAM_LOST = reply(451, "4.4.2", "Connection to the MX lost, try again later")
-LOCAL_ERROR = reply(451, "4.3.0", "Local error in processing, try again later")
+
+# Routing and delivery failures (DESIGN.md sections 4 and 5)
+def no_such_domain(domain: str) -> Reply:
+    return reply(550, "5.1.2", f"Domain {domain} does not exist")
+
+
+def no_mail_domain(domain: str) -> Reply:
+    return reply(550, "5.1.2", f"Domain {domain} has no mail exchanger and no address")
+
+
+def null_mx(domain: str) -> Reply:
+    return reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
+
+
+def dns_temporary(domain: str, why: str) -> Reply:
+    return reply(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why}), try later")
+
+
+def no_mx_address(domain: str) -> Reply:
+    return reply(451, "4.4.3", f"No MX host of {domain} has an address, try later")
+
+
+def binding_unplumbed(binding: str, servers: str) -> Reply:
+    return reply(451, "4.4.1", f"No HAProxy server of binding {binding} is up ({servers})")
+
+
+def group_unplumbed(group: str) -> Reply:
+    return reply(451, "4.4.1", f"No binding of group {group} has an HAProxy server up")
+
+
+def no_usable_mx_address(domain: str, binding: str, detail: str) -> Reply:
+    return reply(451, "4.4.4", f"No usable MX address for {domain} via {binding}: {detail}")
+
+
+def proxy_unreachable(binding: str, errors: str) -> Reply:
+    return reply(451, "4.4.1", f"Cannot reach HAProxy for binding {binding}: {errors}")
+
+
+def no_mx_reachable(domain: str, problems: str) -> Reply:
+    return reply(451, "4.4.1", f"No MX of {domain} reachable: {problems}")
+
+
+SETUP_TIMED_OUT = reply(451, "4.4.1", "Timed out setting up delivery to the MX, try later")
+
+
+def mx_connection_lost(when: str) -> Reply:
+    return reply(
+        451, "4.4.2", f"Connection to the MX lost {when}; message not delivered, try later"
+    )
+
 
 # Connection-level
 TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection")
@@ -344,7 +419,7 @@ LOCAL_ERROR_CLOSING = reply(421, "4.3.0", "Local error in processing, closing co
 
 def service_ready(hostname: str) -> Reply:
     """The 220 banner (no enhanced code before EHLO, RFC 2034)."""
-    return reply(220, None, f"{hostname} ESMTP ready")
+    return reply(220, None, f"{hostname} ESMTP sidecar ready")
 
 
 def helo_reply(hostname: str) -> Reply:

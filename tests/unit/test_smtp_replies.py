@@ -114,7 +114,8 @@ def test_reply_classes(code: int, positive: bool, transient: bool, permanent: bo
         ("OK", "250 2.0.0 OK"),
         ("GOODBYE", "221 2.0.0 Bye"),
         ("LINE_TOO_LONG", "500 5.5.6 Line too long"),
-        ("BAD_SEQUENCE", "503 5.5.1 Bad sequence of commands"),
+        ("NEED_HELLO", "503 5.5.1 Send EHLO or HELO first"),
+        ("SETUP_TIMED_OUT", "451 4.4.1 Timed out setting up delivery to the MX, try later"),
         (
             "VRFY_CANNOT",
             "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
@@ -151,10 +152,8 @@ def test_catalogue_exact_text(name: str, wire: str) -> None:
         ("NOT_IMPLEMENTED", 502, "5.5.1"),
         ("MESSAGE_TOO_BIG", 552, "5.3.4"),
         ("HELP", 214, "2.0.0"),
-        ("NO_SUCH_DOMAIN", 550, "5.1.2"),
-        ("NULL_MX", 556, "5.1.10"),
-        ("DNS_TEMPFAIL", 451, "4.4.3"),
-        ("MX_UNREACHABLE", 451, "4.4.1"),
+        ("RECIPIENT_NEEDS_DOMAIN", 550, "5.1.1"),
+        ("SMTPUTF8_NOT_SUPPORTED", 553, "5.6.7"),
     ],
 )
 def test_catalogue_codes(name: str, code: int, enhanced: str) -> None:
@@ -171,8 +170,27 @@ def test_every_catalogue_reply_parses_back() -> None:
             assert (parsed.code, parsed.lines) == (value.code, value.lines), name
 
 
+@pytest.mark.parametrize(
+    ("made", "code", "enhanced", "text"),
+    [
+        (replies.no_such_domain("x.test"), 550, "5.1.2", "Domain x.test does not exist"),
+        (replies.null_mx("x.test"), 556, "5.1.10", "Domain x.test does not accept mail (null MX)"),
+        (replies.dns_temporary("x.test", "timeout"), 451, "4.4.3", "(timeout), try later"),
+        (replies.binding_unplumbed("b1", "10.0.0.5:5000"), 451, "4.4.1", "binding b1 is up"),
+        (replies.proxy_unreachable("b1", "refused"), 451, "4.4.1", "for binding b1: refused"),
+        (replies.no_mx_reachable("x.test", "a; b"), 451, "4.4.1", "x.test reachable: a; b"),
+        (replies.mx_connection_lost("at DATA"), 451, "4.4.2", "lost at DATA; message not"),
+        (replies.unsupported_parameter("RCPT", "NOTIFY"), 555, "5.5.4", "RCPT parameter NOTIFY"),
+    ],
+)
+def test_catalogue_functions(made: Reply, code: int, enhanced: str, text: str) -> None:
+    """Replies that name the domain, binding or problem: a temporary failure stays 4xx."""
+    assert made.code == code
+    assert made.lines[0].startswith(enhanced + " ") and text in made.lines[0]
+
+
 def test_banner_and_greetings() -> None:
-    assert service_ready("mx.example").to_bytes() == b"220 mx.example ESMTP ready\r\n"
+    assert service_ready("mx.example").to_bytes() == b"220 mx.example ESMTP sidecar ready\r\n"
     assert helo_reply("mx.example").to_bytes() == b"250 mx.example\r\n"
     assert (
         ehlo_reply("mx.example", ["PIPELINING", "SIZE 1000"]).to_bytes()
