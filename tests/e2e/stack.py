@@ -177,8 +177,9 @@ class RelayStack:
 
 class RelayStackFactory:
     """``await relay_stack(mxes=[{TestMX options}, ...], domains={"d.test": 0 or [0, 1]},
-    server={...}, delivery={...})``: MX hosts ``mx0.test``, ``mx1.test``... one per MX, each
-    domain's MX records name the given hosts (preference 10, 20, ... in list order)."""
+    server={...}, delivery={...}, haproxy={HAProxy options})``: MX hosts ``mx0.test``,
+    ``mx1.test``... one per MX, each domain's MX records name the given hosts (preference 10,
+    20, ... in list order)."""
 
     def __init__(
         self,
@@ -202,6 +203,7 @@ class RelayStackFactory:
         records: Sequence[DnsRecord] = (),
         server: dict[str, Any] | None = None,
         delivery: dict[str, Any] | None = None,
+        haproxy: dict[str, Any] | None = None,
     ) -> RelayStack:
         mx_addresses = [self.addresses.ipv4() for _ in mxes]
         port = free_port(mx_addresses[0])
@@ -218,21 +220,19 @@ class RelayStackFactory:
             for rank, index in enumerate(chosen):
                 zone.append(MXRecord(domain, hosts[index], 10 * (rank + 1)))
         dns = self.dnsmasq_factory([*zone, *records])
-        haproxy = self.haproxy_factory()
+        proxy = self.haproxy_factory(**(haproxy or {}))
         source = self.addresses.ipv4()
         sidecar = await self.sidecar_factory(
             make_config(
                 listeners=[(self.sidecar_factory.listener(), "b1")],
-                bindings={
-                    "b1": {"ha_proxy_server": str(haproxy.bind), "ha_proxy_src_addr": source}
-                },
+                bindings={"b1": {"ha_proxy_server": str(proxy.bind), "ha_proxy_src_addr": source}},
                 nameserver=dns.endpoint,
                 port=port,
                 delivery={**FAST_DELIVERY, **(delivery or {})},
                 server={**FAST_SERVER, **(server or {})},
             )
         )
-        return RelayStack(sidecar, haproxy, dns, servers, hosts, source, port)
+        return RelayStack(sidecar, proxy, dns, servers, hosts, source, port)
 
 
 # -- helpers for the routing / DNS / health / TLS tests ----------------------------------------

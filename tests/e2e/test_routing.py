@@ -28,6 +28,7 @@ from .harness import (
 )
 from .stack import (
     MESSAGE,
+    RelayStackFactory,
     SidecarFactory,
     final_status,
     make_config,
@@ -338,42 +339,22 @@ async def test_failing_first_mx_falls_back_to_the_next_preference(
 
 
 async def test_permanent_banner_is_passed_through_and_no_other_mx_is_tried(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
 ) -> None:
-    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
-    port = free_port(mx1_address)
-    banner = smtp_reply(554, "5.7.1 mx1.example.test says no", "5.7.1 see https://x.test/")
-    mx1 = await mx_factory(Endpoint(mx1_address, port), banner=banner)
-    mx2 = await mx_factory(Endpoint(mx2_address, port))
-    dns = dnsmasq_factory(
-        [
-            MXRecord("example.test", "mx1.example.test", 10),
-            MXRecord("example.test", "mx2.example.test", 20),
-            HostRecord("mx1.example.test", [mx1_address]),
-            HostRecord("mx2.example.test", [mx2_address]),
-        ]
+    banner = smtp_reply(554, "5.7.1 mx0.test says no", "5.7.1 see https://x.test/")
+    stack = await relay_stack(
+        mxes=[{"banner": banner}, {}],
+        domains={"example.test": [0, 1]},
+        delivery=FAST_DELIVERY,
+        haproxy={"retries": 0},
     )
-    haproxy = haproxy_factory(retries=0)
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
-        make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=source)},
-            nameserver=dns.endpoint,
-            port=port,
-            delivery=FAST_DELIVERY,
-        )
-    )
-    assert await rcpt_reply(sidecar.endpoint, "rcpt@example.test") == banner
-    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    mx1, mx2 = stack.mxes
+    assert await rcpt_reply(stack.endpoint, "rcpt@example.test") == banner
+    result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
     assert refusal(result, "rcpt@example.test") == (554, "5.7.1")
     assert result.final is None
     await mx1.wait_for(lambda: len(mx1.connections) == 2 and mx1.connections[1].closed)
-    assert [c.peer_host for c in mx1.connections] == [source, source]
+    assert [c.peer_host for c in mx1.connections] == [stack.source, stack.source]
     assert mx1.messages == []
     assert mx2.connections == []
 
@@ -528,41 +509,21 @@ async def test_private_mx_address_is_refused_by_default(
 
 @pytest.mark.parametrize("helo", ["helo-550", "helo-unsupported"])
 async def test_permanent_ehlo_refusal_is_passed_through(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    helo: str,
+    relay_stack: RelayStackFactory, helo: str
 ) -> None:
     """DESIGN.md section 5: a 5xx to EHLO (and to the HELO fallback) is the MX refusing us:
     passed through to the client, no other MX tried."""
-    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
-    port = free_port(mx1_address)
-    refused = smtp_reply(550, "5.7.1 mx1 does not talk to you")
+    refused = smtp_reply(550, "5.7.1 mx0 does not talk to you")
     replies = {"EHLO": refused}
     replies["HELO"] = refused if helo == "helo-550" else smtp_reply(502, "5.5.1 no HELO")
-    mx1 = await mx_factory(Endpoint(mx1_address, port), replies=replies)
-    mx2 = await mx_factory(Endpoint(mx2_address, port))
-    dns = dnsmasq_factory(
-        [
-            MXRecord("example.test", "mx1.example.test", 10),
-            MXRecord("example.test", "mx2.example.test", 20),
-            HostRecord("mx1.example.test", [mx1_address]),
-            HostRecord("mx2.example.test", [mx2_address]),
-        ]
+    stack = await relay_stack(
+        mxes=[{"replies": replies}, {}],
+        domains={"example.test": [0, 1]},
+        delivery=FAST_DELIVERY,
+        haproxy={"retries": 0},
     )
-    haproxy = haproxy_factory(retries=0)
-    sidecar = await sidecar_factory(
-        make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
-            nameserver=dns.endpoint,
-            port=port,
-            delivery=FAST_DELIVERY,
-        )
-    )
-    answer = await rcpt_reply(sidecar.endpoint, "rcpt@example.test")
+    mx1, mx2 = stack.mxes
+    answer = await rcpt_reply(stack.endpoint, "rcpt@example.test")
     assert answer == refused
     await mx1.wait_closed()
     (connection,) = mx1.connections
