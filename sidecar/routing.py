@@ -195,7 +195,7 @@ class Router:
         binding: Binding,
         bypass: bool,
         mx: MXResult,
-        tls: TlsPolicy = "opportunistic",
+        tls: TlsPolicy,
     ) -> Route:
         delivery = self.config.delivery
         chosen: list[Candidate] = []

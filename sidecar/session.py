@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import trio
 
@@ -176,14 +177,18 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _CloseSession from None
         if data is None:
-            # A shutdown interrupts idle waits the way a deadline does.
-            shutdown = self.context.shutting_down.is_set()
-            self.queue(replies.SHUTTING_DOWN if shutdown else replies.TIMEOUT)
-            await self.flush()
-            raise _CloseSession
+            await self._give_up()
         if not data:
             raise _CloseSession
         return data
+
+    async def _give_up(self) -> NoReturn:
+        """421 and close: a wait ended by its deadline, or by a shutdown (which interrupts
+        idle waits the way a deadline does)."""
+        shutdown = self.context.shutting_down.is_set()
+        self.queue(replies.SHUTTING_DOWN if shutdown else replies.TIMEOUT)
+        await self.flush()
+        raise _CloseSession
 
     async def receive_command(self) -> bytes | bytearray:
         """Like :meth:`receive` for the next command; between transactions a shutdown of the
@@ -196,12 +201,10 @@ class Session:
         deadline = self._command_deadline
         if self.txn is not None:
             return await self.receive(timeout, deadline)
+        if self.context.shutting_down.is_set():
+            await self._give_up()
         if isinstance(self.stream, TcpStream):
             # No cancel scope: a shutdown interrupts the stream's wait like its deadline.
-            if self.context.shutting_down.is_set():
-                self.queue(replies.SHUTTING_DOWN)
-                await self.flush()
-                raise _CloseSession
             self.context.idle_sessions.add(self.stream)
             try:
                 return await self.receive(timeout, deadline)
@@ -209,17 +212,12 @@ class Session:
                 self.context.idle_sessions.discard(self.stream)
         # One scope for both ways an idle wait ends early: the deadline, and a shutdown.
         with trio.CancelScope(deadline=deadline) as idle:
-            if self.context.shutting_down.is_set():
-                idle.cancel()
             self.context.idle_sessions.add(idle)
             try:
                 return await self.receive(timeout, math.inf)
             finally:
                 self.context.idle_sessions.discard(idle)
-        shutdown = self.context.shutting_down.is_set()
-        self.queue(replies.SHUTTING_DOWN if shutdown else replies.TIMEOUT)
-        await self.flush()
-        raise _CloseSession
+        await self._give_up()
 
     # ---- the session -------------------------------------------------------------------------
 

@@ -22,17 +22,14 @@ from .processes import (
     wait_listening,
 )
 from .stack import MESSAGE, send
-from .test_operations import http_get, wait_for_log, write_config
+from .test_operations import http_get, wait_for_log, with_status, write_config
 
 
 def with_workers(stack: CliStack, addresses: Addresses, workers: int = 2) -> Endpoint:
     """Set ``server.workers`` and a status endpoint (worker i serves it on port + i)."""
-    status = addresses.endpoint()
-    config = dict(stack.config)
-    config["server"] = {**config["server"], "workers": workers}
-    config["status"] = {"address": str(status)}
-    stack.config = config
-    write_config(stack, config)
+    status = with_status(stack, addresses)
+    stack.config = {**stack.config, "server": {**stack.config["server"], "workers": workers}}
+    write_config(stack, stack.config)
     return status
 
 
