@@ -10,25 +10,15 @@ from typing import Any
 import pytest
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
-    Endpoint,
-    HAProxyFactory,
-    HostRecord,
     MXConnection,
-    MXFactory,
-    MXRecord,
     TestMX,
-    free_port,
     smtp_reply,
 )
 from .stack import (
     MESSAGE,
+    RelayStackFactory,
     SendResult,
-    SidecarFactory,
     final_status,
-    make_config,
-    proxied_binding,
     refusal,
     send,
 )
@@ -39,54 +29,28 @@ def _verbs(connection: MXConnection) -> list[bytes]:
 
 
 async def _deliver(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    tls: str,
-    **mx_options: Any,
+    relay_stack: RelayStackFactory, tls: str, **mx_options: Any
 ) -> tuple[SendResult, TestMX, str]:
     """One message to rcpt@example.test with ``delivery.tls = tls``; returns once the session
     is over (the MX connection closed)."""
-    mx_address = addresses.ipv4()
-    port = free_port(mx_address)
-    mx = await mx_factory(Endpoint(mx_address, port), **mx_options)
-    dns = dnsmasq_factory(
-        [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
+    stack = await relay_stack(
+        mxes=[mx_options],
+        delivery={"tls": tls, "connect_timeout": 2, "banner_timeout": 2, "command_timeout": 2},
     )
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
-        make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=source)},
-            nameserver=dns.endpoint,
-            port=port,
-            delivery={"tls": tls, "connect_timeout": 2, "banner_timeout": 2, "command_timeout": 2},
-        )
-    )
-    result = await send(sidecar.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    mx = stack.mx
+    result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
     await mx.wait_for(lambda: bool(mx.connections) and all(c.closed for c in mx.connections))
-    return result, mx, source
+    return result, mx, stack.source
 
 
 @pytest.mark.parametrize("tls", ["opportunistic", "required"])
 async def test_starttls_offered_is_used(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
     mx_tls_context: ssl.SSLContext,
     tls: str,
 ) -> None:
     result, mx, source = await _deliver(
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        relay_stack,
         tls,
         tls_context=mx_tls_context,  # a certificate the sidecar has no reason to trust
     )
@@ -102,15 +66,9 @@ async def test_starttls_offered_is_used(
 
 
 async def test_opportunistic_without_starttls_is_plaintext(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
 ) -> None:
-    result, mx, source = await _deliver(
-        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory, "opportunistic"
-    )
+    result, mx, source = await _deliver(relay_stack, "opportunistic")
     assert final_status(result) == (250, "2.0.0")
     (connection,) = mx.connections
     (message,) = mx.messages
@@ -119,15 +77,9 @@ async def test_opportunistic_without_starttls_is_plaintext(
 
 
 async def test_required_without_starttls_is_not_delivered(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
 ) -> None:
-    result, mx, _ = await _deliver(
-        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory, "required"
-    )
+    result, mx, _ = await _deliver(relay_stack, "required")
     assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
     assert b"STARTTLS" in result.refused["rcpt@example.test"][1]
     assert result.final is None
@@ -136,19 +88,11 @@ async def test_required_without_starttls_is_not_delivered(
 
 
 async def test_disabled_never_starts_tls(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
     mx_tls_context: ssl.SSLContext,
 ) -> None:
     result, mx, _ = await _deliver(
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        relay_stack,
         "disabled",
         tls_context=mx_tls_context,
     )
@@ -160,21 +104,13 @@ async def test_disabled_never_starts_tls(
 
 
 async def test_opportunistic_retries_in_plaintext_after_a_failed_handshake(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
 ) -> None:
     # STARTTLS is advertised and accepted, but the server side has no certificate: the
     # handshake fails.
     broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     result, mx, source = await _deliver(
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        relay_stack,
         "opportunistic",
         tls_context=broken,
     )
@@ -193,20 +129,12 @@ async def test_opportunistic_retries_in_plaintext_after_a_failed_handshake(
     ids=["250", "554"],
 )
 async def test_bytes_pipelined_after_the_starttls_220_are_discarded(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
     mx_tls_context: ssl.SSLContext,
     injected: bytes,
 ) -> None:
     result, mx, source = await _deliver(
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        relay_stack,
         "required",
         tls_context=mx_tls_context,
         replies={"STARTTLS": smtp_reply(220, "go") + injected},
@@ -234,11 +162,7 @@ async def test_bytes_pipelined_after_the_starttls_220_are_discarded(
     ids=["opportunistic-454", "opportunistic-502", "required-454"],
 )
 async def test_starttls_refused_by_the_mx(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    relay_stack: RelayStackFactory,
     mx_tls_context: ssl.SSLContext,
     tls: str,
     refusal_reply: bytes,
@@ -246,11 +170,7 @@ async def test_starttls_refused_by_the_mx(
     """STARTTLS advertised but refused: opportunistic TLS delivers in plaintext (as MTAs do),
     required TLS does not deliver."""
     result, mx, source = await _deliver(
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        relay_stack,
         tls,
         tls_context=mx_tls_context,
         replies={"STARTTLS": refusal_reply},
