@@ -26,6 +26,7 @@ from .harness import (
     client_tls_context,
     server_tls_context,
 )
+from .mta import MailStack, make_mail_stack
 from .processes import CliStack, Processes, make_cli_stack
 from .stack import RelayStackFactory, SidecarFactory
 
@@ -163,4 +164,19 @@ def relay_stack(
     """``await relay_stack(mxes=[...], domains={...})``: sidecar + HAProxy + dnsmasq + MXes."""
     return RelayStackFactory(
         addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
+    )
+
+
+@pytest.fixture
+async def mail_stack(
+    nursery: trio.Nursery,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> MailStack:
+    """The stack the real-MTA tests (Postfix, Exim) send through: see mta.make_mail_stack."""
+    return await make_mail_stack(
+        nursery, addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
     )

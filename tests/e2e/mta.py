@@ -71,6 +71,9 @@ COMMAND_TIMEOUT = 20.0
 
 # Three recipient domains, each with its own MX host: three routes for one binding.
 DOMAINS = ("one.test", "two.test", "three.test")
+RECIPIENTS = [f"user@{domain}" for domain in DOMAINS]
+ALICE = "alice@client.test"
+BOB = "bob@client.test"
 
 _started_masters: set[int] = set()
 
@@ -641,6 +644,11 @@ class Arrival:
     recipient: str
     sender: str
     source: str  # the address the MX saw the connection come from
+
+
+def expected(sender: str, source: str) -> list[Arrival]:
+    """Every recipient exactly once, from ``sender``, seen coming from ``source``."""
+    return sorted(Arrival(r.split("@")[1], r, sender, source) for r in RECIPIENTS)
 
 
 _PATH = re.compile(r"^(?:MAIL FROM|RCPT TO):<([^>]*)>", re.IGNORECASE)

@@ -25,20 +25,18 @@ import trio
 
 from .harness import Addresses, DnsmasqFactory, HAProxyFactory, MXFactory
 from .mta import (
-    DOMAINS,
-    Arrival,
+    ALICE,
+    BOB,
+    RECIPIENTS,
     Exim,
     EximFactory,
     MailStack,
     exim_route,
+    expected,
     make_mail_stack,
     message_text,
 )
 from .stack import SidecarFactory
-
-RECIPIENTS = [f"user@{domain}" for domain in DOMAINS]
-ALICE = "alice@client.test"
-BOB = "bob@client.test"
 
 
 @pytest.fixture
@@ -48,25 +46,6 @@ def exim_factory() -> Iterator[EximFactory]:
         yield factory
     finally:
         factory.remove_all()
-
-
-@pytest.fixture
-async def mail_stack(
-    nursery: trio.Nursery,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> MailStack:
-    return await make_mail_stack(
-        nursery, addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
-    )
-
-
-def expected(sender: str, source: str) -> list[Arrival]:
-    """Every recipient exactly once, from ``sender``, seen coming from ``source``."""
-    return sorted(Arrival(r.split("@")[1], r, sender, source) for r in RECIPIENTS)
 
 
 async def send(exim: Exim, sender: str = ALICE) -> None:

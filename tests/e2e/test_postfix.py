@@ -26,21 +26,21 @@ import trio
 
 from .harness import Addresses, DnsmasqFactory, HAProxyFactory, MXFactory
 from .mta import (
+    ALICE,
+    BOB,
     DOMAINS,
-    Arrival,
+    RECIPIENTS,
     Egress,
     MailStack,
     Postfix,
     PostfixFactory,
+    expected,
     make_mail_stack,
     message_text,
     poll,
 )
 from .stack import SidecarFactory
 
-RECIPIENTS = [f"user@{domain}" for domain in DOMAINS]
-ALICE = "alice@client.test"
-BOB = "bob@client.test"
 # Retry deferred mail within a second (defaults: queue_run_delay and minimal_backoff_time 300s).
 FAST_RETRY = {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "1s"}
 SIDECAR_TRANSPORT = "sidecar   unix  -       -       n       -       -       smtp"
@@ -55,27 +55,8 @@ async def postfix_factory() -> AsyncIterator[PostfixFactory]:
         await factory.stop_all()
 
 
-@pytest.fixture
-async def mail_stack(
-    nursery: trio.Nursery,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> MailStack:
-    return await make_mail_stack(
-        nursery, addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
-    )
-
-
 def relayhost(egress: Egress) -> str:
     return f"[{egress.endpoint.host}]:{egress.endpoint.port}"
-
-
-def expected(sender: str, source: str) -> list[Arrival]:
-    """Every recipient exactly once, from ``sender``, seen coming from ``source``."""
-    return sorted(Arrival(r.split("@")[1], r, sender, source) for r in RECIPIENTS)
 
 
 async def send(postfix: Postfix, sender: str = ALICE) -> None:
