@@ -53,9 +53,23 @@ class MXHost:
 
 @dataclass(frozen=True)
 class MXResult:
+    """The MX hosts of ``domain`` to try, in order, with their addresses.
+
+    ``exchangers`` is every MX host name the answer named (lower-case, no trailing dot),
+    whatever the shuffle of equal preferences, the cut to MAX_MX_HOSTS or a host whose
+    addresses could not be looked up left out of ``hosts``: it is what identifies the
+    destination (its *site*), so two look-ups of one domain always name the same one.
+    Empty means "the names of ``hosts``" (an address literal, or a result built by hand)."""
+
     domain: str
     hosts: tuple[MXHost, ...]  # in the order to try them
     implicit: bool = False  # no MX records: the domain's own addresses
+    exchangers: frozenset[str] = frozenset()
+
+    @property
+    def site(self) -> frozenset[str]:
+        """The destination's MX host names: equal for every look-up of the same MX set."""
+        return self.exchangers or frozenset(host.name for host in self.hosts)
 
 
 # One generator: seeding a new one per call (from os.urandom) showed up in profiles.
@@ -79,7 +93,9 @@ def _reshuffled(result: MXResult) -> MXResult:
         return result  # no two hosts to swap
     by_name = {host.name: host for host in result.hosts}
     order = order_by_preference([(host.preference, host.name) for host in result.hosts])
-    return MXResult(result.domain, tuple(by_name[name] for _, name in order), result.implicit)
+    return MXResult(
+        result.domain, tuple(by_name[name] for _, name in order), result.implicit, result.exchangers
+    )
 
 
 class Resolver:
@@ -139,7 +155,8 @@ class Resolver:
             addresses = await self._host_addresses(domain, ttls)
             if not addresses:
                 raise ResolutionError(replies.no_mail_domain(domain)) from None
-            return MXResult(domain, (MXHost(domain, 0, addresses),), implicit=True)
+            host = MXHost(domain, 0, addresses)
+            return MXResult(domain, (host,), implicit=True, exchangers=frozenset({domain}))
         records = [
             (int(rdata.preference), rdata.exchange.to_text(omit_final_dot=True).lower())
             for rdata in answer
@@ -148,7 +165,8 @@ class Resolver:
         if not real:
             raise ResolutionError(replies.null_mx(domain))
         ordered = order_by_preference(real)[:MAX_MX_HOSTS]
-        return MXResult(domain, await self._hosts_with_addresses(domain, ordered, ttls))
+        hosts = await self._hosts_with_addresses(domain, ordered, ttls)
+        return MXResult(domain, hosts, exchangers=frozenset(host for _, host in real))
 
     async def _static(self, domain: str, entries: Sequence[str], ttls: list[int]) -> MXResult:
         ordered: list[tuple[int, str]] = []
@@ -158,7 +176,7 @@ class Resolver:
             with contextlib.suppress(ValueError):
                 literal_hosts[entry] = (ip_address(entry),)
         hosts = await self._hosts_with_addresses(domain, ordered, ttls, literal_hosts)
-        return MXResult(domain, hosts)
+        return MXResult(domain, hosts, exchangers=frozenset(entry.lower() for entry in entries))
 
     async def _hosts_with_addresses(
         self,

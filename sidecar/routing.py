@@ -50,9 +50,12 @@ class Route:
 
     @functools.cached_property
     def key(self) -> RouteKey:
-        """Two recipients share a transaction (and a connection) only when their keys are equal."""
-        hosts = frozenset(host.name for host in self.mx.hosts)
-        return (self.binding.name, self.bypass, hosts, self.tls)
+        """Two recipients share a transaction (and a connection) only when their keys are equal.
+
+        The MX part is the whole set of MX names of the answer (:attr:`MXResult.site`), never
+        the subset of hosts this look-up happened to keep: a shuffle or a cut must not make
+        two recipients of one domain look like two routes (issue 10, item 2)."""
+        return (self.binding.name, self.bypass, self.mx.site, self.tls)
 
     @property
     def servers(self) -> tuple[HostPort, ...]:

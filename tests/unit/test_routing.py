@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import dns.name
+import dns.resolver
 import pytest
 
 from sidecar.config import Config, ConfigError, HostPort, Listener, parse_config
@@ -238,3 +240,54 @@ def test_tls_policy_most_specific_scope_wins() -> None:
     assert router.tls_policy(b1, "pool", "top.example") == "opportunistic"
     assert router.tls_policy(b1, "pool", "other.example") == "disabled"  # delivery.tls
     assert router.tls_policy(b1, None, "g.example") == "disabled"  # not via the group
+
+
+# -- route identity (issue 10, item 2) --------------------------------------------------------
+
+
+class _Rdata:
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def _twelve_equal_mx_hosts(resolver: Resolver) -> None:
+    """Make ``resolver`` answer as a domain with 12 MX hosts of equal preference and TTL 0
+    would: no answer is cached, so every look-up shuffles and cuts anew."""
+
+    async def query(name: str, rdtype: str, ttls: list[int]) -> list[_Rdata]:
+        if rdtype == "MX":
+            return [
+                _Rdata(preference=10, exchange=dns.name.from_text(f"mx{i}.bigmail.example"))
+                for i in range(12)
+            ]
+        if rdtype == "A":
+            return [_Rdata(address=f"1.2.3.{int(name[2:].split('.')[0]) + 1}")]
+        raise dns.resolver.NoAnswer
+
+    resolver._query = query  # type: ignore[assignment,method-assign]
+
+
+async def test_recipients_of_one_domain_always_share_a_route() -> None:
+    config = make_config()
+    router, _, _ = make_router(config)
+    _twelve_equal_mx_hosts(router.resolver)
+    listener = config.listeners[1]  # binding b1
+    first = await router.route(listener, "example.com", None)
+    assert len(first.mx.hosts) == 10  # cut to MAX_MX_HOSTS: which 10 is random
+    hosts_seen = {tuple(host.name for host in first.mx.hosts)}
+    for _ in range(30):
+        again = await router.route(listener, "example.com", None)
+        hosts_seen.add(tuple(host.name for host in again.mx.hosts))
+        assert again.key == first.key
+    assert len(hosts_seen) > 1  # the draws did differ, and the key did not
+
+
+async def test_domains_with_the_same_mx_set_share_a_route() -> None:
+    config = make_config()
+    router, _, _ = make_router(config)
+    _twelve_equal_mx_hosts(router.resolver)
+    listener = config.listeners[1]
+    one = await router.route(listener, "example.com", None)
+    other = await router.route(listener, "example.org", None)
+    assert one.key == other.key
+    assert one.mx.site == frozenset(f"mx{i}.bigmail.example" for i in range(12))
