@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import ssl
 from dataclasses import dataclass, field
 
@@ -74,6 +75,7 @@ class Upstream:
     parser: ReplyParser = field(default_factory=ReplyParser)
     capabilities: dict[str, str] = field(default_factory=dict)
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
+    tls_settled: bool = False  # the EHLO after the TLS handshake has been answered
     route_key: RouteKey | None = None
     tls_policy: TlsPolicy = "opportunistic"
     closed: bool = False
@@ -116,15 +118,48 @@ class Upstream:
 
     async def commands(self, *lines: bytes, timeout: float | None = None) -> list[Reply]:
         """Commands in one write (several only when the MX advertised PIPELINING), then
-        each reply."""
-        if self.parser.buffered:
-            # Bytes nobody asked for: the next reply would be taken for this command's.
-            raise UpstreamLost("unsolicited bytes from the MX")
+        each reply.
+
+        Raises :class:`UpstreamLost` before sending anything when the MX's reply stream is
+        out of step: bytes nobody asked for are waiting (an extra reply, sent while the
+        connection sat idle or after more replies than commands), so the next reply would
+        be taken for this command's (DESIGN.md invariant 1). The caller closes it."""
+        problem = self.out_of_step()
+        if problem is not None:
+            raise UpstreamLost(problem)
         await self.send(b"".join(lines) if len(lines) > 1 else lines[0])
         return [await self.read_reply(timeout or self.delivery.command_timeout) for _ in lines]
 
     def supports(self, keyword: str) -> bool:
         return keyword in self.capabilities
+
+    def out_of_step(self) -> str | None:
+        """Why this connection cannot carry a command now, without waiting: bytes from the
+        MX that answer no command (in the parser, in the TLS layer or in the socket), or an
+        end of stream; ``None`` when it is idle and clean.
+
+        A look into the socket (``MSG_PEEK``) costs one system call that fails at once on a
+        clean connection. Under TLS any record that arrived is taken as unsolicited, once the
+        EHLO after the handshake has been answered: before that, the server's TLS 1.3
+        session tickets may still be on their way (reading the EHLO reply consumes them)."""
+        if self.parser.buffered:
+            return "unsolicited bytes from the MX"
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            if stream._ssl_object.pending():  # decrypted bytes nobody read
+                return "unsolicited bytes from the MX"
+            if not self.tls_settled:
+                return None
+            stream = stream.transport_stream
+        if not isinstance(stream, TcpStream):
+            return None  # a test's memory stream: the parser check is all there is
+        try:
+            peeked = stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as error:
+            return f"connection lost: {error}"
+        return "unsolicited bytes from the MX" if peeked else "connection closed by the MX"
 
     async def quit(self) -> None:
         """Polite close: QUIT, wait briefly for 221, close."""
@@ -227,6 +262,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     cipher = ssl_object.cipher()
     upstream.tls = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
     await _greet(upstream, ehlo_name)
+    upstream.tls_settled = True
 
 
 class _TlsFailed(_CandidateFailed):

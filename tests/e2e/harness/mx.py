@@ -24,6 +24,8 @@ Behaviour is a set of public attributes that tests may also change while it runs
   which to close the connection, or to stop answering (it keeps reading), instead of
   replying. ``close_at="CONNECT"`` closes right after accept, ``hang_at="CONNECT"`` never
   sends a banner. Data that reached ``END`` is recorded (with ``reply == b""``).
+* ``unsolicited_after_end``: (delay in seconds, bytes): after each end-of-data reply, wait
+  that long and then send those bytes unasked (an MX whose reply stream is out of step).
 * ``accept_bare_lf``: also end the data at ``<LF>.<LF>`` (and ``<LF>.<CRLF>``,
   ``<CRLF>.<LF>``), as servers vulnerable to SMTP smuggling do. Default: only
   ``<CRLF>.<CRLF>``.
@@ -179,6 +181,7 @@ class TestMX:
         hang_at: str | None = None,
         accept_bare_lf: bool = False,
         max_line_length: int = 4096,
+        unsolicited_after_end: tuple[float, bytes] | None = None,
     ) -> None:
         for phase in (*(replies or {}), close_at, hang_at):
             if phase is not None and phase not in PHASES:
@@ -193,6 +196,7 @@ class TestMX:
         self.close_at = close_at
         self.hang_at = hang_at
         self.accept_bare_lf = accept_bare_lf
+        self.unsolicited_after_end = unsolicited_after_end
         self.max_line_length = max_line_length
         self.connections: list[MXConnection] = []
         self.messages: list[MXMessage] = []
@@ -521,6 +525,10 @@ class _Session:
         if await self.stop_at("END"):
             return False
         await self.send(final)
+        if self.mx.unsolicited_after_end is not None:
+            delay, extra = self.mx.unsolicited_after_end
+            await trio.sleep(delay)
+            await self.send(extra)
         return True
 
     async def rset(self, command: bytes) -> bool:
