@@ -83,6 +83,8 @@ DELIVERY = {
     "connect_timeout": 1,
     "banner_timeout": 1,
     "command_timeout": 1.5,
+    "data_init_timeout": 1.5,
+    "data_send_timeout": 1.5,
     "data_done_timeout": 2,
     "max_mx_addresses": 3,
 }

@@ -128,13 +128,23 @@ class DeliveryConfig:
     tls: TlsPolicy = "opportunistic"
     # CA bundle for tls = "verify" (PEM); None: the system's trust store.
     tls_ca_file: str | None = None
+    # Seconds. Waits for the MX follow RFC 5321 section 4.5.3.2 (banner, MAIL, RCPT: 5 min; DATA:
+    # 2 min; a data block: 3 min; end of data: 10 min), each cut to fit the MTA's own wait for
+    # the same reply (Postfix: RCPT 300 s, DATA 120 s, data 180 s, end of data 600 s).
     # The whole upstream set-up (DNS, connect, banner, EHLO, STARTTLS, MAIL, RCPT) happens while
-    # the MTA waits for its RCPT reply (Postfix: 300 s); keep it well under that.
-    setup_timeout: float = 120.0
+    # the MTA waits for its RCPT reply (Postfix smtp_rcpt_timeout, Exim's transport timeout:
+    # 300 s), so every set-up step is also cut to what is left of setup_timeout: 240 s leaves
+    # a minute of margin and still gives a slow MX (policy service, tarpit) four minutes.
+    setup_timeout: float = 240.0
     connect_timeout: float = 10.0
-    banner_timeout: float = 60.0
-    command_timeout: float = 60.0
-    # Waiting for the MX's reply to end of data; the MTA itself waits 600 s.
+    banner_timeout: float = 300.0
+    command_timeout: float = 300.0
+    # The MX's 354 to DATA (RFC: 2 min), under Postfix's smtp_data_init_timeout of 120 s.
+    data_init_timeout: float = 100.0
+    # Each write of message data to the MX (RFC: 3 min per block), under Postfix's
+    # smtp_data_xfer_timeout of 180 s (while the MX does not read, the MTA cannot write).
+    data_send_timeout: float = 150.0
+    # The MX's reply to the end of data (RFC: 10 min), under the MTA's 600 s.
     data_done_timeout: float = 480.0
     max_mx_addresses: int = 5
     # Finished upstream sessions are kept for reuse by the next transaction on the same route

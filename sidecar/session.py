@@ -38,7 +38,13 @@ from sidecar.smtp.data import DataScanner
 from sidecar.smtp.lines import LineReader, LineTooLong
 from sidecar.smtp.replies import Reply
 from sidecar.tcp import TcpStream, close_now, receive_by, send_by
-from sidecar.upstream import Upstream, UpstreamError, UpstreamLost, open_upstream
+from sidecar.upstream import (
+    Upstream,
+    UpstreamError,
+    UpstreamLost,
+    UpstreamTimedOut,
+    open_upstream,
+)
 
 log = logging.getLogger("sidecar.session")
 
@@ -54,6 +60,17 @@ MAX_SIZE_DIGITS = 20
 MAX_QUEUED_REPLIES = 64
 # How long a session that failed on an unexpected error may take to say 421 before closing.
 LAST_WORD_TIMEOUT = 5.0
+# Seconds for the MX's reply to the RSET the sidecar sends when the client resets an open
+# transaction: the client waits for its own RSET reply meanwhile (Postfix: 20 s).
+RSET_TIMEOUT = 10.0
+
+
+def upstream_failed(when: str, error: UpstreamLost) -> Reply:
+    """The client's 4xx for an MX connection that failed ``when`` (e.g. "at DATA"): "timed
+    out" when a wait ran out, "connection lost" only when it was lost."""
+    if isinstance(error, UpstreamTimedOut):
+        return replies.mx_timed_out(when, str(error))
+    return replies.mx_connection_lost(when)
 
 
 @dataclass
@@ -404,7 +421,7 @@ class Session:
         if answer is None:
             if self.upstream is not None:
                 await self._drop_upstream(polite=False)
-            answer = replies.SETUP_TIMED_OUT
+            answer = replies.setup_timed_out(delivery.setup_timeout)
         self._rcpt_reply(txn, answer)
 
     def _rcpt_reply(self, txn: Transaction, answer: Reply) -> None:
@@ -470,7 +487,7 @@ class Session:
                     continue
                 if txn.accepted:
                     txn.broken = True
-                return replies.mx_connection_lost("while sending the envelope")
+                return upstream_failed("while sending the envelope", error)
             if answer.code == 421 and stale_ok:
                 # Typically the MX's "421 timeout" sent while the connection sat idle.
                 log.info("session %s: kept upstream answered 421, reconnecting", self.id)
@@ -564,10 +581,12 @@ class Session:
             return
         await self.flush()
         try:
-            answer = early or await upstream.command(b"DATA\r\n")
-        except UpstreamLost:
+            answer = early or await upstream.command(
+                b"DATA\r\n", self.config.delivery.data_init_timeout
+            )
+        except UpstreamLost as error:
             await self._drop_upstream(polite=False)
-            self._end_transaction(txn, self._queued(replies.mx_connection_lost("at DATA")))
+            self._end_transaction(txn, self._queued(upstream_failed("at DATA", error)))
             self.txn = None
             return
         if answer.code != 354:
@@ -598,6 +617,7 @@ class Session:
         server = self.config.server
         scanner = DataScanner()
         forwarding = True
+        lost: UpstreamLost | None = None
         chunk: bytes | bytearray = self.reader.take_buffer()
         # Each read waits at most data_timeout, and the whole data phase data_total_timeout,
         # so a client trickling bytes cannot hold the session (and its upstream) for ever.
@@ -612,9 +632,10 @@ class Session:
                 forwarding = False
             elif forwarding:
                 try:
-                    await upstream.send(part, self.config.delivery.command_timeout)
-                except UpstreamLost:
+                    await upstream.send(part, self.config.delivery.data_send_timeout)
+                except UpstreamLost as error:
                     forwarding = False
+                    lost = error
             if end is not None:
                 self.reader.feed(chunk[end:])
                 break
@@ -626,15 +647,15 @@ class Session:
         if scanner.size > server.max_message_size:
             await self._drop_upstream(polite=False)
             return replies.MESSAGE_TOO_BIG
-        if not forwarding:
+        if lost is not None:
             await self._drop_upstream(polite=False)
-            return replies.mx_connection_lost("during DATA")
+            return upstream_failed("during DATA", lost)
         try:
             return await upstream.read_reply(self.config.delivery.data_done_timeout)
         except UpstreamLost as error:
             log.warning("session %s: no final reply from the MX: %r", self.id, str(error))
             await self._drop_upstream(polite=False)
-            return replies.mx_connection_lost("before its final reply")
+            return upstream_failed("before its final reply", error)
 
     async def _receive_data(self, upstream: Upstream, deadline: float) -> bytes | bytearray:
         """Like :meth:`receive`, but a client that vanishes or stalls mid-DATA makes the
@@ -701,7 +722,7 @@ class Session:
             self._end_transaction(txn, None)
         if txn is not None and txn.mail_sent and self.upstream is not None:
             try:
-                answer = await self.upstream.command(b"RSET\r\n")
+                answer = await self.upstream.command(b"RSET\r\n", RSET_TIMEOUT)
             except UpstreamLost:
                 answer = None
             if answer is None or answer.code != 250:

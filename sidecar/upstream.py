@@ -39,7 +39,11 @@ class UpstreamError(Exception):
 
 
 class UpstreamLost(Exception):
-    """The MX connection closed, timed out or spoke garbage."""
+    """The MX connection closed, timed out or spoke garbage; the text says which."""
+
+
+class UpstreamTimedOut(UpstreamLost):
+    """The MX did not answer, or did not take our bytes, within the step's time limit."""
 
 
 class _CandidateFailed(Exception):
@@ -89,7 +93,7 @@ class Upstream:
             while (answer := self.parser.next_reply()) is None:
                 data = await receive_by(self.stream, RECEIVE_SIZE, deadline)
                 if data is None:
-                    raise UpstreamLost(f"no reply within {timeout:g}s")
+                    raise UpstreamTimedOut(f"no reply within {timeout:g}s")
                 if not data:
                     raise UpstreamLost("connection closed by the MX")
                 if self.metrics is not None:
@@ -102,13 +106,17 @@ class Upstream:
             raise UpstreamLost(f"connection lost: {error}") from None
 
     async def send(self, data: bytes | bytearray, timeout: float | None = None) -> None:
-        deadline = trio.current_time() + (timeout or self.delivery.command_timeout)
+        """Send ``data`` within ``timeout`` seconds (default ``delivery.command_timeout``);
+        :class:`UpstreamTimedOut` when the MX does not take it in time, :class:`UpstreamLost`
+        when the connection breaks."""
+        timeout = timeout or self.delivery.command_timeout
+        deadline = trio.current_time() + timeout
         try:
             sent = await send_by(self.stream, data, deadline)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise UpstreamLost(f"connection lost: {error}") from None
         if not sent:
-            raise UpstreamLost("send timed out")
+            raise UpstreamTimedOut(f"the MX took nothing for {timeout:g}s")
         if self.metrics is not None:
             self.metrics.bytes_to_mx += len(data)
 

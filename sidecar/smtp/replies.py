@@ -38,7 +38,6 @@ __all__ = [
     "PARAM_SYNTAX",
     "RECIPIENT_NEEDS_DOMAIN",
     "SENDER_OK",
-    "SETUP_TIMED_OUT",
     "SHUTTING_DOWN",
     "SIZE_NOT_A_NUMBER",
     "SMTPUTF8_NOT_SUPPORTED",
@@ -58,6 +57,7 @@ __all__ = [
     "group_unplumbed",
     "helo_reply",
     "mx_connection_lost",
+    "mx_timed_out",
     "no_mail_domain",
     "no_mx_address",
     "no_mx_reachable",
@@ -68,6 +68,7 @@ __all__ = [
     "proxy_unreachable",
     "reply",
     "service_ready",
+    "setup_timed_out",
     "unsupported_parameter",
 ]
 
@@ -400,12 +401,26 @@ def no_mx_reachable(domain: str, problems: str) -> Reply:
     return reply(451, "4.4.1", f"No MX of {domain} reachable: {problems}")
 
 
-SETUP_TIMED_OUT = reply(451, "4.4.1", "Timed out setting up delivery to the MX, try later")
+def setup_timed_out(seconds: float) -> Reply:
+    """The whole upstream set-up (``delivery.setup_timeout``) ran out before the RCPT reply."""
+    return reply(
+        451, "4.4.1", f"Timed out after {seconds:g}s setting up delivery to the MX, try later"
+    )
 
 
 def mx_connection_lost(when: str) -> Reply:
     return reply(
         451, "4.4.2", f"Connection to the MX lost {when}; message not delivered, try later"
+    )
+
+
+def mx_timed_out(when: str, detail: str) -> Reply:
+    """The MX did not answer (or read) within its step's time limit; ``detail`` says which
+    wait, e.g. "no reply within 300s"."""
+    return reply(
+        451,
+        "4.4.2",
+        f"Timed out waiting for the MX {when} ({detail}); message not delivered, try later",
     )
 
 

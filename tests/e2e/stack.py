@@ -139,6 +139,8 @@ FAST_DELIVERY: dict[str, Any] = {
     "connect_timeout": 2,
     "banner_timeout": 5,
     "command_timeout": 5,
+    "data_init_timeout": 5,
+    "data_send_timeout": 5,
     "data_done_timeout": 5,
 }
 

@@ -244,12 +244,12 @@ async def test_mx_hanging_before_final_reply_is_451(relay_stack: RelayStackFacto
 
 
 async def test_mx_hanging_at_data_command_is_451(relay_stack: RelayStackFactory) -> None:
-    stack = await relay_stack(mxes=[{"hang_at": "DATA"}], delivery={"command_timeout": 0.5})
+    stack = await relay_stack(mxes=[{"hang_at": "DATA"}], delivery={"data_init_timeout": 0.5})
     async with await stack.client() as client:
         assert (await client.command(MAIL)).startswith(b"250 ")
         assert (await client.command(RCPT)).startswith(b"250 ")
         with trio.fail_after(5):
             answer = await client.command(b"DATA")
-        assert answer.startswith(b"451 4.4.2 "), answer
+        assert answer.startswith(b"451 4.4.2 Timed out waiting for the MX at DATA"), answer
         assert (await client.command(b"NOOP")).startswith(b"250 ")
     assert stack.mx.messages == []

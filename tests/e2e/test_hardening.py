@@ -904,6 +904,8 @@ async def test_mx_silent_or_421_at_each_stage_is_4xx(
             "setup_timeout": 5,
             "banner_timeout": 1,
             "command_timeout": 1,
+            "data_init_timeout": 1,
+            "data_send_timeout": 1,
             "data_done_timeout": 1.5,
         },
     )

@@ -14,7 +14,7 @@ from .harness import (
     RawSMTPClient,
     smtp_reply,
 )
-from .stack import MESSAGE, RelayStack, RelayStackFactory
+from .stack import MESSAGE, RelayStack, RelayStackFactory, final_status, send
 
 MAIL = b"MAIL FROM:<sender@client.test>"
 BODY = b"Subject: session test\r\n\r\nHello.\r\n"
@@ -687,3 +687,33 @@ async def test_unsolicited_bytes_after_a_reply_retire_the_connection(
             assert await client.command(MESSAGE + b".") == b"250 2.0.0 queued\r\n"
     assert len(stack.mx.messages) == 2
     assert len(stack.mx.connections) == 2
+
+
+async def test_slow_mx_replies_are_waited_for_and_timeouts_say_so(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """Issue 10, item 8 through real sockets (the default values are pinned by
+    tests/unit/test_session_mx_waits.py): an RCPT reply slower than the old fixed wait but
+    within command_timeout gets through; one past it is a 4xx that says "timed out"."""
+    stack = await relay_stack(
+        mxes=[{"delays": {"RCPT": 1.5}}],
+        delivery={"command_timeout": 3, "setup_timeout": 8, "data_done_timeout": 3},
+    )
+    result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert final_status(result) == (250, "2.0.0"), result
+    stack.mx.delays["RCPT"] = 4
+    result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    code, text = result.refused["rcpt@example.test"]
+    assert (code, text) == (
+        451,
+        b"4.4.2 Timed out waiting for the MX while sending the envelope (no reply within 3s);"
+        b" message not delivered, try later",
+    )
+    stack.mx.delays["RCPT"] = 0
+    stack.mx.delays["END"] = 4
+    client = await stack.client()
+    for command in (b"MAIL FROM:<a@client.test>", b"RCPT TO:<rcpt@example.test>", b"DATA"):
+        assert (await client.command(command))[:1] in (b"2", b"3")
+    final = await client.command(MESSAGE + b".")
+    assert final.startswith(b"451 4.4.2 Timed out waiting for the MX before its final reply"), final
+    await client.aclose()

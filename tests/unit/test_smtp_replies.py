@@ -115,7 +115,6 @@ def test_reply_classes(code: int, positive: bool, transient: bool, permanent: bo
         ("GOODBYE", "221 2.0.0 Bye"),
         ("LINE_TOO_LONG", "500 5.5.6 Line too long"),
         ("NEED_HELLO", "503 5.5.1 Send EHLO or HELO first"),
-        ("SETUP_TIMED_OUT", "451 4.4.1 Timed out setting up delivery to the MX, try later"),
         (
             "VRFY_CANNOT",
             "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
@@ -139,6 +138,19 @@ def test_reply_classes(code: int, positive: bool, transient: bool, permanent: bo
 )
 def test_catalogue_exact_text(name: str, wire: str) -> None:
     assert getattr(replies, name).to_bytes() == wire.encode() + b"\r\n"
+
+
+def test_timeouts_say_timed_out() -> None:
+    """Issue 10, item 8: a wait that ran out says "timed out", never "connection lost"."""
+    assert replies.setup_timed_out(240).to_bytes() == (
+        b"451 4.4.1 Timed out after 240s setting up delivery to the MX, try later\r\n"
+    )
+    timed_out = replies.mx_timed_out("while sending the envelope", "no reply within 300s")
+    assert timed_out.to_bytes() == (
+        b"451 4.4.2 Timed out waiting for the MX while sending the envelope (no reply within"
+        b" 300s); message not delivered, try later\r\n"
+    )
+    assert b"lost" not in timed_out.to_bytes()
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ Behaviour is a set of public attributes that tests may also change while it runs
   which to close the connection, or to stop answering (it keeps reading), instead of
   replying. ``close_at="CONNECT"`` closes right after accept, ``hang_at="CONNECT"`` never
   sends a banner. Data that reached ``END`` is recorded (with ``reply == b""``).
+* ``delays``: per phase (``MAIL RCPT DATA END``), seconds to wait before replying (a slow
+  policy service or a tarpit).
 * ``unsolicited_after_end``: (delay in seconds, bytes): after each end-of-data reply, wait
   that long and then send those bytes unasked (an MX whose reply stream is out of step).
 * ``accept_bare_lf``: also end the data at ``<LF>.<LF>`` (and ``<LF>.<CRLF>``,
@@ -182,6 +184,7 @@ class TestMX:
         accept_bare_lf: bool = False,
         max_line_length: int = 4096,
         unsolicited_after_end: tuple[float, bytes] | None = None,
+        delays: Mapping[str, float] | None = None,
     ) -> None:
         for phase in (*(replies or {}), close_at, hang_at):
             if phase is not None and phase not in PHASES:
@@ -197,6 +200,7 @@ class TestMX:
         self.hang_at = hang_at
         self.accept_bare_lf = accept_bare_lf
         self.unsolicited_after_end = unsolicited_after_end
+        self.delays: dict[str, float] = dict(delays or {})
         self.max_line_length = max_line_length
         self.connections: list[MXConnection] = []
         self.messages: list[MXMessage] = []
@@ -334,6 +338,11 @@ class _Session:
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
+
+    async def pause(self, phase: str) -> None:
+        delay = self.mx.delays.get(phase)
+        if delay:
+            await trio.sleep(delay)
 
     async def read_line(self) -> bytes | None:
         searched = 0
@@ -473,6 +482,7 @@ class _Session:
         else:
             default = smtp_reply(250, "2.1.0 Ok")
         reply = self.reply("MAIL", default, command)
+        await self.pause("MAIL")
         await self.send(reply)
         if reply.startswith(b"2"):
             self.mail_from = command
@@ -485,6 +495,7 @@ class _Session:
         else:
             default = smtp_reply(250, "2.1.5 Ok")
         reply = self.reply("RCPT", default, command)
+        await self.pause("RCPT")
         await self.send(reply)
         if reply.startswith(b"2"):
             self.rcpt_to.append(command)
@@ -498,6 +509,7 @@ class _Session:
         else:
             default = smtp_reply(354, "End data with <CR><LF>.<CR><LF>")
         reply = self.reply("DATA", default, command)
+        await self.pause("DATA")
         await self.send(reply)
         if not reply.startswith(b"3"):
             return True
@@ -524,6 +536,7 @@ class _Session:
         self.reset()
         if await self.stop_at("END"):
             return False
+        await self.pause("END")
         await self.send(final)
         if self.mx.unsolicited_after_end is not None:
             delay, extra = self.mx.unsolicited_after_end
