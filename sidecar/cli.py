@@ -6,10 +6,19 @@ Exit codes: 0 success, 1 an operational failure (e.g. ``init`` would overwrite a
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if sys.argv[1:2] == ["run"]:
+    # `sidecar run` holds SIGTERM, SIGINT and SIGHUP from its first moment (before the imports
+    # below, which take a few tenths of a second) until its handlers are in place: a SIGHUP
+    # from logrotate or a deploy's reload right after a start must not kill it. Handled then
+    # by run_until_signal (the same set as sidecar.server.hold_signals).
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+
 import json
 import os
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,7 +28,7 @@ import trio
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.explain import explain_route
 from sidecar.logs import configure_logging
-from sidecar.server import ListenError, run_until_signal
+from sidecar.server import ListenError, hold_signals, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
 from sidecar.workers import supervise
@@ -123,6 +132,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 )
 def run(config_path: str, log_level: str, log_format: str) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP re-reads the configuration file."""
+    hold_signals()  # handled once the sidecar is up, never fatal before
     config = _load(config_path)
     configure_logging(log_level, "json" if log_format == "json" else "text")
     try:

@@ -22,7 +22,7 @@ from sidecar.metrics import ServerState, render_prometheus
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
-from sidecar.session import ServerContext, Session
+from sidecar.session import LAST_WORD_TIMEOUT, ServerContext, Session
 from sidecar.smtp import replies
 from sidecar.status import StatusSource, serve_status
 from sidecar.tcp import TcpStream, accept_all, listen, send_by
@@ -127,6 +127,7 @@ class Runtime:
         new.metrics = old.metrics
         new.shutting_down = old.shutting_down
         new.idle_sessions = old.idle_sessions
+        new.sessions = old.sessions
         self.context = new
         return new
 
@@ -238,11 +239,15 @@ async def serve(
     status_sockets: list[trio.SocketListener] | None = None,
     *,
     worker: tuple[int, int] | None = None,
+    hurry: trio.Event | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set: then stop accepting, give open sessions
-    ``server.shutdown_grace`` seconds, and cancel what is left. Configs received on
-    ``reloads`` replace the running one (SIGHUP)."""
+    """Serve until ``shutdown`` is set: then stop accepting and give open sessions
+    ``server.shutdown_grace`` seconds (less if ``hurry`` is set meanwhile: a second SIGTERM).
+    At the end of the grace every session gets 421 and closes, except those whose end of
+    data the MX already has: they pass on its reply first, within ``data_done_timeout``
+    (see :meth:`ServerContext.end_grace`). Configs received on ``reloads`` replace the
+    running one (SIGHUP)."""
     runtime = Runtime(config, worker)
     if shutdown is None:
         shutdown = trio.Event()
@@ -292,8 +297,24 @@ async def serve(
                     trio.lowlevel.notify_closing(sock)
                     sock.close()
             with trio.move_on_after(context.config.server.shutdown_grace):
-                while context.metrics.active_sessions:
+                while context.metrics.active_sessions and not (
+                    hurry is not None and hurry.is_set()
+                ):
                     await trio.sleep(0.05)
+            if context.metrics.active_sessions:
+                owed = context.end_grace()
+                log.warning(
+                    "shutdown grace over: closing %d sessions with 421, waiting for the MX's"
+                    " final reply in %d",
+                    context.metrics.active_sessions - owed,
+                    owed,
+                )
+                # Each is bounded: a last word by LAST_WORD_TIMEOUT, an owed reply by
+                # data_done_timeout.
+                last = context.config.delivery.data_done_timeout + LAST_WORD_TIMEOUT + 1
+                with trio.move_on_after(last):
+                    while context.metrics.active_sessions:
+                        await trio.sleep(0.05)
             sessions.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
@@ -308,6 +329,17 @@ async def open_status_listener(config: Config) -> list[trio.SocketListener]:
         raise ListenError(f"status endpoint {address}", error) from error
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
+def hold_signals() -> None:
+    """Keep SIGTERM, SIGINT and SIGHUP pending (blocked) until :func:`run_until_signal` can
+    handle them: ``sidecar run`` calls this first thing, so that a SIGHUP (logrotate, a
+    deploy's reload) in the first moments after start no longer kills the process."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
 async def run_until_signal(
     config: Config,
     config_path: str | None = None,
@@ -319,36 +351,69 @@ async def run_until_signal(
     """``sidecar run``: serve; SIGTERM/SIGINT shut down gracefully, SIGHUP re-reads
     ``config_path`` (an invalid file is logged and the running configuration kept).
 
+    Signals stay handled until the last session is done: during the shutdown grace a SIGHUP
+    is ignored (logged), and a second SIGTERM or SIGINT ends the grace at once, which never
+    skips a reply already owed (see :func:`serve`). Signals held by :func:`hold_signals` are
+    handled once the handlers are in place.
+
     A worker of several (``server.workers``) gets its sockets bound by the supervisor and
     ``worker`` = (its index, how many there are)."""
     shutdown = trio.Event()
+    hurry = trio.Event()
     # Listening errors (address in use, no permission) surface here, before any task starts.
     if opened is None:
         opened = open_listeners(config)
     if status_sockets is None:
         status_sockets = await open_status_listener(config)
     send_reload, receive_reload = trio.open_memory_channel[Config](1)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # the mask as it is (hold_signals)
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            await nursery.start(
-                partial(serve, worker=worker),
-                config,
-                shutdown,
-                opened,
-                receive_reload,
-                status_sockets,
-            )
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    if config_path is None:
-                        continue
-                    try:
-                        new_config = load_config(config_path)
-                    except ConfigError as error:
-                        log.error("reload failed, keeping the running configuration: %s", error)
-                        continue
-                    await send_reload.send(new_config)
-                    continue
-                log.warning("received %s, shutting down", signal.Signals(signum).name)
-                shutdown.set()
-                break
+        with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+
+            async def serve_then_stop(*, task_status: trio.TaskStatus[object]) -> None:
+                await serve(
+                    config,
+                    shutdown,
+                    opened,
+                    receive_reload,
+                    status_sockets,
+                    worker=worker,
+                    hurry=hurry,
+                    task_status=task_status,
+                )
+                nursery.cancel_scope.cancel()  # the signal loop below ends with it
+
+            try:
+                await nursery.start(serve_then_stop)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        if shutdown.is_set():
+                            log.warning("received SIGHUP while shutting down: ignored")
+                        elif config_path is not None:
+                            await _reload(config_path, send_reload)
+                    elif not shutdown.is_set():
+                        log.warning("received %s, shutting down", name)
+                        shutdown.set()
+                    else:
+                        log.warning(
+                            "received %s again: ending the shutdown grace now (replies the"
+                            " MX already owes are still passed on)",
+                            name,
+                        )
+                        hurry.set()
+            finally:
+                # Held again as they were (for `sidecar run`: blocked), before trio puts the
+                # default handlers back: a signal after the last session must not kill the
+                # process while it exits.
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+async def _reload(config_path: str, reloads: trio.MemorySendChannel[Config]) -> None:
+    try:
+        new_config = load_config(config_path)
+    except ConfigError as error:
+        log.error("reload failed, keeping the running configuration: %s", error)
+        return
+    await reloads.send(new_config)

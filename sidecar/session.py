@@ -86,6 +86,8 @@ class ServerContext:
     # Sessions waiting for a command between transactions (their stream, or a cancel scope
     # around the wait for other streams): a shutdown ends those waits at once.
     idle_sessions: set[TcpStream | trio.CancelScope] = field(default_factory=set)
+    # Every running session (shared by the contexts of all configurations, like the above).
+    sessions: set[Session] = field(default_factory=set)
 
     def begin_shutdown(self) -> None:
         """Idle sessions get 421 and close now; a transaction in progress may finish."""
@@ -95,6 +97,20 @@ class ServerContext:
                 idle.interrupt()
             else:
                 idle.cancel()
+
+    def end_grace(self) -> int:
+        """The shutdown grace is over: every session gets 421 and closes now (an open
+        transaction is aborted, so its MX sees no end of data), except those whose end of
+        data the MX already has: they wait for its reply (within ``data_done_timeout``) and
+        pass it on, because the MX may have accepted the message (DESIGN.md invariant 1).
+        Returns how many sessions are still owed a final reply."""
+        owed = 0
+        for session in self.sessions:
+            if session.owes_final_reply:
+                owed += 1
+            else:
+                session.stop()
+        return owed
 
 
 @dataclass
@@ -135,6 +151,7 @@ class Session:
     __slots__ = (
         "_command_deadline",
         "_last_proxy_error",
+        "_scope",
         "client",
         "config",
         "context",
@@ -143,6 +160,7 @@ class Session:
         "id",
         "listener",
         "out",
+        "owes_final_reply",
         "reader",
         "stream",
         "txn",
@@ -166,6 +184,14 @@ class Session:
         self.upstream: Upstream | None = None
         self._last_proxy_error: Reply | None = None
         self._command_deadline = 0.0
+        # The end of data went to the MX and its reply has not been passed on yet.
+        self.owes_final_reply = False
+        self._scope: trio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """End this session now (the end of the shutdown grace): see :meth:`run`."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     # ---- I/O helpers -------------------------------------------------------------------------
 
@@ -239,6 +265,25 @@ class Session:
     # ---- the session -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve the client until it quits, fails or times out. A :meth:`stop` (the end of the
+        shutdown grace) ends it with 421, aborting any open transaction at the MX first."""
+        sessions = self.context.sessions
+        sessions.add(self)
+        stopped = False
+        try:
+            with trio.CancelScope() as self._scope:
+                await self._converse()
+            stopped = self._scope.cancelled_caught
+        finally:
+            sessions.discard(self)
+            try:
+                await self._wind_up()
+                if stopped:
+                    await self._last_word(replies.SHUTTING_DOWN)
+            finally:
+                await close_now(self.stream)
+
+    async def _converse(self) -> None:
         try:
             self.queue(replies.service_ready(self.config.server.hostname))
             while True:
@@ -260,17 +305,21 @@ class Session:
             # The client gets a 4xx (it keeps its message); an upstream mid-DATA is aborted
             # below, so the MX sees no end of data.
             log.exception("session %s: unhandled error, closing the connection", self.id)
+            # The upstream first: mid-DATA the MX must see no end of data.
+            await self._wind_up()
             await self._last_word(replies.LOCAL_ERROR_CLOSING)
-        finally:
-            if self.txn is not None:
-                self._end_transaction(self.txn, None)
-            if self.upstream is not None:
-                with trio.CancelScope(shield=True):
-                    if self.txn is None or not self.txn.mail_sent:
-                        await self._release_upstream()
-                    else:
-                        await self._drop_upstream(polite=False)
-            await close_now(self.stream)
+
+    async def _wind_up(self) -> None:
+        """Count an unfinished transaction as aborted; park a clean upstream, abort one with an
+        open transaction (the MX discards it)."""
+        if self.txn is not None:
+            self._end_transaction(self.txn, None)
+        if self.upstream is not None:
+            with trio.CancelScope(shield=True):
+                if self.txn is None or not self.txn.mail_sent:
+                    await self._release_upstream()
+                else:
+                    await self._drop_upstream(polite=False)
 
     async def _last_word(self, answer: Reply) -> None:
         """Send what is queued and ``answer``, best effort and briefly, before closing."""
@@ -333,6 +382,11 @@ class Session:
         self.queue(replies.helo_reply(self.config.server.hostname))
 
     async def do_mail(self, command: Command) -> None:
+        if self.context.shutting_down.is_set():
+            # No new transaction once a shutdown began (one pipelined after the last).
+            self.queue(replies.SHUTTING_DOWN)
+            await self.flush()
+            raise _CloseSession
         if not self.greeted:
             await self.error(replies.NEED_HELLO)
             return
@@ -607,6 +661,7 @@ class Session:
         final = await self._relay_data(upstream, txn)
         upstream.transactions += 1
         self._end_transaction(txn, self._queued(final))
+        self.owes_final_reply = False  # queued: a stop still sends it before its 421
         self.txn = None
         if final.code == 421 and self.upstream is not None:
             await self._drop_upstream(polite=False)
@@ -631,6 +686,10 @@ class Session:
             if scanner.bad_byte or scanner.size > server.max_message_size:
                 forwarding = False
             elif forwarding:
+                if end is not None:
+                    # From this write on the MX may accept the message: its reply is owed to
+                    # the client even when the shutdown grace runs out (ServerContext.end_grace).
+                    self.owes_final_reply = True
                 try:
                     await upstream.send(part, self.config.delivery.data_send_timeout)
                 except UpstreamLost as error:

@@ -164,7 +164,9 @@ class Supervisor:
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Signals wait until the child has dropped the supervisor's handlers: a SIGTERM
-        # caught in between would otherwise make the child forward it to its siblings.
+        # caught in between would otherwise make the child forward it to its siblings. The
+        # child keeps them blocked until its own handlers are in place (run_until_signal), so
+        # a SIGHUP right after a (re)start cannot kill it either.
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         pid = self.fork()
         if pid == 0:  # the child never returns from here
@@ -172,7 +174,6 @@ class Supervisor:
             try:
                 for signum in FORWARDED_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
                 code = run_worker(index, self.sockets[index], self.config, self.config_path)
             finally:
                 logging.shutdown()

@@ -717,3 +717,47 @@ async def test_slow_mx_replies_are_waited_for_and_timeouts_say_so(
     final = await client.command(MESSAGE + b".")
     assert final.startswith(b"451 4.4.2 Timed out waiting for the MX before its final reply"), final
     await client.aclose()
+
+
+async def test_end_of_grace_421s_open_transactions_and_passes_owed_final_replies(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """Issue 10, item 10: when shutdown_grace runs out, a session whose end of data the MX
+    already has waits for the MX's reply and passes it on (the MX may have accepted the
+    message: a 421 would make the client send it again); sessions not yet past their end of
+    data get 421 and their MX sees no end of data."""
+    stack = await relay_stack(
+        mxes=[{"delays": {"END": 2.5}}],
+        server={"shutdown_grace": 1},
+        delivery={"data_done_timeout": 10},
+    )
+    mx = stack.mx
+    owed = await stack.client()
+    mid_data = await stack.client()
+    envelope_only = await stack.client()
+    for client in (owed, mid_data, envelope_only):
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert (await client.command(b"RCPT TO:<r@example.test>")).startswith(b"250 ")
+    for client in (owed, mid_data):
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+    await owed.send(BODY + b".\r\n")
+    await mid_data.send(BODY)  # no end of data yet
+    await mx.wait_for(lambda: len(mx.messages) == 1)  # the owed end of data is at the MX
+    began = trio.current_time()
+    stack.sidecar.shutdown.set()
+    with trio.fail_after(5):
+        for client in (mid_data, envelope_only):
+            assert (await client.read_reply()).startswith(b"421 4.3.0 ")
+            assert await client.read_reply() == b""
+    assert 0.9 <= trio.current_time() - began < 2.4  # at the end of the grace
+    with trio.fail_after(5):
+        final = await owed.read_reply()
+    (message,) = mx.messages
+    assert final == message.reply and final.startswith(b"250 ")  # the MX's own, after the grace
+    with trio.fail_after(2):
+        assert (await owed.read_reply()).startswith(b"421 4.3.0 ")
+    for client in (owed, mid_data, envelope_only):
+        await client.aclose()
+    # Nothing else reached an end of data, and each aborted MX transaction was cut off.
+    await mx.wait_for(lambda: all(connection.closed for connection in mx.connections))
+    assert len(mx.messages) == 1
