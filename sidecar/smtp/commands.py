@@ -127,6 +127,22 @@ class Address:
     text: str
 
     @property
+    def needs_smtputf8(self) -> bool:
+        """True when the mailbox has no ASCII form: its local part is not ASCII (RFC 6531
+        section 3.3). A non-ASCII domain has one, its A-label form."""
+        return not self.local_part.isascii()
+
+    def wire_text(self, utf8: bool) -> str:
+        """The mailbox to send in MAIL or RCPT: as written when ``utf8`` (SMTPUTF8 is in use
+        for the transaction), else with the domain in its A-label form (RFC 5890), the only
+        form allowed without SMTPUTF8. Raises ValueError if the local part needs SMTPUTF8."""
+        if utf8 or self.text.isascii():
+            return self.text
+        if self.needs_smtputf8:
+            raise ValueError(f"local part {self.local_part!r} needs SMTPUTF8")
+        return f"{self.local_part}@{self.routing_domain}"
+
+    @property
     def routing_domain(self) -> str:
         """The domain to resolve: A-label (IDNA) form, lower-case; literals as they are."""
         domain = self.domain
@@ -229,10 +245,11 @@ class MailFrom:
     sender: Address | None
     params: Params
 
-    def to_line(self, keep: Callable[[str], bool] = _keep_all) -> bytes:
+    def to_line(self, keep: Callable[[str], bool] = _keep_all, utf8: bool = True) -> bytes:
         """`MAIL FROM:<...> PARAMS\\r\\n`, without the parameters whose keyword keep()
-        rejects."""
-        path = "" if self.sender is None else self.sender.text
+        rejects; with ``utf8`` false the sender's domain goes as an A-label (see
+        `Address.wire_text`)."""
+        path = "" if self.sender is None else self.sender.wire_text(utf8)
         return f"MAIL FROM:<{path}>{_params_text(self.params, keep)}\r\n".encode()
 
 
@@ -243,11 +260,12 @@ class RcptTo:
     recipient: Address
     params: Params
 
-    def to_line(self, keep: Callable[[str], bool] = _keep_all) -> bytes:
+    def to_line(self, keep: Callable[[str], bool] = _keep_all, utf8: bool = True) -> bytes:
         """`RCPT TO:<...> PARAMS\\r\\n`, without the parameters whose keyword keep()
-        rejects."""
+        rejects; with ``utf8`` false the domain goes as an A-label (see
+        `Address.wire_text`)."""
         params = _params_text(self.params, keep)
-        return f"RCPT TO:<{self.recipient.text}>{params}\r\n".encode()
+        return f"RCPT TO:<{self.recipient.wire_text(utf8)}>{params}\r\n".encode()
 
 
 def _strip_prefix(argument: str, prefix: str) -> str:

@@ -331,6 +331,33 @@ def test_command_error_carries_the_reply() -> None:
     assert "5.5.2" in str(info.value)
 
 
+def test_without_smtputf8_domains_go_as_a_labels() -> None:
+    """RFC 6531: without SMTPUTF8 in use, an address must be ASCII; a U-label domain has an
+    ASCII form (its A-label), a non-ASCII local part has none."""
+    rcpt = parse_rcpt_to("TO:<bob@Bücher.example.com>")
+    assert rcpt.to_line() == "RCPT TO:<bob@Bücher.example.com>\r\n".encode()
+    assert rcpt.to_line(utf8=False) == b"RCPT TO:<bob@xn--bcher-kva.example.com>\r\n"
+    assert not rcpt.recipient.needs_smtputf8
+    mail = parse_mail_from("FROM:<alice@bücher.example> SMTPUTF8 SIZE=10")
+    assert mail.to_line(lambda k: k != "SMTPUTF8", utf8=False) == (
+        b"MAIL FROM:<alice@xn--bcher-kva.example> SIZE=10\r\n"
+    )
+    assert parse_mail_from("FROM:<>").to_line(utf8=False) == b"MAIL FROM:<>\r\n"
+    ascii_rcpt = parse_rcpt_to("TO:<Bob@Example.COM>")  # ASCII goes as written
+    assert ascii_rcpt.to_line(utf8=False) == b"RCPT TO:<Bob@Example.COM>\r\n"
+    literal = parse_rcpt_to("TO:<bob@[192.0.2.1]>")
+    assert literal.to_line(utf8=False) == b"RCPT TO:<bob@[192.0.2.1]>\r\n"
+
+
+def test_a_non_ascii_local_part_needs_smtputf8() -> None:
+    for address in ("jörg@example.com", "jörg@bücher.example", '"jö rg"@example.com'):
+        recipient = parse_rcpt_to(f"TO:<{address}>").recipient
+        assert recipient.needs_smtputf8
+        assert recipient.wire_text(utf8=True) == address
+        with pytest.raises(ValueError):
+            recipient.wire_text(utf8=False)
+
+
 # --- properties ------------------------------------------------------------------------
 
 _ATEXT = "abcXYZ019!#$%&'*+-/=?^_`{|}~éß中"

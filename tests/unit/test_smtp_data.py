@@ -121,9 +121,7 @@ def test_large_message_in_big_chunks() -> None:
         st.sampled_from(
             [b"\r", b"\n", b".", b"a", b"\x00", b"\xc3", b"\r\n", b"\r\n.\r\n", b"\r\n\r\n"]
         )
-    ).map(
-        b"".join
-    ),
+    ).map(b"".join),
     st.lists(st.integers(min_value=0, max_value=64), max_size=8),
 )
 def test_any_chunking_agrees_with_reference(data: bytes, cuts: list[int]) -> None:
