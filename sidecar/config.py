@@ -101,7 +101,7 @@ class ServerConfig:
     )
     max_connections: int = 1000
     # Limits and timeouts on the client side (RFC 5321 section 4.5.3.2 values by default).
-    max_line_length: int = 4096
+    max_line_length: int = 4096  # command lines; DATA is relayed as it comes (README)
     max_message_size: int = 52_428_800
     max_recipients: int = 1000
     max_errors: int = 100

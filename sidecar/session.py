@@ -30,6 +30,7 @@ from sidecar.smtp.commands import (
     Command,
     CommandError,
     MailFrom,
+    RcptTo,
     parse_command,
     parse_mail_from,
     parse_rcpt_to,
@@ -398,6 +399,10 @@ class Session:
         except CommandError as error:
             await self.error(error.reply)
             return
+        sender = mail.sender
+        if sender is not None and sender.needs_smtputf8 and not _has_param(mail, "SMTPUTF8"):
+            await self.error(replies.NON_ASCII_ADDRESS)  # RFC 6531 section 3.5
+            return
         for keyword, value in mail.params:
             if keyword not in MAIL_PARAMETER_CAPABILITY:
                 await self.error(replies.unsupported_parameter("MAIL", keyword))
@@ -458,6 +463,9 @@ class Session:
         if rcpt.params:
             await self.error(replies.unsupported_parameter("RCPT", rcpt.params[0][0]))
             return
+        if rcpt.recipient.needs_smtputf8 and not _has_param(txn.mail, "SMTPUTF8"):
+            await self.error(replies.NON_ASCII_ADDRESS)  # RFC 6531 section 3.5
+            return
         if txn.recipients >= self.config.server.max_recipients:
             self._rcpt_reply(txn, replies.TOO_MANY_RECIPIENTS)
             return
@@ -471,7 +479,7 @@ class Session:
         answer: Reply | None = None
         self._last_proxy_error = None
         with trio.move_on_after(delivery.setup_timeout):
-            answer = await self._route_and_replay(txn, rcpt.recipient, rcpt.to_line())
+            answer = await self._route_and_replay(txn, rcpt.recipient, rcpt)
         if answer is None:
             if self.upstream is not None:
                 await self._drop_upstream(polite=False)
@@ -484,10 +492,10 @@ class Session:
         self.context.metrics.recipients[outcome] += 1
         self.queue(answer)
 
-    async def _route_and_replay(self, txn: Transaction, recipient: Address, line: bytes) -> Reply:
+    async def _route_and_replay(self, txn: Transaction, recipient: Address, rcpt: RcptTo) -> Reply:
         excluded: set[str] = set()
         while True:
-            answer = await self._route_and_replay_once(txn, recipient, line, excluded)
+            answer = await self._route_and_replay_once(txn, recipient, rcpt, excluded)
             if isinstance(answer, Reply):
                 return answer
             # A group member's HAProxy could not be reached: try another plumbed member
@@ -495,7 +503,7 @@ class Session:
             excluded.add(answer.binding_name)
 
     async def _route_and_replay_once(
-        self, txn: Transaction, recipient: Address, line: bytes, excluded: set[str]
+        self, txn: Transaction, recipient: Address, rcpt: RcptTo, excluded: set[str]
     ) -> Reply | _TryAnotherBinding:
         if txn.route is not None:
             prefer: str | None = txn.route.binding.name
@@ -528,7 +536,7 @@ class Session:
             # be replaced once, while nothing of this transaction depends on it.
             stale_ok = upstream is not None and not txn.accepted and attempt == 1
             try:
-                answer = await self._replay(txn, route, upstream, line)
+                answer = await self._replay(txn, route, upstream, rcpt)
             except UpstreamError as error:
                 if error.proxy_fault and self.listener.binding_group and txn.route is None:
                     self._last_proxy_error = error.reply
@@ -561,10 +569,14 @@ class Session:
         return answer
 
     async def _replay(
-        self, txn: Transaction, route: Route, upstream: Upstream | None, line: bytes
+        self, txn: Transaction, route: Route, upstream: Upstream | None, rcpt: RcptTo
     ) -> Reply:
-        """Open the upstream if needed, replay MAIL if not done on it yet, then send ``line``
-        (the RCPT). A negative reply to MAIL is returned as the RCPT's reply."""
+        """Open the upstream if needed, replay MAIL if not done on it yet, then send the RCPT.
+        A negative reply to MAIL is returned as the RCPT's reply.
+
+        SMTPUTF8 is used only when the client asked for it and the MX offers it; otherwise
+        the parameter is dropped, domains go as A-labels, and an address whose local part is
+        not ASCII is refused here with 553 5.6.7, before anything is sent for it."""
         if upstream is None:
             ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
             upstream = await open_upstream(
@@ -574,11 +586,18 @@ class Session:
             txn.mail_sent = False
         txn.data_reply = None
         mail_line = None
+        utf8 = _has_param(txn.mail, "SMTPUTF8") and upstream.supports("SMTPUTF8")
+        if not utf8:
+            sender = txn.mail.sender
+            if sender is not None and sender.needs_smtputf8:
+                return replies.SMTPUTF8_NOT_SUPPORTED_SENDER
+            if rcpt.recipient.needs_smtputf8:
+                return replies.SMTPUTF8_NOT_SUPPORTED_RECIPIENT
+        line = rcpt.to_line(utf8=utf8)
         if not txn.mail_sent:
-            if _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8"):
-                return replies.SMTPUTF8_NOT_SUPPORTED
             mail_line = txn.mail.to_line(
-                keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword])
+                keep=lambda keyword: upstream.supports(MAIL_PARAMETER_CAPABILITY[keyword]),
+                utf8=utf8,
             )
         if not upstream.supports("PIPELINING"):
             if mail_line is not None:
@@ -670,7 +689,10 @@ class Session:
         """Copy the client's bytes to the MX up to and including ``<CRLF>.<CRLF>``; the reply
         that goes to the client is the MX's own, or a 4xx/5xx when the MX must not see an end."""
         server = self.config.server
-        scanner = DataScanner()
+        # A message whose header is not ASCII needs SMTPUTF8 (RFC 6532); an MX without it
+        # must not get one. Only then is the header looked at (the body may be 8-bit).
+        utf8_lost = _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8")
+        scanner = DataScanner(check_header=utf8_lost)
         forwarding = True
         lost: UpstreamLost | None = None
         chunk: bytes | bytearray = self.reader.take_buffer()
@@ -683,7 +705,8 @@ class Session:
                 chunk = await self._receive_data(upstream, deadline)
             end = scanner.feed(chunk)
             part = chunk if end is None else chunk[:end]
-            if scanner.bad_byte or scanner.size > server.max_message_size:
+            refused = scanner.bad_byte or scanner.non_ascii_header
+            if refused or scanner.size > server.max_message_size:
                 forwarding = False
             elif forwarding:
                 if end is not None:
@@ -706,6 +729,9 @@ class Session:
         if scanner.size > server.max_message_size:
             await self._drop_upstream(polite=False)
             return replies.MESSAGE_TOO_BIG
+        if scanner.non_ascii_header:
+            await self._drop_upstream(polite=False)  # the MX sees no end of data
+            return replies.NON_ASCII_HEADER
         if lost is not None:
             await self._drop_upstream(polite=False)
             return upstream_failed("during DATA", lost)

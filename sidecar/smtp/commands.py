@@ -36,10 +36,14 @@ __all__ = [
     "parse_rcpt_to",
 ]
 
-MAX_LOCAL_PART = 64  # octets, RFC 5321 section 4.5.3.1.1
-MAX_DOMAIN = 255  # octets, RFC 5321 section 4.5.3.1.2
-MAX_PATH = 256  # octets including "<" and ">", RFC 5321 section 4.5.3.1.3
-MAX_LABEL = 63  # octets, RFC 1035
+# Local part and path lengths are not bounded here: RFC 5321 section 4.5.3.1's 64 (local part)
+# and 256 (path) are sizes every implementation MUST accept, not maxima, and SRS, VERP and
+# list-confirmation addresses exceed 64 octets. The command line as a whole stays bounded by
+# `server.max_line_length`. What DNS cannot hold is refused: a name of more than 255 octets on
+# the wire (253 in text form, without a final dot) or a label of more than 63 (RFC 1035
+# section 2.3.4); for an internationalised domain both apply to its A-label form.
+MAX_DOMAIN = 253  # octets, text form of a domain name (RFC 1035 section 2.3.4)
+MAX_LABEL = 63  # octets, RFC 1035 section 2.3.4
 
 
 class CommandError(Exception):
@@ -106,10 +110,6 @@ def _a_label_domain(domain: str) -> str:
         raise ValueError(f"invalid internationalised domain {domain!r}: {exc}") from None
 
 
-def _octets(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
 @dataclass(frozen=True, slots=True)
 class Address:
     """A mailbox from a path.
@@ -127,6 +127,22 @@ class Address:
     text: str
 
     @property
+    def needs_smtputf8(self) -> bool:
+        """True when the mailbox has no ASCII form: its local part is not ASCII (RFC 6531
+        section 3.3). A non-ASCII domain has one, its A-label form."""
+        return not self.local_part.isascii()
+
+    def wire_text(self, utf8: bool) -> str:
+        """The mailbox to send in MAIL or RCPT: as written when ``utf8`` (SMTPUTF8 is in use
+        for the transaction), else with the domain in its A-label form (RFC 5890), the only
+        form allowed without SMTPUTF8. Raises ValueError if the local part needs SMTPUTF8."""
+        if utf8 or self.text.isascii():
+            return self.text
+        if self.needs_smtputf8:
+            raise ValueError(f"local part {self.local_part!r} needs SMTPUTF8")
+        return f"{self.local_part}@{self.routing_domain}"
+
+    @property
     def routing_domain(self) -> str:
         """The domain to resolve: A-label (IDNA) form, lower-case; literals as they are."""
         domain = self.domain
@@ -136,10 +152,15 @@ class Address:
 
 
 def _check_domain(domain: str) -> bool:
-    """Label rules beyond the regular expression: lengths, hyphens, IDNA validity."""
-    if _octets(domain) > MAX_DOMAIN:
-        return False
+    """Label rules beyond the regular expression: lengths, hyphens, IDNA validity.
+
+    Lengths are DNS's (RFC 1035 section 2.3.4): at most 253 octets in text form, 63 per
+    label. A domain with U-labels is measured in its A-label form (what DNS holds), which
+    `idna.encode` checks.
+    """
     if domain.isascii():
+        if len(domain) > MAX_DOMAIN:
+            return False
         for label in domain.split("."):
             if len(label) > MAX_LABEL or label[0] == "-" or label[-1] == "-":
                 return False
@@ -160,11 +181,7 @@ def _parse_path(text: str, error: Reply) -> tuple[Address, str]:
     if match is None:
         raise CommandError(error)
     end = match.end()
-    if _octets(text[:end]) > MAX_PATH:
-        raise CommandError(error)
     local_part = match["local"]
-    if _octets(local_part) > MAX_LOCAL_PART:
-        raise CommandError(error)
     domain: str | None = match["domain"]
     literal: IPv4Address | IPv6Address | None = None
     if domain is not None:
@@ -228,10 +245,11 @@ class MailFrom:
     sender: Address | None
     params: Params
 
-    def to_line(self, keep: Callable[[str], bool] = _keep_all) -> bytes:
+    def to_line(self, keep: Callable[[str], bool] = _keep_all, utf8: bool = True) -> bytes:
         """`MAIL FROM:<...> PARAMS\\r\\n`, without the parameters whose keyword keep()
-        rejects."""
-        path = "" if self.sender is None else self.sender.text
+        rejects; with ``utf8`` false the sender's domain goes as an A-label (see
+        `Address.wire_text`)."""
+        path = "" if self.sender is None else self.sender.wire_text(utf8)
         return f"MAIL FROM:<{path}>{_params_text(self.params, keep)}\r\n".encode()
 
 
@@ -242,11 +260,12 @@ class RcptTo:
     recipient: Address
     params: Params
 
-    def to_line(self, keep: Callable[[str], bool] = _keep_all) -> bytes:
+    def to_line(self, keep: Callable[[str], bool] = _keep_all, utf8: bool = True) -> bytes:
         """`RCPT TO:<...> PARAMS\\r\\n`, without the parameters whose keyword keep()
-        rejects."""
+        rejects; with ``utf8`` false the domain goes as an A-label (see
+        `Address.wire_text`)."""
         params = _params_text(self.params, keep)
-        return f"RCPT TO:<{self.recipient.text}>{params}\r\n".encode()
+        return f"RCPT TO:<{self.recipient.wire_text(utf8)}>{params}\r\n".encode()
 
 
 def _strip_prefix(argument: str, prefix: str) -> str:

@@ -31,6 +31,8 @@ __all__ = [
     "NEED_MAIL_BEFORE_RCPT",
     "NEED_RCPT_BEFORE_DATA",
     "NESTED_MAIL",
+    "NON_ASCII_ADDRESS",
+    "NON_ASCII_HEADER",
     "NOT_IMPLEMENTED",
     "NO_VALID_RECIPIENTS",
     "OK",
@@ -40,7 +42,8 @@ __all__ = [
     "SENDER_OK",
     "SHUTTING_DOWN",
     "SIZE_NOT_A_NUMBER",
-    "SMTPUTF8_NOT_SUPPORTED",
+    "SMTPUTF8_NOT_SUPPORTED_RECIPIENT",
+    "SMTPUTF8_NOT_SUPPORTED_SENDER",
     "SYNTAX_ERROR",
     "TIMEOUT",
     "TOO_MANY_CONNECTIONS",
@@ -351,7 +354,25 @@ TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
 OTHER_ROUTE = reply(452, "4.5.3", "Recipient on another route, send it in a new transaction")
 RECIPIENT_NEEDS_DOMAIN = reply(550, "5.1.1", "This relay needs a recipient with a domain")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-SMTPUTF8_NOT_SUPPORTED = reply(553, "5.6.7", "The MX does not support SMTPUTF8")
+# SMTPUTF8 (RFC 6531). A non-ASCII local part has no ASCII form; a non-ASCII domain does (its
+# A-label), so only local parts and header fields need SMTPUTF8. 553 5.6.7 is RFC 6531
+# section 3.5's reply to a non-ASCII address that cannot be taken.
+NON_ASCII_ADDRESS = reply(
+    553, "5.6.7", "Non-ASCII local part needs the SMTPUTF8 parameter on MAIL (RFC 6531)"
+)
+SMTPUTF8_NOT_SUPPORTED_SENDER = reply(
+    553, "5.6.7", "The MX does not support SMTPUTF8, which the sender address needs"
+)
+SMTPUTF8_NOT_SUPPORTED_RECIPIENT = reply(
+    553, "5.6.7", "The MX does not support SMTPUTF8, which this recipient address needs"
+)
+# Found at the end of data: the message as a whole fails, hence 554 ("transaction failed",
+# RFC 5321 section 4.2.3), and X.6.9, which RFC 6531 registered for exactly this: "UTF-8
+# header message cannot be transferred to one or more recipients, so the message must be
+# rejected" (after the final "." of DATA). The MX saw no end of data.
+NON_ASCII_HEADER = reply(
+    554, "5.6.9", "Message header is not ASCII and the MX does not support SMTPUTF8 (RFC 6532)"
+)
 BARE_NEWLINE = reply(
     554,
     "5.6.0",

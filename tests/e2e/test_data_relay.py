@@ -100,6 +100,46 @@ async def test_message_over_max_size_is_552_and_never_ends_at_the_mx(
     assert len(stack.mx.messages) == 1
 
 
+async def test_size_limit_counts_as_rfc_1870(relay_stack: RelayStackFactory) -> None:
+    """RFC 1870 section 3: the size excludes the final ".CRLF" and the stuffing dots. A
+    message of exactly max_message_size octets, announced with SIZE=max_message_size, goes
+    through; so does a smaller one whose many dot-stuffed lines make it longer on the wire;
+    one octet more is refused, and the MX never sees its end."""
+    stack = await relay_stack(server={"max_message_size": 100_000})
+    exact = (b"x" * 98 + b"\r\n") * 1000
+    dotted = b"..line\r\n" * 12_000 + b"y" * 5_998 + b"\r\n"  # 90 000 octets unstuffed
+    assert len(exact) == 100_000 and len(dotted) == 102_000
+    async with await stack.client() as client:
+        assert (await client.command(MAIL + b" SIZE=100000")).startswith(b"250 ")
+        assert (await client.command(RCPT)).startswith(b"250 ")
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(exact + b".\r\n")
+        assert (await client.read_reply()).startswith(b"250 ")
+        assert (await deliver_clean(stack, client, dotted)).startswith(b"250 ")
+        await start_data(client)
+        await client.send(exact + b"z\r\n.\r\n")
+        assert (await client.read_reply()).startswith(b"552 5.3.4 ")
+    messages = await stack.mx.wait_for_messages(2)
+    assert [m.data for m in messages] == [exact, dotted]
+    await trio.sleep(0.1)
+    assert len(stack.mx.messages) == 2
+
+
+async def test_max_line_length_does_not_bound_data_lines(relay_stack: RelayStackFactory) -> None:
+    """max_line_length bounds command lines only. Data is relayed unchanged: a relay that
+    refused or split a long line would bounce or alter mail (RFC 5321 section 4.5.3.1.6's
+    1000 octets is the sender's duty and the MX's call), and the data never sits in a line
+    buffer (it is bounded by max_message_size and scanned chunk by chunk)."""
+    stack = await relay_stack(server={"max_line_length": 512})
+    body = b"Subject: long\r\n\r\n" + b"w" * 1_000_000 + b"\r\n"
+    async with await stack.client() as client:
+        assert (await client.command(b"NOOP " + b"n" * 600)).startswith(b"500 5.5.6 ")
+        final = await deliver_clean(stack, client, body)
+    (message,) = await stack.mx.wait_for_messages(1)
+    assert message.data == body
+    assert final == message.reply and final.startswith(b"250 ")
+
+
 # -- 6. SMTP smuggling -------------------------------------------------------------------------
 
 SMUGGLED = (

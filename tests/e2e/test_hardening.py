@@ -354,6 +354,7 @@ async def test_address_syntax_zoo(relay_stack: RelayStackFactory) -> None:
             "<!#$%&'*+-/=?^_`{|}~@example.test>",
             "<a.b.c@example.test>",
             f"<{'x' * 64}@example.test>",
+            f"<{'y' * 300}@example.test>",  # 64 octets is a minimum (RFC 5321 4.5.3.1.1)
             f"<someone@{a_label}>",
         ]
         answers = await run("MAIL FROM:<>", forms)
@@ -371,7 +372,6 @@ async def test_address_syntax_zoo(relay_stack: RelayStackFactory) -> None:
             "<user@[300.1.1.1]>": b"501 5.1.3 ",
             "<user@[IPv6:zz::1]>": b"501 5.1.3 ",
             "<user@[general:literal]>": b"501 5.1.3 ",
-            f"<{'x' * 65}@example.test>": b"501 5.1.3 ",
             f"<x@{'a' * 64}.test>": b"501 5.1.3 ",
             "<user@-bad-.test>": b"501 5.1.3 ",
             "<user@exa mple.test>": b"501 5.1.3 ",
@@ -405,6 +405,7 @@ async def test_address_syntax_zoo(relay_stack: RelayStackFactory) -> None:
         b"RCPT TO:<!#$%&'*+-/=?^_`{|}~@example.test>",
         b"RCPT TO:<a.b.c@example.test>",
         b"RCPT TO:<" + b"x" * 64 + b"@example.test>",
+        b"RCPT TO:<" + b"y" * 300 + b"@example.test>",
         f"RCPT TO:<someone@{a_label}>".encode(),
     ]
     assert by_sender[b"MAIL FROM:<sender@client.test>"].rcpt_to == [

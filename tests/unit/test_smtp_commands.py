@@ -185,36 +185,58 @@ def test_bad_sender_and_recipient_codes() -> None:
     assert error_of(parse_rcpt_to, "TO:<>") == (501, "5.1.3")
 
 
-def test_local_part_length_limit() -> None:
-    assert parse_rcpt_to(f"TO:<{'a' * 64}@b.example>").recipient.local_part == "a" * 64
-    assert error_of(parse_rcpt_to, f"TO:<{'a' * 65}@b.example>") == (501, "5.1.3")
-    # octets, not characters
-    assert parse_rcpt_to(f"TO:<{'é' * 32}@b.example>")
-    assert error_of(parse_rcpt_to, f"TO:<{'é' * 32}a@b.example>") == (501, "5.1.3")
+SRS = "SRS0=Ab3d=XY=newsletter-sender.example.org=bounce-0123456789abcdef"
 
 
-def test_path_length_limit() -> None:
+def test_local_part_over_64_octets_is_accepted() -> None:
+    """RFC 5321 section 4.5.3.1: 64 octets is what every server MUST accept, not a maximum;
+    SRS, VERP and list-confirmation addresses are longer. Only the line length bounds it."""
+    sender = parse_mail_from(f"FROM:<{SRS}@forwarder.example.net>").sender
+    assert sender is not None and sender.local_part == SRS and len(SRS) > 64
+    assert parse_rcpt_to(f"TO:<{SRS}@forwarder.example.net>").recipient.local_part == SRS
+    assert parse_rcpt_to(f"TO:<{'a' * 1000}@b.example>").recipient.local_part == "a" * 1000
+    assert parse_rcpt_to(f"TO:<{'é' * 500}@b.example>").recipient.local_part == "é" * 500
+    quoted = '"' + "q " * 100 + '"'
+    assert parse_mail_from(f"FROM:<{quoted}@b.example>").sender is not None
+
+
+def test_path_over_256_octets_is_accepted() -> None:
     domain = "a" * 63 + "." + "b" * 63 + "." + "c" * 61
-    path = f"<{'l' * 64}@{domain}>"
-    assert len(path) == 256
+    path = f"<{'l' * 200}@{domain}>"
+    assert len(path) > 256
     assert parse_mail_from("FROM:" + path).sender is not None
-    assert error_of(parse_mail_from, f"FROM:<{'l' * 64}@{domain}c>") == (501, "5.1.7")
+    assert parse_rcpt_to("TO:" + path).recipient.domain == domain
 
 
-def test_domain_length_limit() -> None:
-    domain = ".".join(["d" * 63] * 4)  # 255 octets
-    assert len(domain) == 255
-    assert error_of(parse_rcpt_to, f"TO:<a@{domain}>") == (501, "5.1.3")  # path is 259
+def test_domain_length_limit_is_dns_s() -> None:
+    """253 octets in text form is the longest name DNS holds (255 on the wire)."""
+    domain = ".".join(["d" * 63] * 3) + "." + "e" * 61
+    assert len(domain) == 253
+    assert parse_rcpt_to(f"TO:<a@{domain}>").recipient.domain == domain
+    assert error_of(parse_rcpt_to, f"TO:<a@{domain}e>") == (501, "5.1.3")
+    assert error_of(parse_mail_from, f"FROM:<a@{domain}e>") == (501, "5.1.7")
+
+
+def test_internationalised_domain_length_is_its_a_label_s() -> None:
+    """Over 253 octets in UTF-8 but within DNS's limits as an A-label: accepted."""
+    label = "ü" * 50  # 100 octets in UTF-8, 56 as an A-label
+    domain = ".".join([label] * 4) + ".example"
+    assert len(domain.encode()) > 253
+    recipient = parse_rcpt_to(f"TO:<a@{domain}>").recipient
+    assert len(recipient.routing_domain) <= 253
+    too_long = ".".join([label] * 5) + ".example"  # over 253 octets as A-labels too
+    assert error_of(parse_rcpt_to, f"TO:<a@{too_long}>") == (501, "5.1.3")
 
 
 def test_label_length_limit() -> None:
     assert parse_rcpt_to(f"TO:<a@{'x' * 63}.example>")
     assert error_of(parse_rcpt_to, f"TO:<a@{'x' * 64}.example>") == (501, "5.1.3")
+    assert error_of(parse_rcpt_to, f"TO:<a@{'ü' * 63}.example>") == (501, "5.1.3")
 
 
-def test_source_route_over_the_path_limit() -> None:
+def test_long_source_route_is_ignored() -> None:
     route = ",".join(["@" + "r" * 60 + ".example"] * 4)
-    assert error_of(parse_rcpt_to, f"TO:<{route}:u@b.example>") == (501, "5.1.3")
+    assert parse_rcpt_to(f"TO:<{route}:u@b.example>").recipient.text == "u@b.example"
 
 
 def test_null_sender() -> None:
@@ -307,6 +329,33 @@ def test_command_error_carries_the_reply() -> None:
         parse_command(b"")
     assert info.value.reply.code == 500
     assert "5.5.2" in str(info.value)
+
+
+def test_without_smtputf8_domains_go_as_a_labels() -> None:
+    """RFC 6531: without SMTPUTF8 in use, an address must be ASCII; a U-label domain has an
+    ASCII form (its A-label), a non-ASCII local part has none."""
+    rcpt = parse_rcpt_to("TO:<bob@Bücher.example.com>")
+    assert rcpt.to_line() == "RCPT TO:<bob@Bücher.example.com>\r\n".encode()
+    assert rcpt.to_line(utf8=False) == b"RCPT TO:<bob@xn--bcher-kva.example.com>\r\n"
+    assert not rcpt.recipient.needs_smtputf8
+    mail = parse_mail_from("FROM:<alice@bücher.example> SMTPUTF8 SIZE=10")
+    assert mail.to_line(lambda k: k != "SMTPUTF8", utf8=False) == (
+        b"MAIL FROM:<alice@xn--bcher-kva.example> SIZE=10\r\n"
+    )
+    assert parse_mail_from("FROM:<>").to_line(utf8=False) == b"MAIL FROM:<>\r\n"
+    ascii_rcpt = parse_rcpt_to("TO:<Bob@Example.COM>")  # ASCII goes as written
+    assert ascii_rcpt.to_line(utf8=False) == b"RCPT TO:<Bob@Example.COM>\r\n"
+    literal = parse_rcpt_to("TO:<bob@[192.0.2.1]>")
+    assert literal.to_line(utf8=False) == b"RCPT TO:<bob@[192.0.2.1]>\r\n"
+
+
+def test_a_non_ascii_local_part_needs_smtputf8() -> None:
+    for address in ("jörg@example.com", "jörg@bücher.example", '"jö rg"@example.com'):
+        recipient = parse_rcpt_to(f"TO:<{address}>").recipient
+        assert recipient.needs_smtputf8
+        assert recipient.wire_text(utf8=True) == address
+        with pytest.raises(ValueError):
+            recipient.wire_text(utf8=False)
 
 
 # --- properties ------------------------------------------------------------------------

@@ -165,7 +165,10 @@ def test_timeouts_say_timed_out() -> None:
         ("MESSAGE_TOO_BIG", 552, "5.3.4"),
         ("HELP", 214, "2.0.0"),
         ("RECIPIENT_NEEDS_DOMAIN", 550, "5.1.1"),
-        ("SMTPUTF8_NOT_SUPPORTED", 553, "5.6.7"),
+        ("NON_ASCII_ADDRESS", 553, "5.6.7"),
+        ("SMTPUTF8_NOT_SUPPORTED_SENDER", 553, "5.6.7"),
+        ("SMTPUTF8_NOT_SUPPORTED_RECIPIENT", 553, "5.6.7"),
+        ("NON_ASCII_HEADER", 554, "5.6.9"),
     ],
 )
 def test_catalogue_codes(name: str, code: int, enhanced: str) -> None:
