@@ -1,7 +1,9 @@
 """The connection to the MX: through the binding's HAProxy (PROXY v2 header) or direct for
 bypass domains; banner, EHLO, STARTTLS, EHLO again. Failures are told apart as DESIGN.md
 section 5 says: a proxy that cannot be reached is the proxy's fault (no next MX), an MX that
-closes or stays silent before its banner is the MX's fault (next address)."""
+closes or stays silent before its banner is the MX's fault (next address), and so is an MX
+that greets with 4xx/5xx or refuses EHLO: when no MX is left the client gets a 4xx, never an
+MX's 5xx greeting (Postfix's ``smtp_skip_5xx_greeting``)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,23 @@ class UpstreamLost(Exception):
 
 class _CandidateFailed(Exception):
     """This MX address did not work out; try the next one."""
+
+
+class _MxRefused(_CandidateFailed):
+    """The MX refused to talk to us (a 5xx banner, EHLO and HELO refused) on a connection that
+    is still open: it gets a polite QUIT (RFC 5321 section 3.1), then the next MX is tried."""
+
+
+# At most this much of an MX's reply text is quoted in a problem (a reply line of ours).
+QUOTED_REPLY_CHARS = 200
+
+
+def _quote(answer: Reply) -> str:
+    """``"554 5.7.1 go away"``: an MX reply for a problem text, bounded."""
+    text = answer.text
+    if len(text) > QUOTED_REPLY_CHARS:
+        text = text[:QUOTED_REPLY_CHARS] + "..."
+    return f"{answer.code} {text}".rstrip()
 
 
 @functools.cache
@@ -180,7 +199,9 @@ async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> Tcp
 
 
 async def _greet(upstream: Upstream, ehlo_name: str) -> None:
-    """EHLO (HELO if EHLO is refused); fills ``capabilities``."""
+    """EHLO (HELO if EHLO is refused with a 5xx, RFC 5321 section 4.1.4); fills
+    ``capabilities``. A refusal makes this MX fail over to the next one, never a final reply
+    for the client (DESIGN.md section 5): another MX of the domain may take the mail."""
     delivery = upstream.delivery
     answer = await upstream.command(f"EHLO {ehlo_name}\r\n".encode(), delivery.command_timeout)
     if answer.code == 250:
@@ -192,11 +213,11 @@ async def _greet(upstream: Upstream, ehlo_name: str) -> None:
             upstream.capabilities = {}
             return
         if helo.is_permanent:
-            # The MX refuses us (DESIGN.md section 5): its 5xx goes to the client, no next MX.
             # A HELO that is merely not implemented leaves the EHLO reply as the refusal.
-            raise UpstreamError(answer if helo.code in (500, 502) else helo)
+            refusal = answer if helo.code in (500, 502) else helo
+            raise _MxRefused(f"EHLO refused: {_quote(refusal)}")
         answer = helo
-    raise _CandidateFailed(f"EHLO refused: {answer.code} {answer.text}")
+    raise _CandidateFailed(f"EHLO refused: {_quote(answer)}")
 
 
 async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
@@ -206,7 +227,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
             log.info("STARTTLS refused by %s: %r", upstream.candidate.mx, answer.text)
             return
-        raise _CandidateFailed(f"STARTTLS refused: {answer.code} {answer.text}")
+        raise _CandidateFailed(f"STARTTLS refused: {_quote(answer)}")
     # Whatever the MX sent before the handshake is discarded (CVE-2011-0411 class), and so is
     # everything learnt from the plaintext EHLO.
     upstream.parser.take_unparsed()
@@ -264,9 +285,12 @@ async def _open_one(
             metrics.upstream_connect_seconds.observe(connected - started)
             metrics.upstream_banner_seconds.observe(trio.current_time() - connected)
         if banner.code != 220:
+            # Postfix's smtp_skip_5xx_greeting (default yes): a 5xx greeting is this MX
+            # refusing us, not the domain refusing the mail; the next MX is tried and, when
+            # none takes it, the client gets a 4xx (DESIGN.md section 5).
             if banner.is_permanent:
-                raise UpstreamError(banner)
-            raise _CandidateFailed(f"banner {banner.code} {banner.text}")
+                raise _MxRefused(f"banner {_quote(banner)}")
+            raise _CandidateFailed(f"banner {_quote(banner)}")
         await _greet(upstream, ehlo_name)
         if use_tls:
             if upstream.supports("STARTTLS"):
@@ -274,7 +298,7 @@ async def _open_one(
             elif route.tls in ("required", "verify"):
                 raise _CandidateFailed(f"STARTTLS not offered and the TLS policy is {route.tls}")
         return upstream
-    except UpstreamError:
+    except (UpstreamError, _MxRefused):
         await upstream.quit()
         raise
     except (UpstreamLost, _CandidateFailed):
