@@ -24,6 +24,8 @@ from ipaddress import (
 )
 from typing import Any, Literal, TypeVar
 
+from sidecar.errors import describe_error
+
 TlsPolicy = Literal["disabled", "opportunistic", "required", "verify"]
 TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required", "verify")
 # How a binding_group picks a member: in turn, or by a hash of the recipient domain (each
@@ -208,7 +210,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         with open(name, "rb") as f:
             data = tomllib.load(f)
     except OSError as e:
-        raise ConfigError("", f"cannot read {name}: {e.strerror or e}") from e
+        raise ConfigError("", f"cannot read {name}: {e.strerror or describe_error(e)}") from e
     except UnicodeDecodeError as e:
         raise ConfigError("", f"{name}: not valid TOML: the file is not UTF-8 ({e})") from e
     except tomllib.TOMLDecodeError as e:

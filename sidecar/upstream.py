@@ -17,6 +17,7 @@ import trio
 
 from sidecar import proxy_v2
 from sidecar.config import DeliveryConfig, HostPort, TlsPolicy
+from sidecar.errors import describe_error
 from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
@@ -114,16 +115,16 @@ class Upstream:
                 self.parser.feed(data)
             return answer
         except ReplyError as error:
-            raise UpstreamLost(f"bad reply: {error}") from None
+            raise UpstreamLost(f"bad reply: {describe_error(error)}") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise UpstreamLost(f"connection lost: {error}") from None
+            raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
 
     async def send(self, data: bytes | bytearray, timeout: float | None = None) -> None:
         deadline = trio.current_time() + (timeout or self.delivery.command_timeout)
         try:
             sent = await send_by(self.stream, data, deadline)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise UpstreamLost(f"connection lost: {error}") from None
+            raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
         if not sent:
             raise UpstreamLost("send timed out")
         if self.metrics is not None:
@@ -172,7 +173,7 @@ async def _connect_via_proxy(
             with trio.fail_after(delivery.connect_timeout):
                 stream = stream_from(await trio.open_tcp_stream(server.host, server.port))
         except (OSError, trio.TooSlowError) as error:
-            why = "timeout" if isinstance(error, trio.TooSlowError) else str(error)
+            why = describe_error(error)
             health.record(server, False, f"delivery connect failed: {why}")
             errors.append(f"{server}: {why}")
             continue
@@ -182,7 +183,7 @@ async def _connect_via_proxy(
             await stream.send_all(header)
         except (OSError, trio.BrokenResourceError) as error:
             await trio.aclose_forcefully(stream)
-            errors.append(f"{server}: {error}")
+            errors.append(f"{server}: {describe_error(error)}")
             continue
         return stream, server
     raise UpstreamError(
@@ -195,7 +196,7 @@ async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> Tcp
         with trio.fail_after(delivery.connect_timeout):
             return stream_from(await trio.open_tcp_stream(str(candidate.address), delivery.port))
     except (OSError, trio.TooSlowError) as error:
-        raise _CandidateFailed(f"connect failed: {error or 'timeout'}") from None
+        raise _CandidateFailed(f"connect failed: {describe_error(error)}") from None
 
 
 async def _greet(upstream: Upstream, ehlo_name: str) -> None:
@@ -242,7 +243,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
         with trio.fail_after(upstream.delivery.command_timeout):
             await tls_stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
-        raise _TlsFailed(f"TLS handshake failed: {error}") from None
+        raise _TlsFailed(f"TLS handshake failed: {describe_error(error)}") from None
     upstream.stream = tls_stream
     ssl_object = tls_stream._ssl_object  # the stdlib SSLObject behind trio's SSLStream
     cipher = ssl_object.cipher()

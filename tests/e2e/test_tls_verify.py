@@ -125,6 +125,11 @@ async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
     # A certificate that does not name the MX host: not delivered, the client may retry.
     result = await _one(endpoint, "wrongname.test")
     assert refusal(result, "rcpt@wrongname.test")[0] == 451
+    # The reply says why (not "TLS handshake failed: " and nothing more).
+    assert (
+        b"TLS handshake failed: certificate verify failed: Hostname mismatch"
+        in result.refused["rcpt@wrongname.test"][1]
+    ), result.refused
     assert mxes["wrongname.test"].messages == []
     assert all(
         b"MAIL" not in c for conn in mxes["wrongname.test"].connections for c in conn.commands
@@ -150,6 +155,9 @@ async def test_verify_refuses_a_certificate_from_an_unknown_ca(
     result = await _one(endpoint, "self.test")
     code, enhanced = refusal(result, "rcpt@self.test")
     assert code == 451 and enhanced.startswith("4.")
+    text = result.refused["rcpt@self.test"][1]
+    assert b"TLS handshake failed: certificate verify failed: " in text, text
+    assert b"unable to get local issuer certificate" in text, text
     assert mxes["self.test"].messages == []
     # Never a fallback to plaintext under "verify".
     assert all(
