@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from sidecar import proxy_v2
-from sidecar.config import DeliveryConfig, HostPort, TlsPolicy
+from sidecar.config import DeliveryConfig, HostPort, TlsPolicy, verifying_context
 from sidecar.errors import describe_error
 from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
@@ -75,14 +75,19 @@ def _unverified_context() -> ssl.SSLContext:
     return context
 
 
-@functools.cache
-def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
-    # "verify": the certificate must chain to the CA bundle and name the MX host.
-    return ssl.create_default_context(cafile=ca_file)
+# "verify" with the system's trust store; a configured tls_ca_file was loaded with the
+# configuration (DeliveryConfig.tls_verify_context).
+_cached_verifying_context = functools.cache(verifying_context)
 
 
-def tls_context(policy: TlsPolicy, ca_file: str | None) -> ssl.SSLContext:
-    return _verifying_context(ca_file) if policy == "verify" else _unverified_context()
+def tls_context(policy: TlsPolicy, delivery: DeliveryConfig) -> ssl.SSLContext:
+    """The client context for ``policy``. Raises ``OSError``/``ssl.SSLError`` only for a
+    ``tls_ca_file`` that was not loaded with the configuration and cannot be read."""
+    if policy != "verify":
+        return _unverified_context()
+    if delivery.tls_verify_context is not None:
+        return delivery.tls_verify_context
+    return _cached_verifying_context(delivery.tls_ca_file)
 
 
 @dataclass
@@ -222,6 +227,15 @@ async def _greet(upstream: Upstream, ehlo_name: str) -> None:
 
 
 async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
+    try:
+        # Before STARTTLS: a local fault must not leave the MX waiting for a handshake.
+        context = tls_context(upstream.tls_policy, upstream.delivery)
+        tls_stream = trio.SSLStream(upstream.stream, context, server_hostname=upstream.candidate.mx)
+    except (OSError, ssl.SSLError, ValueError) as error:
+        # Ours, not the MX's (no next MX would fare better): a 4xx naming the cause.
+        why = describe_error(error)
+        log.error("cannot start TLS towards %s: %s", upstream.candidate.mx, why)
+        raise UpstreamError(replies.local_tls_error(why)) from None
     answer = await upstream.command(b"STARTTLS\r\n")
     if answer.code != 220:
         if answer.code != 421 and upstream.tls_policy == "opportunistic":
@@ -234,11 +248,6 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     upstream.parser.take_unparsed()
     upstream.parser = ReplyParser()
     upstream.capabilities = {}
-    tls_stream = trio.SSLStream(
-        upstream.stream,
-        tls_context(upstream.tls_policy, upstream.delivery.tls_ca_file),
-        server_hostname=upstream.candidate.mx,
-    )
     try:
         with trio.fail_after(upstream.delivery.command_timeout):
             await tls_stream.do_handshake()

@@ -57,6 +57,7 @@ __all__ = [
     "ehlo_reply",
     "group_unplumbed",
     "helo_reply",
+    "local_tls_error",
     "mx_connection_lost",
     "no_mail_domain",
     "no_mx_address",
@@ -398,6 +399,11 @@ def proxy_unreachable(binding: str, errors: str) -> Reply:
 
 def no_mx_reachable(domain: str, problems: str) -> Reply:
     return reply(451, "4.4.1", f"No MX of {domain} reachable: {problems}")
+
+
+def local_tls_error(why: str) -> Reply:
+    """The sidecar's own TLS set-up failed (e.g. its CA bundle): no MX is to blame."""
+    return reply(451, "4.3.0", f"Local error setting up TLS towards the MX ({why}), try later")
 
 
 SETUP_TIMED_OUT = reply(451, "4.4.1", "Timed out setting up delivery to the MX, try later")
