@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # From a fresh Debian machine (as root) to a running loopback demo, in one command:
-#   MTA (swaks) -> sidecar 127.0.0.1:2525 -> HAProxy 127.0.0.22:5000 (PROXY v2, usesrc clientip)
-#   -> demo MX 127.0.0.20:10025, which prints the source address it saw: 127.0.0.44, the
+#   MTA (swaks) -> sidecar 127.0.0.1:2525 -> HAProxy 127.0.0.4:5000 (PROXY v2, usesrc clientip)
+#   -> demo MX 127.0.0.2:10025, which prints the source address it saw: 127.0.0.5, the
 #   binding's ha_proxy_src_addr, although nothing on this host was told to use that address.
 # Runs until Ctrl-C; with DEMO_ONCE=1 it stops after the first message.
+# Its addresses are .1 to .5 of DEMO_NET (default 127.0.0; the test suite keeps .1-.9 of each
+# of its 127.N.0 blocks for fixed uses like this one), its files go to DEMO_DIR (demo-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -11,8 +13,9 @@ need_root
 install_system_packages
 make_venv ""
 
-DIR=demo-run
-MX=127.0.0.20 DNS=127.0.0.21 HAPROXY=127.0.0.22 SOURCE=127.0.0.44
+DIR=${DEMO_DIR:-demo-run}
+NET=${DEMO_NET:-127.0.0}
+LISTENER=$NET.1 MX=$NET.2 DNS=$NET.3 HAPROXY=$NET.4 SOURCE=$NET.5
 rm -rf "$DIR" && mkdir -p "$DIR"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -50,7 +53,7 @@ cat > "$DIR/sidecar.toml" <<CFG
 hostname = "sidecar.demo.test"
 
 [[listener]]
-address = "127.0.0.1:2525"
+address = "$LISTENER:2525"
 binding = "demo"
 
 [dns]
@@ -79,15 +82,15 @@ echo "==> HAProxy on $HAPROXY:5000"
 haproxy -db -f "$DIR/haproxy.cfg" >"$DIR/haproxy.log" 2>&1 &
 pids+=($!)
 .venv/bin/sidecar check -c "$DIR/sidecar.toml" >/dev/null
-echo "==> sidecar on 127.0.0.1:2525"
+echo "==> sidecar on $LISTENER:2525"
 .venv/bin/sidecar run -c "$DIR/sidecar.toml" >"$DIR/sidecar.log" 2>&1 &
 pids+=($!)
 wait_for_port "$MX" 10025 "demo MX"
 wait_for_port "$HAPROXY" 5000 HAProxy
-wait_for_port 127.0.0.1 2525 sidecar
+wait_for_port "$LISTENER" 2525 sidecar
 
 echo "==> sending a message with swaks"
-swaks --server 127.0.0.1:2525 --from demo@example.net --to someone@demo.test \
+swaks --server "$LISTENER:2525" --from demo@example.net --to someone@demo.test \
     --header "Subject: sidecar demo" --body "Hello through the sidecar." | tail -n 6
 for _ in $(seq 50); do grep -q "demo MX:" "$DIR/mx.log" && break; sleep 0.1; done
 echo
@@ -101,6 +104,6 @@ else
 fi
 if [ "${DEMO_ONCE:-0}" = 1 ]; then exit 0; fi
 echo
-echo "The demo is running. Try:  swaks --server 127.0.0.1:2525 --to you@demo.test"
+echo "The demo is running. Try:  swaks --server $LISTENER:2525 --to you@demo.test"
 echo "Logs: $DIR/*.log. Ctrl-C stops everything."
 wait

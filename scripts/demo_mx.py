@@ -14,6 +14,18 @@ END = b"\r\n.\r\n"
 
 
 async def handle(stream: trio.SocketStream) -> None:
+    """One connection. A peer that resets or vanishes costs this connection only: an error
+    escaping here would cancel serve_tcp and with it every other connection and the listener
+    (scripts/demo.sh's own port probe connects and closes without reading the banner)."""
+    try:
+        await converse(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def converse(stream: trio.SocketStream) -> None:
     peer = stream.socket.getpeername()[0]
     buffer = b""
     envelope: list[str] = []

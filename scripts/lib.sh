@@ -103,13 +103,24 @@ install_exim_for_tests() {
     "$binary" -C /dev/null -bV 2>/dev/null | grep '^Exim version'
 }
 
-# The project's own virtual environment in .venv, with the sidecar installed editable.
+# The project's own virtual environment in .venv, with the sidecar installed editable. pip runs
+# only when pyproject.toml changed since the last install with these extras (a stamp in .venv
+# records its hash), so a second demo or test run starts at once.
 make_venv() {
     local extras="${1:-}"
     if [ ! -x .venv/bin/python ]; then
         echo "==> python3 -m venv .venv"
         python3 -m venv .venv
     fi
+    local want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    installed() { [ "$(cat ".venv/.installed$1" 2>/dev/null)" = "$want" ]; }
+    # An install with [test] holds everything a plain one needs.
+    if { installed "$extras" || { [ -z "$extras" ] && installed "[test]"; }; } &&
+        .venv/bin/python -c 'import sidecar' 2>/dev/null; then
+        return 0
+    fi
     echo "==> pip install -e .${extras}"
     .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+    echo "$want" > ".venv/.installed${extras}"
 }

@@ -26,6 +26,7 @@ import click
 import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
+from sidecar.errors import describe_error
 from sidecar.explain import explain_route
 from sidecar.logs import configure_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
@@ -106,7 +107,7 @@ def init(path: str, force: bool) -> None:
         click.echo(f"error: {path} already exists (use --force to overwrite it)", err=True)
         sys.exit(1)
     except OSError as e:
-        click.echo(f"error: cannot write {path}: {e.strerror or e}", err=True)
+        click.echo(f"error: cannot write {path}: {e.strerror or describe_error(e)}", err=True)
         sys.exit(1)
     click.echo(f"wrote {path}; edit it, then run: sidecar check -c {os.fspath(path)}", err=True)
 
@@ -194,7 +195,7 @@ def probe(config_path: str, timeout: float) -> None:
                 banner = sock.recv(512)
                 sock.sendall(b"QUIT\r\n")
         except OSError as e:
-            click.echo(f"{listener.address}: {e.strerror or e}", err=True)
+            click.echo(f"{listener.address}: {describe_error(e)}", err=True)
             failures += 1
             continue
         if not banner.startswith(b"220"):
@@ -206,7 +207,7 @@ def probe(config_path: str, timeout: float) -> None:
             with _urlopen(url, timeout) as response:
                 response.read()
         except (OSError, ValueError) as e:  # HTTPError (503 while shutting down) is an OSError
-            click.echo(f"{url}: {e}", err=True)
+            click.echo(f"{url}: {describe_error(e)}", err=True)
             failures += 1
     sys.exit(1 if failures else 0)
 
@@ -226,7 +227,7 @@ def status(config_path: str, as_json: bool) -> None:
         with _urlopen(f"http://{address}/status", 5) as response:
             data = json.load(response)
     except (OSError, ValueError) as e:
-        click.echo(f"error: no status from http://{address}/status: {e}", err=True)
+        click.echo(f"error: no status from http://{address}/status: {describe_error(e)}", err=True)
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))

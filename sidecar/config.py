@@ -11,9 +11,10 @@ import math
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -24,12 +25,16 @@ from ipaddress import (
 )
 from typing import Any, Literal, TypeVar
 
+from sidecar.errors import describe_error
+
 TlsPolicy = Literal["disabled", "opportunistic", "required", "verify"]
 TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required", "verify")
 # How a binding_group picks a member: in turn, or by a hash of the recipient domain (each
 # domain keeps one member, so one source address, while that member is usable).
 Selection = Literal["round-robin", "hash"]
 SELECTIONS: tuple[Selection, ...] = ("round-robin", "hash")
+# Field metadata of a dataclass field that is no configuration key (built from other keys).
+_NOT_TOML = {"toml": False}
 
 
 class ConfigError(Exception):
@@ -128,6 +133,12 @@ class DeliveryConfig:
     tls: TlsPolicy = "opportunistic"
     # CA bundle for tls = "verify" (PEM); None: the system's trust store.
     tls_ca_file: str | None = None
+    # The TLS client context built from tls_ca_file when the configuration was loaded (so a
+    # file that cannot be read fails `sidecar check`, start-up and SIGHUP, never a delivery).
+    # Not a TOML key.
+    tls_verify_context: ssl.SSLContext | None = field(
+        default=None, compare=False, repr=False, metadata=_NOT_TOML
+    )
     # Seconds. Waits for the MX follow RFC 5321 section 4.5.3.2 (banner, MAIL, RCPT: 5 min; DATA:
     # 2 min; a data block: 3 min; end of data: 10 min), each cut to fit the MTA's own wait for
     # the same reply (Postfix: RCPT 300 s, DATA 120 s, data 180 s, end of data 600 s).
@@ -218,7 +229,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         with open(name, "rb") as f:
             data = tomllib.load(f)
     except OSError as e:
-        raise ConfigError("", f"cannot read {name}: {e.strerror or e}") from e
+        raise ConfigError("", f"cannot read {name}: {e.strerror or describe_error(e)}") from e
     except UnicodeDecodeError as e:
         raise ConfigError("", f"{name}: not valid TOML: the file is not UTF-8 ({e})") from e
     except tomllib.TOMLDecodeError as e:
@@ -383,19 +394,39 @@ def _parse_status(value: object, path: str) -> StatusConfig:
 
 
 def _parse_delivery(value: object, path: str) -> DeliveryConfig:
-    return _parse_section(
+    delivery = _parse_section(
         value,
         path,
         DeliveryConfig,
-        {"port": _port, "tls": _parse_tls, "tls_ca_file": _parse_ca_file},
+        {"port": _port, "tls": _parse_tls, "tls_ca_file": _str},
     )
+    if delivery.tls_ca_file is None:
+        return delivery
+    context = load_ca_file(delivery.tls_ca_file, _key(path, "tls_ca_file"))
+    return replace(delivery, tls_verify_context=context)
 
 
-def _parse_ca_file(value: object, path: str) -> str:
-    name = _str(value, path)
-    if not os.path.isfile(name):
-        raise ConfigError(path, f"{_show(name)} is not a readable file")
-    return name
+def verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    """The TLS client context for ``tls = "verify"``: the MX certificate must chain to the CA
+    bundle ``ca_file`` (PEM; ``None``: the system's trust store) and name the MX host
+    (RFC 3207, RFC 6125). Raises ``OSError`` or ``ssl.SSLError`` when the bundle cannot be
+    read or holds no certificate."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def load_ca_file(name: str, path: str) -> ssl.SSLContext:
+    """Read the CA bundle ``name`` as it will be used (as this process's user), or raise
+    :class:`ConfigError` naming the key ``path`` and the reason."""
+    try:
+        return verifying_context(name)
+    except ssl.SSLError as e:  # before OSError: SSLError is one
+        raise ConfigError(
+            path, f"{_show(name)} is not a PEM CA bundle: {describe_error(e)}"
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            path, f"cannot read {_show(name)}: {e.strerror or describe_error(e)}"
+        ) from None
 
 
 _T = TypeVar("_T")
@@ -414,7 +445,7 @@ def _section_kwargs(
     Fields listed in ``special`` use their own parser; the others are typed by their default:
     bool -> true/false, int -> positive integer, float -> positive number.
     """
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if f.metadata.get("toml", True)}
     _check_keys(table, path, known)
     kwargs: dict[str, Any] = {}
     for name, raw in table.items():
@@ -871,7 +902,9 @@ def _show(value: object) -> str:
 def _plain_fields(
     section: ServerConfig | DnsConfig | DeliveryConfig | HealthConfig,
 ) -> dict[str, object]:
-    return {f.name: getattr(section, f.name) for f in fields(section)}
+    return {
+        f.name: getattr(section, f.name) for f in fields(section) if f.metadata.get("toml", True)
+    }
 
 
 def _domains_to_dict(domains: Mapping[str, DomainPolicy]) -> dict[str, object]:

@@ -22,6 +22,7 @@ import trio
 
 from sidecar import proxy_v2
 from sidecar.config import Config, HealthConfig, HostPort
+from sidecar.errors import describe_error
 from sidecar.smtp.replies import ReplyError, ReplyParser
 
 log = logging.getLogger("sidecar.health")
@@ -188,7 +189,7 @@ async def check_server(server: HostPort, timeout: float) -> str | None:
         try:
             stream = await trio.open_tcp_stream(server.host, server.port)
         except OSError as error:
-            return f"connect failed: {error.strerror or error}"
+            return f"connect failed: {describe_error(error)}"
         await stream.aclose()
         return None
     assert scope.cancelled_caught
@@ -210,7 +211,7 @@ async def probe_server(
         try:
             stream = await connect(server.host, server.port)
         except OSError as error:
-            return f"connect failed: {error.strerror or error}"
+            return f"connect failed: {describe_error(error)}"
         connected = True
         try:
             return await _probe_banner(stream, probe, timeout)
@@ -231,7 +232,7 @@ async def _probe_banner(stream: trio.abc.Stream, probe: Probe, timeout: float) -
                 return "probe: connection closed"
             parser.feed(data)
     except ReplyError as error:
-        return f"probe: not an SMTP banner ({error})"
+        return f"probe: not an SMTP banner ({describe_error(error)})"
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         return "probe: connection closed"
     if banner.code != 220:

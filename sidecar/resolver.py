@@ -23,6 +23,7 @@ import dns.resolver
 import trio
 
 from sidecar.config import DnsConfig
+from sidecar.errors import describe_error
 from sidecar.smtp import replies
 from sidecar.smtp.replies import Reply
 
@@ -253,4 +254,4 @@ class Resolver:
         except dns.exception.Timeout:
             raise ResolutionError(replies.dns_temporary(name, "timeout")) from None
         except dns.exception.DNSException as error:
-            raise ResolutionError(replies.dns_temporary(name, type(error).__name__)) from None
+            raise ResolutionError(replies.dns_temporary(name, describe_error(error))) from None

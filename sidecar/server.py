@@ -17,6 +17,7 @@ from ipaddress import IPv6Address, ip_address
 import trio
 
 from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
+from sidecar.errors import describe_error
 from sidecar.health import registry_for, run_health_checks
 from sidecar.metrics import ServerState, render_prometheus
 from sidecar.pool import UpstreamPool
@@ -83,7 +84,7 @@ class ListenError(Exception):
 
     def __init__(self, what: Listener | str, error: OSError) -> None:
         name = what if isinstance(what, str) else str(what.address)
-        super().__init__(f"{name}: {error.strerror or error}")
+        super().__init__(f"{name}: {describe_error(error)}")
         self.error = error
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from sidecar.errors import describe_error
+
 log = logging.getLogger("sidecar.status")
 
 REQUEST_TIMEOUT = 10.0
@@ -70,7 +72,9 @@ async def handle(source: StatusSource, stream: trio.SocketStream) -> None:
                 return
     except h11.RemoteProtocolError as error:
         with trio.move_on_after(1):
-            reply = f"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n{error}\n"
+            reply = (
+                f"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n{describe_error(error)}\n"
+            )
             await stream.send_all(reply.encode())
     except (trio.BrokenResourceError, OSError):
         pass

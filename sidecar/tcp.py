@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from sidecar.errors import describe_error
+
 log = logging.getLogger("sidecar.tcp")
 
 # Calls that completed without waiting before the stream yields to the scheduler once.
@@ -101,7 +103,7 @@ _timeouts: trio.lowlevel.RunVar[Timeouts | None] = trio.lowlevel.RunVar(
 def _broken(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     if error.errno == errno.EBADF:
         return trio.ClosedResourceError("the socket was closed")
-    return trio.BrokenResourceError(f"socket error: {error}")
+    return trio.BrokenResourceError(f"socket error: {describe_error(error)}")
 
 
 class TcpStream(trio.abc.HalfCloseableStream):
@@ -321,7 +323,7 @@ async def accept_forever(listener: socket.socket, handler: Handler, nursery: tri
                 break
             except OSError as error:
                 if error.errno in _ACCEPT_RESOURCE_ERRORS:
-                    log.error("accept failed, pausing %gs: %s", ACCEPT_PAUSE, error)
+                    log.error("accept failed, pausing %gs: %s", ACCEPT_PAUSE, describe_error(error))
                     await trio.sleep(ACCEPT_PAUSE)
                     break
                 if error.errno == errno.EBADF:

@@ -1,7 +1,9 @@
 """The connection to the MX: through the binding's HAProxy (PROXY v2 header) or direct for
 bypass domains; banner, EHLO, STARTTLS, EHLO again. Failures are told apart as DESIGN.md
 section 5 says: a proxy that cannot be reached is the proxy's fault (no next MX), an MX that
-closes or stays silent before its banner is the MX's fault (next address)."""
+closes or stays silent before its banner is the MX's fault (next address), and so is an MX
+that greets with 4xx/5xx or refuses EHLO: when no MX is left the client gets a 4xx, never an
+MX's 5xx greeting (Postfix's ``smtp_skip_5xx_greeting``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 import trio
 
 from sidecar import proxy_v2
-from sidecar.config import DeliveryConfig, HostPort, TlsPolicy
+from sidecar.config import DeliveryConfig, HostPort, TlsPolicy, verifying_context
+from sidecar.errors import describe_error
 from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
@@ -50,6 +53,23 @@ class _CandidateFailed(Exception):
     """This MX address did not work out; try the next one."""
 
 
+class _MxRefused(_CandidateFailed):
+    """The MX refused to talk to us (a 5xx banner, EHLO and HELO refused) on a connection that
+    is still open: it gets a polite QUIT (RFC 5321 section 3.1), then the next MX is tried."""
+
+
+# At most this much of an MX's reply text is quoted in a problem (a reply line of ours).
+QUOTED_REPLY_CHARS = 200
+
+
+def _quote(answer: Reply) -> str:
+    """``"554 5.7.1 go away"``: an MX reply for a problem text, bounded."""
+    text = answer.text
+    if len(text) > QUOTED_REPLY_CHARS:
+        text = text[:QUOTED_REPLY_CHARS] + "..."
+    return f"{answer.code} {text}".rstrip()
+
+
 @functools.cache
 def _unverified_context() -> ssl.SSLContext:
     # "opportunistic" and "required" (RFC 3207 as MTAs practise it): encrypt, but do not
@@ -60,14 +80,19 @@ def _unverified_context() -> ssl.SSLContext:
     return context
 
 
-@functools.cache
-def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
-    # "verify": the certificate must chain to the CA bundle and name the MX host.
-    return ssl.create_default_context(cafile=ca_file)
+# "verify" with the system's trust store; a configured tls_ca_file was loaded with the
+# configuration (DeliveryConfig.tls_verify_context).
+_cached_verifying_context = functools.cache(verifying_context)
 
 
-def tls_context(policy: TlsPolicy, ca_file: str | None) -> ssl.SSLContext:
-    return _verifying_context(ca_file) if policy == "verify" else _unverified_context()
+def tls_context(policy: TlsPolicy, delivery: DeliveryConfig) -> ssl.SSLContext:
+    """The client context for ``policy``. Raises ``OSError``/``ssl.SSLError`` only for a
+    ``tls_ca_file`` that was not loaded with the configuration and cannot be read."""
+    if policy != "verify":
+        return _unverified_context()
+    if delivery.tls_verify_context is not None:
+        return delivery.tls_verify_context
+    return _cached_verifying_context(delivery.tls_ca_file)
 
 
 @dataclass
@@ -101,9 +126,9 @@ class Upstream:
                 self.parser.feed(data)
             return answer
         except ReplyError as error:
-            raise UpstreamLost(f"bad reply: {error}") from None
+            raise UpstreamLost(f"bad reply: {describe_error(error)}") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise UpstreamLost(f"connection lost: {error}") from None
+            raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
 
     async def send(self, data: bytes | bytearray, timeout: float | None = None) -> None:
         """Send ``data`` within ``timeout`` seconds (default ``delivery.command_timeout``);
@@ -114,7 +139,7 @@ class Upstream:
         try:
             sent = await send_by(self.stream, data, deadline)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise UpstreamLost(f"connection lost: {error}") from None
+            raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
         if not sent:
             raise UpstreamTimedOut(f"the MX took nothing for {timeout:g}s")
         if self.metrics is not None:
@@ -196,7 +221,7 @@ async def _connect_via_proxy(
             with trio.fail_after(delivery.connect_timeout):
                 stream = stream_from(await trio.open_tcp_stream(server.host, server.port))
         except (OSError, trio.TooSlowError) as error:
-            why = "timeout" if isinstance(error, trio.TooSlowError) else str(error)
+            why = describe_error(error)
             health.record(server, False, f"delivery connect failed: {why}")
             errors.append(f"{server}: {why}")
             continue
@@ -206,7 +231,7 @@ async def _connect_via_proxy(
             await stream.send_all(header)
         except (OSError, trio.BrokenResourceError) as error:
             await trio.aclose_forcefully(stream)
-            errors.append(f"{server}: {error}")
+            errors.append(f"{server}: {describe_error(error)}")
             continue
         return stream, server
     raise UpstreamError(
@@ -219,11 +244,13 @@ async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> Tcp
         with trio.fail_after(delivery.connect_timeout):
             return stream_from(await trio.open_tcp_stream(str(candidate.address), delivery.port))
     except (OSError, trio.TooSlowError) as error:
-        raise _CandidateFailed(f"connect failed: {error or 'timeout'}") from None
+        raise _CandidateFailed(f"connect failed: {describe_error(error)}") from None
 
 
 async def _greet(upstream: Upstream, ehlo_name: str) -> None:
-    """EHLO (HELO if EHLO is refused); fills ``capabilities``."""
+    """EHLO (HELO if EHLO is refused with a 5xx, RFC 5321 section 4.1.4); fills
+    ``capabilities``. A refusal makes this MX fail over to the next one, never a final reply
+    for the client (DESIGN.md section 5): another MX of the domain may take the mail."""
     delivery = upstream.delivery
     answer = await upstream.command(f"EHLO {ehlo_name}\r\n".encode(), delivery.command_timeout)
     if answer.code == 250:
@@ -235,36 +262,40 @@ async def _greet(upstream: Upstream, ehlo_name: str) -> None:
             upstream.capabilities = {}
             return
         if helo.is_permanent:
-            # The MX refuses us (DESIGN.md section 5): its 5xx goes to the client, no next MX.
             # A HELO that is merely not implemented leaves the EHLO reply as the refusal.
-            raise UpstreamError(answer if helo.code in (500, 502) else helo)
+            refusal = answer if helo.code in (500, 502) else helo
+            raise _MxRefused(f"EHLO refused: {_quote(refusal)}")
         answer = helo
-    raise _CandidateFailed(f"EHLO refused: {answer.code} {answer.text}")
+    raise _CandidateFailed(f"EHLO refused: {_quote(answer)}")
 
 
 async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
+    try:
+        # Before STARTTLS: a local fault must not leave the MX waiting for a handshake.
+        context = tls_context(upstream.tls_policy, upstream.delivery)
+        tls_stream = trio.SSLStream(upstream.stream, context, server_hostname=upstream.candidate.mx)
+    except (OSError, ssl.SSLError, ValueError) as error:
+        # Ours, not the MX's (no next MX would fare better): a 4xx naming the cause.
+        why = describe_error(error)
+        log.error("cannot start TLS towards %s: %s", upstream.candidate.mx, why)
+        raise UpstreamError(replies.local_tls_error(why)) from None
     answer = await upstream.command(b"STARTTLS\r\n")
     if answer.code != 220:
         if answer.code != 421 and upstream.tls_policy == "opportunistic":
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
             log.info("STARTTLS refused by %s: %r", upstream.candidate.mx, answer.text)
             return
-        raise _CandidateFailed(f"STARTTLS refused: {answer.code} {answer.text}")
+        raise _CandidateFailed(f"STARTTLS refused: {_quote(answer)}")
     # Whatever the MX sent before the handshake is discarded (CVE-2011-0411 class), and so is
     # everything learnt from the plaintext EHLO.
     upstream.parser.take_unparsed()
     upstream.parser = ReplyParser()
     upstream.capabilities = {}
-    tls_stream = trio.SSLStream(
-        upstream.stream,
-        tls_context(upstream.tls_policy, upstream.delivery.tls_ca_file),
-        server_hostname=upstream.candidate.mx,
-    )
     try:
         with trio.fail_after(upstream.delivery.command_timeout):
             await tls_stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
-        raise _TlsFailed(f"TLS handshake failed: {error}") from None
+        raise _TlsFailed(f"TLS handshake failed: {describe_error(error)}") from None
     upstream.stream = tls_stream
     ssl_object = tls_stream._ssl_object  # the stdlib SSLObject behind trio's SSLStream
     cipher = ssl_object.cipher()
@@ -308,9 +339,12 @@ async def _open_one(
             metrics.upstream_connect_seconds.observe(connected - started)
             metrics.upstream_banner_seconds.observe(trio.current_time() - connected)
         if banner.code != 220:
+            # Postfix's smtp_skip_5xx_greeting (default yes): a 5xx greeting is this MX
+            # refusing us, not the domain refusing the mail; the next MX is tried and, when
+            # none takes it, the client gets a 4xx (DESIGN.md section 5).
             if banner.is_permanent:
-                raise UpstreamError(banner)
-            raise _CandidateFailed(f"banner {banner.code} {banner.text}")
+                raise _MxRefused(f"banner {_quote(banner)}")
+            raise _CandidateFailed(f"banner {_quote(banner)}")
         await _greet(upstream, ehlo_name)
         if use_tls:
             if upstream.supports("STARTTLS"):
@@ -318,7 +352,7 @@ async def _open_one(
             elif route.tls in ("required", "verify"):
                 raise _CandidateFailed(f"STARTTLS not offered and the TLS policy is {route.tls}")
         return upstream
-    except UpstreamError:
+    except (UpstreamError, _MxRefused):
         await upstream.quit()
         raise
     except (UpstreamLost, _CandidateFailed):

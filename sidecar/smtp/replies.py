@@ -59,6 +59,7 @@ __all__ = [
     "ehlo_reply",
     "group_unplumbed",
     "helo_reply",
+    "local_tls_error",
     "mx_connection_lost",
     "mx_timed_out",
     "no_mail_domain",
@@ -427,6 +428,11 @@ def setup_timed_out(seconds: float) -> Reply:
     return reply(
         451, "4.4.1", f"Timed out after {seconds:g}s setting up delivery to the MX, try later"
     )
+
+
+def local_tls_error(why: str) -> Reply:
+    """The sidecar's own TLS set-up failed (e.g. its CA bundle): no MX is to blame."""
+    return reply(451, "4.3.0", f"Local error setting up TLS towards the MX ({why}), try later")
 
 
 def mx_connection_lost(when: str) -> Reply:

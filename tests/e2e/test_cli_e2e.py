@@ -4,16 +4,22 @@ and a TestMX, stopping on SIGTERM/SIGINT, refusing bad configurations and busy a
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tomli_w
 import trio
+import trustme
 
 from .harness import RawSMTPClient
 from .processes import (
+    SIDECAR,
     CliStack,
     Processes,
     refuses_connections,
@@ -109,6 +115,84 @@ async def test_run_listener_address_in_use(cli_stack: CliStack, processes: Proce
     assert code not in (0, None)
     stderr = started.stderr
     assert stderr == f"error: cannot listen on {cli_stack.listener}: Address already in use\n"
+
+
+# -- files the configuration names (issue 10 item 13) ----------------------------------------
+
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory other users may enter (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="sidecar-ca-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def _config_with_ca_file(cli_stack: CliStack, directory: Path, ca_file: Path) -> Path:
+    config = dict(cli_stack.config)
+    config["delivery"] = {**config["delivery"], "tls": "verify", "tls_ca_file": str(ca_file)}
+    path = directory / "sidecar.toml"
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    path.chmod(0o644)
+    return path
+
+
+async def _sidecar(*args: str, user: list[str] | None = None) -> tuple[int, str]:
+    with trio.fail_after(20):
+        done = await trio.run_process(
+            [*(user or []), *SIDECAR, *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+    return done.returncode, done.stderr.decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the check as another user")
+async def test_check_and_run_read_the_ca_file_as_the_run_user(
+    cli_stack: CliStack, processes: Processes, shared_dir: Path
+) -> None:
+    """A CA bundle only root may read passes for root, and fails `sidecar check` and
+    `sidecar run` for the user who runs them (before: check passed, and each verified
+    delivery ended with a traceback and 421 after STARTTLS was sent)."""
+    ca_file = shared_dir / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    ca_file.chmod(0o600)
+    config_path = _config_with_ca_file(cli_stack, shared_dir, ca_file)
+    assert (await _sidecar("check", "-c", str(config_path)))[0] == 0
+    expected = f'error: delivery.tls_ca_file: cannot read "{ca_file}": Permission denied\n'
+    code, stderr = await _sidecar("check", "-c", str(config_path), user=AS_NOBODY)
+    assert (code, stderr) == (2, expected)
+    code, stderr = await _sidecar("run", "-c", str(config_path), user=AS_NOBODY)
+    assert (code, stderr) == (2, expected)
+    assert refuses_connections(cli_stack.listener)
+
+
+@pytest.mark.parametrize("ca", ["missing", "garbage-pem", "not-pem"])
+async def test_check_refuses_a_ca_file_it_cannot_use(
+    cli_stack: CliStack, shared_dir: Path, ca: str
+) -> None:
+    ca_file = shared_dir / "ca.pem"
+    if ca == "garbage-pem":
+        ca_file.write_text(
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+        )
+    elif ca == "not-pem":
+        ca_file.write_text("just text\n")
+    config_path = _config_with_ca_file(cli_stack, shared_dir, ca_file)
+    code, stderr = await _sidecar("check", "-c", str(config_path))
+    assert code == 2, stderr
+    if ca == "missing":
+        assert stderr == (
+            f'error: delivery.tls_ca_file: cannot read "{ca_file}": No such file or directory\n'
+        )
+    else:
+        assert stderr.startswith(f'error: delivery.tls_ca_file: "{ca_file}" is not a PEM CA'), (
+            stderr
+        )
+    assert "Traceback" not in stderr
 
 
 # -- sidecar route -----------------------------------------------------------------------------

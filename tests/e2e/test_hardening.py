@@ -11,6 +11,7 @@ smuggling (test_data_relay.py), over-long lines, max_errors, allowed_clients, ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -531,6 +532,11 @@ class SlowMX:
         await trio.serve_listeners(self.handle, listeners)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        # A peer that resets costs this connection only, never the server (serve_listeners).
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.converse(stream)
+
+    async def converse(self, stream: trio.SocketStream) -> None:
         buffer = b""
         async with stream:
             await stream.send_all(b"220 slow.test ESMTP\r\n")

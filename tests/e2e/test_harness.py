@@ -38,6 +38,7 @@ from .harness import (
     TestMX,
     free_port,
     make_resolver,
+    reset_connection,
     server_tls_context,
     smtp_reply,
 )
@@ -442,6 +443,30 @@ async def test_mx_refusing_banners(
         except trio.BrokenResourceError:  # 421 closed; the EHLO may meet a reset
             reply = b""
         assert reply == expected_after_ehlo
+
+
+# Before: what a peer that resets does before and after the banner, and mid-command.
+RESETS = [None, b"", b"EHLO c.test\r\n", b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n"]
+
+
+async def test_mx_survives_peers_that_reset(mx_factory: MXFactory) -> None:
+    """A peer that resets (a port probe that never reads the banner, a crashed client) costs
+    that connection only: the TestMX goes on serving (issue 10 item 16)."""
+    mx = await mx_factory()
+    for _ in range(3):
+        for before in RESETS:
+            await trio.to_thread.run_sync(reset_connection, mx.endpoint, before)
+    await trio.sleep(0.2)  # let the MX meet every reset
+    async with await RawSMTPClient.connect(mx.endpoint) as client:
+        assert (await client.read_reply()).startswith(b"220 ")
+        assert (await client.command(b"EHLO c.test")).startswith(b"250")
+        assert (await client.command(b"MAIL FROM:<a@c.test>")).startswith(b"250")
+        assert (await client.command(b"RCPT TO:<r@mx.test>")).startswith(b"250")
+        assert (await client.command(b"DATA")).startswith(b"354")
+        assert (await client.command(b"Subject: x\r\n\r\nhi\r\n.")).startswith(b"250")
+        assert (await client.command(b"QUIT")).startswith(b"221")
+    (message,) = await mx.wait_for_messages(1)
+    assert message.rcpt_to == [b"RCPT TO:<r@mx.test>"]
 
 
 async def test_mx_close_and_hang_at_connect(mx_factory: MXFactory) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import tomli_w
 import trio
+import trustme
 
 from .harness import Addresses, Endpoint, RawSMTPClient
 from .processes import CliStack, Processes, SidecarProcess, run_cli, wait_exit, wait_listening
@@ -200,6 +201,37 @@ async def test_sighup_reloads_new_sessions_use_it(
     assert result.error is None and not result.refused, result
     messages = await mx.wait_for_messages(2)
     assert messages[1].peer_host == new_source
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started) == 0
+
+
+async def test_sighup_with_an_unusable_ca_file_keeps_the_running_config(
+    cli_stack: CliStack, processes: Processes
+) -> None:
+    """The CA bundle is read again on SIGHUP (a rotated bundle is picked up); one that cannot
+    be used refuses the reload, says why, and delivery goes on with the running config."""
+    ca_file = cli_stack.config_path.parent / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    config = dict(cli_stack.config)
+    # opportunistic: the bundle is loaded, the test MX (no STARTTLS) still takes plaintext
+    config["delivery"] = {**config["delivery"], "tls": "opportunistic", "tls_ca_file": str(ca_file)}
+    write_config(cli_stack, config)
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    started.process.send_signal(signal.SIGHUP)
+    log = await wait_for_log(started, "reload failed, keeping the running configuration")
+    assert f'delivery.tls_ca_file: "{ca_file}" is not a PEM CA bundle' in log, log
+    ca_file.unlink()
+    started.process.send_signal(signal.SIGHUP)
+    with trio.fail_after(10):
+        while started.stderr.count("reload failed") < 2:
+            await trio.sleep(0.05)
+    assert f'cannot read "{ca_file}": No such file or directory' in started.stderr
+    assert "Traceback" not in started.stderr
+    result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert result.error is None and not result.refused, result
+    await cli_stack.mxes[0].wait_for_messages(1)
     started.process.send_signal(signal.SIGTERM)
     assert await wait_exit(started) == 0
 

@@ -338,9 +338,9 @@ async def test_failing_first_mx_falls_back_to_the_next_preference(
         assert not any(c.startswith(b"MAIL") for c in connection.commands)
 
 
-async def test_permanent_banner_is_passed_through_and_no_other_mx_is_tried(
-    relay_stack: RelayStackFactory,
-) -> None:
+async def test_5xx_banner_skips_to_the_next_mx(relay_stack: RelayStackFactory) -> None:
+    """DESIGN.md section 5, Postfix's smtp_skip_5xx_greeting: a 554 greeting is that MX
+    refusing us; it gets a polite QUIT (RFC 5321 section 3.1) and the next MX takes the mail."""
     banner = smtp_reply(554, "5.7.1 mx0.test says no", "5.7.1 see https://x.test/")
     stack = await relay_stack(
         mxes=[{"banner": banner}, {}],
@@ -349,14 +349,41 @@ async def test_permanent_banner_is_passed_through_and_no_other_mx_is_tried(
         haproxy={"retries": 0},
     )
     mx1, mx2 = stack.mxes
-    assert await rcpt_reply(stack.endpoint, "rcpt@example.test") == banner
     result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
-    assert refusal(result, "rcpt@example.test") == (554, "5.7.1")
-    assert result.final is None
-    await mx1.wait_for(lambda: len(mx1.connections) == 2 and mx1.connections[1].closed)
-    assert [c.peer_host for c in mx1.connections] == [stack.source, stack.source]
+    assert final_status(result) == (250, "2.0.0") and not result.refused
+    (message,) = await mx2.wait_for_messages(1)
+    assert message.peer_host == stack.source
+    assert result.final is not None and result.final[1] in message.reply
+    connection = await mx1.wait_closed()
+    assert connection.peer_host == stack.source
+    assert connection.commands == [b"QUIT"]
     assert mx1.messages == []
-    assert mx2.connections == []
+
+
+async def test_5xx_banner_from_every_mx_is_a_4xx(relay_stack: RelayStackFactory) -> None:
+    """When every MX greets with 5xx the client gets 451 4.4.1 naming the greetings (Postfix
+    defers too): another time, or another MX, may take the mail; a 5xx would bounce it."""
+    stack = await relay_stack(
+        mxes=[
+            {"banner": smtp_reply(554, "5.7.1 mx0.test says no")},
+            {"banner": smtp_reply(554, "5.3.2 mx1.test not accepting mail")},
+        ],
+        domains={"example.test": [0, 1]},
+        delivery=FAST_DELIVERY,
+        haproxy={"retries": 0},
+    )
+    mx1, mx2 = stack.mxes
+    answer = await rcpt_reply(stack.endpoint, "rcpt@example.test")
+    assert answer.startswith(b"451 4.4.1 No MX of example.test reachable: "), answer
+    assert f"mx0.test[{mx1.endpoint.host}]: banner 554 5.7.1 mx0.test says no".encode() in answer
+    assert f"mx1.test[{mx2.endpoint.host}]: banner 554 5.3.2 mx1.test".encode() in answer
+    result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+    assert result.final is None
+    for mx in (mx1, mx2):
+        await mx.wait_for(lambda mx=mx: len(mx.connections) == 2 and mx.connections[1].closed)
+        assert [c.commands for c in mx.connections] == [[b"QUIT"], [b"QUIT"]]
+        assert mx.messages == []
 
 
 async def test_at_most_max_mx_addresses_are_tried(
@@ -508,24 +535,32 @@ async def test_private_mx_address_is_refused_by_default(
 
 
 @pytest.mark.parametrize("helo", ["helo-550", "helo-unsupported"])
-async def test_permanent_ehlo_refusal_is_passed_through(
+async def test_permanent_ehlo_refusal_skips_to_the_next_mx(
     relay_stack: RelayStackFactory, helo: str
 ) -> None:
-    """DESIGN.md section 5: a 5xx to EHLO (and to the HELO fallback) is the MX refusing us:
-    passed through to the client, no other MX tried."""
+    """DESIGN.md section 5: a 5xx to EHLO (and to the HELO fallback) is that MX refusing us:
+    it gets a QUIT and the next MX is tried; when every MX refuses, the client gets a 4xx."""
     refused = smtp_reply(550, "5.7.1 mx0 does not talk to you")
     replies = {"EHLO": refused}
     replies["HELO"] = refused if helo == "helo-550" else smtp_reply(502, "5.5.1 no HELO")
     stack = await relay_stack(
-        mxes=[{"replies": replies}, {}],
-        domains={"example.test": [0, 1]},
+        mxes=[{"replies": replies}, {}, {"replies": replies}],
+        domains={"example.test": [0, 1], "refusing.test": [0, 2]},
         delivery=FAST_DELIVERY,
         haproxy={"retries": 0},
     )
-    mx1, mx2 = stack.mxes
-    answer = await rcpt_reply(stack.endpoint, "rcpt@example.test")
-    assert answer == refused
-    await mx1.wait_closed()
-    (connection,) = mx1.connections
+    mx1, mx2, mx3 = stack.mxes
+    result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert final_status(result) == (250, "2.0.0") and not result.refused
+    (message,) = await mx2.wait_for_messages(1)
+    assert message.peer_host == stack.source
+    connection = await mx1.wait_closed()
     assert [c.split(b" ")[0] for c in connection.commands] == [b"EHLO", b"HELO", b"QUIT"]
-    assert mx2.connections == []
+
+    answer = await rcpt_reply(stack.endpoint, "rcpt@refusing.test")
+    assert answer.startswith(b"451 4.4.1 No MX of refusing.test reachable: "), answer
+    assert b"EHLO refused: 550 5.7.1 mx0 does not talk to you" in answer
+    for mx in (mx1, mx3):
+        connection = await mx.wait_closed()
+        assert [c.split(b" ")[0] for c in connection.commands] == [b"EHLO", b"HELO", b"QUIT"]
+        assert mx.messages == []

@@ -123,6 +123,17 @@ async def test_opportunistic_retries_in_plaintext_after_a_failed_handshake(
     assert message.connection_index == 1
 
 
+async def test_required_with_a_failed_handshake_says_why(relay_stack: RelayStackFactory) -> None:
+    """The reply names the handshake's failure (the reason is the cause of trio's empty
+    BrokenResourceError), never "TLS handshake failed: " and nothing after it."""
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: the handshake fails
+    result, mx, _ = await _deliver(relay_stack, "required", tls_context=broken)
+    assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+    text = result.refused["rcpt@example.test"][1]
+    assert b"TLS handshake failed: EOF occurred in violation of protocol" in text, text
+    assert mx.messages == []
+
+
 @pytest.mark.parametrize(
     "injected",
     [smtp_reply(250, "injected"), smtp_reply(554, "5.7.1 injected")],

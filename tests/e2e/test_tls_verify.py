@@ -5,11 +5,14 @@ HAProxy."""
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+
+from sidecar import upstream
 
 from .harness import (
     Addresses,
@@ -125,6 +128,11 @@ async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
     # A certificate that does not name the MX host: not delivered, the client may retry.
     result = await _one(endpoint, "wrongname.test")
     assert refusal(result, "rcpt@wrongname.test")[0] == 451
+    # The reply says why (not "TLS handshake failed: " and nothing more).
+    assert (
+        b"TLS handshake failed: certificate verify failed: Hostname mismatch"
+        in result.refused["rcpt@wrongname.test"][1]
+    ), result.refused
     assert mxes["wrongname.test"].messages == []
     assert all(
         b"MAIL" not in c for conn in mxes["wrongname.test"].connections for c in conn.commands
@@ -150,6 +158,9 @@ async def test_verify_refuses_a_certificate_from_an_unknown_ca(
     result = await _one(endpoint, "self.test")
     code, enhanced = refusal(result, "rcpt@self.test")
     assert code == 451 and enhanced.startswith("4.")
+    text = result.refused["rcpt@self.test"][1]
+    assert b"TLS handshake failed: certificate verify failed: " in text, text
+    assert b"unable to get local issuer certificate" in text, text
     assert mxes["self.test"].messages == []
     # Never a fallback to plaintext under "verify".
     assert all(
@@ -179,3 +190,42 @@ async def test_per_domain_tls_policy_overrides_delivery_tls(
     assert final_status(await _one(endpoint, "bank.test")) == (250, "2.0.0")
     assert not mxes["plain.test"].messages[0].tls  # delivery.tls = "disabled"
     assert mxes["bank.test"].messages[0].tls  # the domain's own policy
+
+
+async def test_a_local_tls_context_error_at_delivery_is_a_clear_4xx(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tls_ca: trustme.CA,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    mx_factory: MXFactory,
+    sidecar_factory: SidecarFactory,
+) -> None:
+    """Should the TLS context still fail at delivery time (the configuration loads the CA
+    bundle, so only the system store is left to fail), the client gets a 4xx naming the
+    cause, the log one line without a traceback, and the MX no STARTTLS it cannot finish."""
+
+    def unreadable(ca_file: str | None) -> ssl.SSLContext:
+        raise PermissionError(13, "Permission denied", "/etc/ssl/certs/ca-certificates.crt")
+
+    monkeypatch.setattr(upstream, "_cached_verifying_context", unreadable)
+    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    endpoint, mxes = await world.start(
+        tls_ca, {"good.test": "mx.good.test"}, None, delivery={"tls": "verify"}
+    )
+    with caplog.at_level(logging.INFO):
+        result = await _one(endpoint, "good.test")
+    assert refusal(result, "rcpt@good.test") == (451, "4.3.0")
+    text = result.refused["rcpt@good.test"][1]
+    assert b"Permission denied" in text and b"ca-certificates.crt" in text, text
+    mx = mxes["good.test"]
+    connection = await mx.wait_closed()
+    assert [c.split(b" ")[0] for c in connection.commands] == [b"EHLO", b"QUIT"]
+    assert len(mx.connections) == 1  # a local fault: no other MX, no plaintext retry
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "cannot start TLS towards mx.good.test: Permission denied: "
+        '"/etc/ssl/certs/ca-certificates.crt"'
+    ]
+    assert all(r.exc_info is None for r in caplog.records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import ssl
 import tomllib
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+import trustme
 
 from sidecar.config import (
     Binding,
@@ -990,7 +992,7 @@ def test_status_section() -> None:
 
 def test_tls_verify_ca_file_and_per_domain_tls(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
+    trustme.CA().cert_pem.write_to_path(str(ca))
     base: dict[str, Any] = {
         "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
         "delivery": {"tls": "verify", "tls_ca_file": str(ca)},
@@ -1008,11 +1010,58 @@ def test_tls_verify_ca_file_and_per_domain_tls(tmp_path: Path) -> None:
     assert config.domains["bank.example"] == DomainPolicy(tls="verify")
     assert config.bindings["b1"].domains["old.example"] == DomainPolicy(tls="disabled")
     assert parse_config(tomllib.loads(tomli_w.dumps(config_to_dict(config)))) == config
-    bad = copy.deepcopy(base)
-    bad["delivery"]["tls_ca_file"] = str(tmp_path / "missing.pem")
-    with pytest.raises(ConfigError, match=r"^delivery\.tls_ca_file: .* is not a readable file"):
-        parse_config(bad)
+    # The bundle was loaded as it will be used: one context, built once, with its CA.
+    context = config.delivery.tls_verify_context
+    assert context is not None and len(context.get_ca_certs()) == 1
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert "tls_verify_context" not in config_to_dict(config)["delivery"]  # type: ignore[operator]
     bad = copy.deepcopy(base)
     bad["domain"]["bank.example"]["tls"] = "maybe"
     with pytest.raises(ConfigError, match=r'^domain\."bank\.example"\.tls: must be one of'):
         parse_config(bad)
+
+
+def _with_ca_file(name: str) -> dict[str, Any]:
+    return {
+        "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
+        "delivery": {"tls": "verify", "tls_ca_file": name},
+        "binding": {"b1": {"ha_proxy_server": "127.0.0.1:5000", "ha_proxy_src_addr": "192.0.2.1"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, 'cannot read "{}": No such file or directory'),
+        ("directory", 'cannot read "{}": Is a directory'),
+        ("", '"{}" is not a PEM CA bundle: no certificate or crl found'),
+        ("not a certificate\n", '"{}" is not a PEM CA bundle: no certificate or crl found'),
+        (
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+            '"{}" is not a PEM CA bundle: ',
+        ),
+    ],
+    ids=["missing", "directory", "empty", "text", "garbage-pem"],
+)
+def test_a_ca_file_that_cannot_be_used_is_a_config_error(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
+    """Issue 10 item 13: the bundle is read as delivery will use it, at check, start and
+    SIGHUP; before, a garbage file passed and each verified delivery ended in a traceback."""
+    path = tmp_path / "ca.pem"
+    if content == "directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        parse_config(_with_ca_file(str(path)))
+    assert str(info.value).startswith("delivery.tls_ca_file: " + problem.format(path)), info.value
+    assert info.value.path == "delivery.tls_ca_file"
+
+
+def test_tls_verify_context_is_no_configuration_key(tmp_path: Path) -> None:
+    data = _with_ca_file(str(tmp_path / "x.pem"))
+    del data["delivery"]["tls_ca_file"]
+    data["delivery"]["tls_verify_context"] = "x"
+    with pytest.raises(ConfigError, match=r"^delivery\.tls_verify_context: unknown key$"):
+        parse_config(data)

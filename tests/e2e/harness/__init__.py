@@ -5,7 +5,7 @@ Import from here (``from .harness import HAProxy, TestMX, ...``); fixtures that 
 these live in ``tests/e2e/conftest.py``.
 """
 
-from .client import RawSMTPClient
+from .client import RawSMTPClient, reset_connection
 from .dns import (
     Dnsmasq,
     DnsRecord,
@@ -33,7 +33,7 @@ from .mx import (
     server_tls_context,
     smtp_reply,
 )
-from .net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, free_port
+from .net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from .process import HarnessError, ManagedProcess, wait_until
 
 __all__ = [
@@ -67,10 +67,12 @@ __all__ = [
     "TestMX",
     "allocate_ipv4",
     "client_tls_context",
+    "fixed_ipv4",
     "free_port",
     "haproxy_config",
     "make_resolver",
     "open_proxied_stream",
+    "reset_connection",
     "server_tls_context",
     "smtp_reply",
     "wait_until",

@@ -6,13 +6,15 @@ pipelined commands or odd chunkings, and compare multi-line replies byte for byt
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 
 import trio
 
 from .net import Endpoint
 
-__all__ = ["RawSMTPClient"]
+__all__ = ["RawSMTPClient", "reset_connection"]
 
 _CHUNK = 65536
 
@@ -83,3 +85,16 @@ class RawSMTPClient:
             self.stream = tls_stream
             await tls_stream.do_handshake()
         return reply
+
+
+def reset_connection(endpoint: Endpoint, before: bytes | None = None) -> None:
+    """Connect to ``endpoint`` and reset the connection (RST, by SO_LINGER 0), as a port probe
+    that never reads the banner or a crashed client does. With ``before``: read what the server
+    says first (its banner), send ``before``, then reset."""
+    with socket.socket(endpoint.family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.connect(endpoint.as_tuple())
+        if before is not None:
+            sock.recv(4096)
+            sock.sendall(before)

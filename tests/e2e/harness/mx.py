@@ -239,17 +239,22 @@ class TestMX:
             nursery.start_soon(self._handle, stream)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """One connection. Whatever the peer does (reset, vanish) costs this connection only:
+        an error escaping here would take down the whole TestMX."""
+        try:
+            peer, local = stream.socket.getpeername(), stream.socket.getsockname()
+        except OSError:  # reset before we got to it (ENOTCONN)
+            await trio.aclose_forcefully(stream)
+            return
         connection = MXConnection(
-            index=len(self.connections),
-            peer=_address(stream.socket.getpeername()),
-            local=_address(stream.socket.getsockname()),
+            index=len(self.connections), peer=_address(peer), local=_address(local)
         )
         self.connections.append(connection)
         self._notify()
         session = _Session(self, connection, stream)
         try:
             await session.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             connection.error = repr(exc)
         finally:
             connection.closed = True

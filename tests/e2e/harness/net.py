@@ -19,6 +19,7 @@ __all__ = [
     "Addresses",
     "Endpoint",
     "allocate_ipv4",
+    "fixed_ipv4",
     "free_port",
 ]
 
@@ -55,6 +56,14 @@ def _worker_octet() -> int:
     if worker.startswith("gw") and worker[2:].isdigit():
         return int(worker[2:]) + 1
     return 0
+
+
+def fixed_ipv4(last: int) -> str:
+    """``127.N.0.<last>`` for ``last`` in 1..9: this worker's addresses for fixed uses (the
+    counter never hands them out), e.g. scripts/demo.sh's DEMO_NET."""
+    if not 1 <= last < _FIRST_INDEX:
+        raise ValueError(f"fixed addresses are .1 to .{_FIRST_INDEX - 1}, not .{last}")
+    return f"127.{_worker_octet()}.0.{last}"
 
 
 def allocate_ipv4() -> str:
