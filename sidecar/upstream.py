@@ -16,6 +16,7 @@ import trio
 from sidecar import proxy_v2
 from sidecar.config import DeliveryConfig, HostPort, TlsPolicy
 from sidecar.health import HealthRegistry
+from sidecar.limits import LocalResourceError, local_resource_errno
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.smtp import replies
@@ -153,6 +154,7 @@ async def _connect_via_proxy(
             with trio.fail_after(delivery.connect_timeout):
                 stream = stream_from(await trio.open_tcp_stream(server.host, server.port))
         except (OSError, trio.TooSlowError) as error:
+            _raise_if_local(error, f"HAProxy {server}")
             why = "timeout" if isinstance(error, trio.TooSlowError) else str(error)
             health.record(server, False, f"delivery connect failed: {why}")
             errors.append(f"{server}: {why}")
@@ -176,7 +178,20 @@ async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> Tcp
         with trio.fail_after(delivery.connect_timeout):
             return stream_from(await trio.open_tcp_stream(str(candidate.address), delivery.port))
     except (OSError, trio.TooSlowError) as error:
+        _raise_if_local(error, f"{candidate.mx}[{candidate.address}]")
         raise _CandidateFailed(f"connect failed: {error or 'timeout'}") from None
+
+
+def _raise_if_local(error: BaseException, peer: str) -> None:
+    """A connect that failed for want of a local resource (EMFILE, ENOBUFS...) is the
+    sidecar's own shortage (DESIGN.md invariant 5): not counted against HAProxy's health,
+    no next MX (it would fail alike), and the client is told so."""
+    code = local_resource_errno(error)
+    if code is None:
+        return
+    shortage = LocalResourceError(code)
+    log.warning("connecting to %s failed: local resource shortage (%s)", peer, shortage)
+    raise UpstreamError(replies.local_resource_shortage(str(shortage))) from None
 
 
 async def _greet(upstream: Upstream, ehlo_name: str) -> None:

@@ -57,6 +57,7 @@ __all__ = [
     "ehlo_reply",
     "group_unplumbed",
     "helo_reply",
+    "local_resource_shortage",
     "mx_connection_lost",
     "no_mail_domain",
     "no_mx_address",
@@ -398,6 +399,12 @@ def proxy_unreachable(binding: str, errors: str) -> Reply:
 
 def no_mx_reachable(domain: str, problems: str) -> Reply:
     return reply(451, "4.4.1", f"No MX of {domain} reachable: {problems}")
+
+
+def local_resource_shortage(what: str) -> Reply:
+    """The sidecar itself ran short (``what`` names the errno, e.g. "EMFILE: Too many open
+    files"): neither HAProxy's nor the MX's fault (DESIGN.md invariant 5)."""
+    return reply(451, "4.3.0", f"Local resource shortage in the sidecar ({what}), try later")
 
 
 SETUP_TIMED_OUT = reply(451, "4.4.1", "Timed out setting up delivery to the MX, try later")
