@@ -218,6 +218,11 @@ class Runtime:
                 for listener in context.config.listeners
             ],
             "counters": context.metrics.snapshot(),
+            "descriptors": {
+                "limit": self.budget.limit,
+                "reserved": self.budget.reserved,
+                "max_sessions": self.budget.sessions,
+            },
             "dns": {"queries": resolver.queries, "cache_hits": resolver.cache_hits},
         }
 
