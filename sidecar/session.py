@@ -470,7 +470,7 @@ class Session:
                     continue
                 if txn.accepted:
                     txn.broken = True
-                return replies.mx_connection_lost("while sending the envelope")
+                return error.reply or replies.mx_connection_lost("while sending the envelope")
             if answer.code == 421 and stale_ok:
                 # Typically the MX's "421 timeout" sent while the connection sat idle.
                 log.info("session %s: kept upstream answered 421, reconnecting", self.id)
@@ -565,9 +565,10 @@ class Session:
         await self.flush()
         try:
             answer = early or await upstream.command(b"DATA\r\n")
-        except UpstreamLost:
+        except UpstreamLost as error:
             await self._drop_upstream(polite=False)
-            self._end_transaction(txn, self._queued(replies.mx_connection_lost("at DATA")))
+            lost = error.reply or replies.mx_connection_lost("at DATA")
+            self._end_transaction(txn, self._queued(lost))
             self.txn = None
             return
         if answer.code != 354:
@@ -634,7 +635,7 @@ class Session:
         except UpstreamLost as error:
             log.warning("session %s: no final reply from the MX: %r", self.id, str(error))
             await self._drop_upstream(polite=False)
-            return replies.mx_connection_lost("before its final reply")
+            return error.reply or replies.mx_connection_lost("before its final reply")
 
     async def _receive_data(self, upstream: Upstream, deadline: float) -> bytes | bytearray:
         """Like :meth:`receive`, but a client that vanishes or stalls mid-DATA makes the

@@ -25,7 +25,9 @@ from sidecar.tcp import TcpStream, close_now, receive_by, send_by, stream_from
 
 log = logging.getLogger("sidecar.upstream")
 
-RECEIVE_SIZE = 65536
+# Replies are small (at most replies.MAX_REPLY_SIZE): a reply being read costs at most that
+# plus one chunk of this size.
+RECEIVE_SIZE = 16_384
 
 
 class UpstreamError(Exception):
@@ -39,7 +41,12 @@ class UpstreamError(Exception):
 
 
 class UpstreamLost(Exception):
-    """The MX connection closed, timed out or spoke garbage."""
+    """The MX connection closed, timed out or spoke garbage. ``reply``, when set, is what the
+    client is told instead of "connection lost" (e.g. the MX sent an oversized reply)."""
+
+    def __init__(self, message: str, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 class _CandidateFailed(Exception):
@@ -96,7 +103,8 @@ class Upstream:
                 self.parser.feed(data)
             return answer
         except ReplyError as error:
-            raise UpstreamLost(f"bad reply: {error}") from None
+            # Closed by the callers, and never passed on (DESIGN.md invariant 5).
+            raise UpstreamLost(f"bad reply: {error}", replies.mx_bad_reply(str(error))) from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise UpstreamLost(f"connection lost: {error}") from None
 
