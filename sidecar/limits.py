@@ -163,7 +163,7 @@ def raise_nofile_limit() -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = _reachable(hard)
     if soft == resource.RLIM_INFINITY or soft >= target:
-        log.info("RLIMIT_NOFILE is %d (hard limit %d)", soft, hard)
+        log.debug("RLIMIT_NOFILE is %d (hard limit %d)", soft, hard)  # the budget logs it
         return soft, hard
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
