@@ -28,6 +28,7 @@ import trio
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.errors import describe_error
 from sidecar.explain import explain_route
+from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
@@ -90,6 +91,13 @@ def check(config_path: str) -> None:
     import tomli_w
 
     click.echo(tomli_w.dumps(config_to_dict(config)), nl=False)
+    budget = expected_budget(config)
+    if budget.reduced:
+        click.echo(
+            f"note: with this RLIMIT_NOFILE, max_connections {budget.max_connections} would be "
+            f"reduced to {budget.sessions} per worker ({budget.describe()})",
+            err=True,
+        )
 
 
 @main.command()
@@ -136,6 +144,7 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
     hold_signals()  # handled once the sidecar is up, never fatal before
     config = _load(config_path)
     configure_logging(log_level, "json" if log_format == "json" else "text")
+    raise_nofile_limit()  # before forking: workers inherit it
     try:
         if config.server.workers > 1:
             sys.exit(supervise(config, config_path))

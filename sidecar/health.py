@@ -23,6 +23,7 @@ import trio
 from sidecar import proxy_v2
 from sidecar.config import Config, HealthConfig, HostPort
 from sidecar.errors import describe_error
+from sidecar.limits import LocalResourceError, local_resource_errno
 from sidecar.smtp.replies import ReplyError, ReplyParser
 
 log = logging.getLogger("sidecar.health")
@@ -182,14 +183,24 @@ def registry_for(config: Config) -> HealthRegistry:
     return HealthRegistry(servers, config.ha_proxy_client, probes=probes)
 
 
+def _connect_failed(error: OSError) -> str:
+    """Why a check's connect failed; :class:`LocalResourceError` when it was for want of a
+    local resource (EMFILE...): that says nothing about the server (DESIGN.md invariant 5)."""
+    code = local_resource_errno(error)
+    if code is not None:
+        raise LocalResourceError(code) from None
+    return f"connect failed: {describe_error(error)}"
+
+
 async def check_server(server: HostPort, timeout: float) -> str | None:
     """One check: a plain TCP connect within ``timeout`` (never a PROXY LOCAL header: DESIGN.md
-    section 3). Returns ``None`` on success, else why it failed."""
+    section 3). Returns ``None`` on success, else why it failed; raises
+    :class:`LocalResourceError` when the check could not be made for want of a local resource."""
     with trio.move_on_after(timeout) as scope:
         try:
             stream = await trio.open_tcp_stream(server.host, server.port)
         except OSError as error:
-            return f"connect failed: {describe_error(error)}"
+            return _connect_failed(error)
         await stream.aclose()
         return None
     assert scope.cancelled_caught
@@ -205,13 +216,14 @@ async def probe_server(
 ) -> str | None:
     """One deep check within ``timeout``: connect to ``server``, write ``probe.header`` in one
     write, require a 220 banner, then QUIT and close. Returns ``None`` on success, else why it
-    failed. (Never a PROXY LOCAL header: DESIGN.md section 3.)"""
+    failed; raises :class:`LocalResourceError` as :func:`check_server` does. (Never a PROXY
+    LOCAL header: DESIGN.md section 3.)"""
     connected = False
     with trio.move_on_after(timeout):
         try:
             stream = await connect(server.host, server.port)
         except OSError as error:
-            return f"connect failed: {describe_error(error)}"
+            return _connect_failed(error)
         connected = True
         try:
             return await _probe_banner(stream, probe, timeout)
@@ -256,12 +268,19 @@ async def run_check(registry: HealthRegistry, server: HostPort) -> str | None:
 
 
 async def watch_server(registry: HealthRegistry, server: HostPort) -> None:
-    """Check ``server`` now, then every ``health_check_interval`` seconds, forever."""
+    """Check ``server`` now, then every ``health_check_interval`` seconds, forever. A check
+    that could not be made for want of a local resource is not counted either way."""
     config = registry.config
     while True:
         started = trio.current_time()
-        error = await run_check(registry, server)
-        registry.record_check(server, error)
+        try:
+            error = await run_check(registry, server)
+        except LocalResourceError as shortage:
+            log.warning(
+                "health check of %s skipped: local resource shortage (%s)", server, shortage
+            )
+        else:
+            registry.record_check(server, error)
         await trio.sleep_until(started + config.health_check_interval)
 
 

@@ -24,6 +24,7 @@ import trio
 
 from sidecar.config import DnsConfig
 from sidecar.errors import describe_error
+from sidecar.limits import DNS_IN_FLIGHT, LocalResourceError, local_resource_errno
 from sidecar.smtp import replies
 from sidecar.smtp.replies import Reply
 
@@ -35,6 +36,33 @@ MAX_RESULT_TTL = 300
 # Bounds on what one answer may make us do.
 MAX_MX_HOSTS = 10
 MAX_ADDRESSES_PER_HOST = 10
+
+
+# Every query holds one socket while in flight: the descriptor budget (sidecar.limits) sets
+# DNS_IN_FLIGHT aside for them, and this limiter, shared by every Resolver of a trio run (a
+# reload may make a new one), keeps to it.
+_in_flight: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("sidecar_dns")
+
+
+def _dns_slots() -> trio.CapacityLimiter:
+    try:
+        return _in_flight.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(DNS_IN_FLIGHT)
+        _in_flight.set(limiter)
+        return limiter
+
+
+def _local_shortage(error: dns.resolver.NoNameservers) -> LocalResourceError | None:
+    """The local resource shortage (EMFILE...) that made every nameserver fail, if any:
+    dnspython reports a socket it could not open as that nameserver's failure."""
+    for entry in error.kwargs.get("errors") or ():
+        failure = entry[3] if len(entry) > 3 else None
+        if isinstance(failure, BaseException):
+            code = local_resource_errno(failure)
+            if code is not None:
+                return LocalResourceError(code)
+    return None
 
 
 class ResolutionError(Exception):
@@ -240,16 +268,20 @@ class Resolver:
         failure is temporary."""
         self.queries += 1
         try:
-            answer = await self._resolver.resolve(
-                dns.name.from_text(name), rdtype, search=False, lifetime=self._config.timeout
-            )
+            async with _dns_slots():
+                answer = await self._resolver.resolve(
+                    dns.name.from_text(name), rdtype, search=False, lifetime=self._config.timeout
+                )
             if answer.rrset is not None:
                 # What is left of the TTL (dnspython's cache counts it down).
                 ttls.append(max(0, int(answer.expiration - time.time())))
             return answer
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             raise
-        except dns.resolver.NoNameservers:
+        except dns.resolver.NoNameservers as error:
+            shortage = _local_shortage(error)
+            if shortage is not None:
+                raise ResolutionError(replies.local_resource_shortage(str(shortage))) from None
             raise ResolutionError(replies.dns_temporary(name, "SERVFAIL or refused")) from None
         except dns.exception.Timeout:
             raise ResolutionError(replies.dns_temporary(name, "timeout")) from None

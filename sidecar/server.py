@@ -1,7 +1,8 @@
 """Listeners and the nursery that owns everything: health checker tasks and sessions.
 
 Limits applied before a session spends any work: ``allowed_clients`` (554 5.7.1 at greeting)
-and ``max_connections`` (421 4.3.2 at greeting).
+and the admission limit (421 4.3.2 at greeting): ``max_connections``, or fewer when the
+process's descriptors (``RLIMIT_NOFILE``) do not go that far (:mod:`sidecar.limits`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
 from sidecar.errors import describe_error
 from sidecar.health import registry_for, run_health_checks
+from sidecar.limits import DescriptorBudget, nofile_limit, open_descriptors, plan_descriptors
 from sidecar.metrics import ServerState, render_prometheus
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
@@ -65,7 +67,7 @@ async def handle_connection(
             log.warning("refused client %s on %s: not in allowed_clients", client, address)
             await _refuse(stream, replies.ACCESS_DENIED.to_bytes())
             return
-        if counters.active_sessions >= context.config.server.max_connections:
+        if counters.active_sessions >= runtime.budget.sessions:
             counters.refused_connections += 1
             await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
             return
@@ -115,6 +117,31 @@ class Runtime:
         self.context = build_context(config)
         self.started = trio.current_time()
         self.worker = worker  # (index, count) when one of several worker processes
+        # Descriptors open before any session: listeners, status socket, the event loop's.
+        self.open_at_start = open_descriptors()
+        self.budget = self.plan_descriptors(config)
+
+    def plan_descriptors(self, config: Config) -> DescriptorBudget:
+        """The admission limit for ``config`` under this process's RLIMIT_NOFILE, logged when
+        it is below ``max_connections`` (DESIGN.md invariant 5)."""
+        budget = plan_descriptors(nofile_limit(), self.open_at_start, config)
+        if budget.sessions < 1:
+            log.error(
+                "no descriptors left for client sessions, every client gets 421 4.3.2: %s; "
+                "raise the limit (LimitNOFILE=, ulimit -n) or lower "
+                "delivery.connection_cache_size",
+                budget.describe(),
+            )
+        elif budget.reduced:
+            log.warning(
+                "max_connections %d reduced to %d: %s",
+                budget.max_connections,
+                budget.sessions,
+                budget.describe(),
+            )
+        else:
+            log.info("descriptor budget: %s", budget.describe())
+        return budget
 
     def reload(self, config: Config) -> ServerContext:
         old = self.context
@@ -130,6 +157,7 @@ class Runtime:
         new.idle_sessions = old.idle_sessions
         new.sessions = old.sessions
         self.context = new
+        self.budget = self.plan_descriptors(config)
         return new
 
     def listener_for(self, address: HostPort) -> Listener:
@@ -192,6 +220,11 @@ class Runtime:
                 for listener in context.config.listeners
             ],
             "counters": context.metrics.snapshot(),
+            "descriptors": {
+                "limit": self.budget.limit,
+                "reserved": self.budget.reserved,
+                "max_sessions": self.budget.sessions,
+            },
             "dns": {"queries": resolver.queries, "cache_hits": resolver.cache_hits},
         }
 

@@ -67,8 +67,11 @@ RSET_TIMEOUT = 10.0
 
 
 def upstream_failed(when: str, error: UpstreamLost) -> Reply:
-    """The client's 4xx for an MX connection that failed ``when`` (e.g. "at DATA"): "timed
-    out" when a wait ran out, "connection lost" only when it was lost."""
+    """The client's 4xx for an MX connection that failed ``when`` (e.g. "at DATA"): the
+    error's own reply when it has one (an unusable reply from the MX), "timed out" when a
+    wait ran out, "connection lost" only when it was lost."""
+    if error.reply is not None:
+        return error.reply
     if isinstance(error, UpstreamTimedOut):
         return replies.mx_timed_out(when, str(error))
     return replies.mx_connection_lost(when)

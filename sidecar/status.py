@@ -15,11 +15,15 @@ import h11
 import trio
 
 from sidecar.errors import describe_error
+from sidecar.limits import STATUS_CONNECTIONS
 
 log = logging.getLogger("sidecar.status")
 
 REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 16_384
+# Requests served at once; more are closed at once (the descriptor budget, sidecar.limits,
+# sets this many aside for the endpoint).
+MAX_CONNECTIONS = STATUS_CONNECTIONS
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,18 @@ async def serve_status(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    serving = 0
+
     async def handler(stream: trio.SocketStream) -> None:
-        await handle(source, stream)
+        nonlocal serving
+        if serving >= MAX_CONNECTIONS:
+            await trio.aclose_forcefully(stream)
+            return
+        serving += 1
+        try:
+            await handle(source, stream)
+        finally:
+            serving -= 1
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)

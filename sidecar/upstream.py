@@ -20,6 +20,7 @@ from sidecar import proxy_v2
 from sidecar.config import DeliveryConfig, HostPort, TlsPolicy, verifying_context
 from sidecar.errors import describe_error
 from sidecar.health import HealthRegistry
+from sidecar.limits import LocalResourceError, local_resource_errno
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.smtp import replies
@@ -28,7 +29,9 @@ from sidecar.tcp import TcpStream, close_now, receive_by, send_by, stream_from
 
 log = logging.getLogger("sidecar.upstream")
 
-RECEIVE_SIZE = 65536
+# Replies are small (at most replies.MAX_REPLY_SIZE): a reply being read costs at most that
+# plus one chunk of this size.
+RECEIVE_SIZE = 16_384
 
 
 class UpstreamError(Exception):
@@ -42,7 +45,12 @@ class UpstreamError(Exception):
 
 
 class UpstreamLost(Exception):
-    """The MX connection closed, timed out or spoke garbage; the text says which."""
+    """The MX connection closed, timed out or spoke garbage. ``reply``, when set, is what the
+    client is told instead of "connection lost" (e.g. the MX sent an oversized reply)."""
+
+    def __init__(self, message: str, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 class UpstreamTimedOut(UpstreamLost):
@@ -126,7 +134,10 @@ class Upstream:
                 self.parser.feed(data)
             return answer
         except ReplyError as error:
-            raise UpstreamLost(f"bad reply: {describe_error(error)}") from None
+            # Closed by the callers, and never passed on (DESIGN.md invariant 5).
+            raise UpstreamLost(
+                f"bad reply: {describe_error(error)}", replies.mx_bad_reply(str(error))
+            ) from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
 
@@ -221,6 +232,7 @@ async def _connect_via_proxy(
             with trio.fail_after(delivery.connect_timeout):
                 stream = stream_from(await trio.open_tcp_stream(server.host, server.port))
         except (OSError, trio.TooSlowError) as error:
+            _raise_if_local(error, f"HAProxy {server}")
             why = describe_error(error)
             health.record(server, False, f"delivery connect failed: {why}")
             errors.append(f"{server}: {why}")
@@ -244,7 +256,20 @@ async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> Tcp
         with trio.fail_after(delivery.connect_timeout):
             return stream_from(await trio.open_tcp_stream(str(candidate.address), delivery.port))
     except (OSError, trio.TooSlowError) as error:
+        _raise_if_local(error, f"{candidate.mx}[{candidate.address}]")
         raise _CandidateFailed(f"connect failed: {describe_error(error)}") from None
+
+
+def _raise_if_local(error: BaseException, peer: str) -> None:
+    """A connect that failed for want of a local resource (EMFILE, ENOBUFS...) is the
+    sidecar's own shortage (DESIGN.md invariant 5): not counted against HAProxy's health,
+    no next MX (it would fail alike), and the client is told so."""
+    code = local_resource_errno(error)
+    if code is None:
+        return
+    shortage = LocalResourceError(code)
+    log.warning("connecting to %s failed: local resource shortage (%s)", peer, shortage)
+    raise UpstreamError(replies.local_resource_shortage(str(shortage))) from None
 
 
 async def _greet(upstream: Upstream, ehlo_name: str) -> None:

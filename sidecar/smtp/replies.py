@@ -25,6 +25,9 @@ __all__ = [
     "HELP",
     "LINE_TOO_LONG",
     "LOCAL_ERROR_CLOSING",
+    "MAX_REPLY_LINE",
+    "MAX_REPLY_LINES",
+    "MAX_REPLY_SIZE",
     "MESSAGE_TOO_BIG",
     "NEED_HELLO",
     "NEED_MAIL_BEFORE_DATA",
@@ -59,7 +62,9 @@ __all__ = [
     "ehlo_reply",
     "group_unplumbed",
     "helo_reply",
+    "local_resource_shortage",
     "local_tls_error",
+    "mx_bad_reply",
     "mx_connection_lost",
     "mx_timed_out",
     "no_mail_domain",
@@ -163,6 +168,17 @@ class ReplyError(Exception):
     """The peer sent something that is not a valid SMTP reply stream."""
 
 
+# Bounds on a peer's reply. RFC 5321 section 4.5.3.1.5 allows 512 octets per line; MXes send
+# longer text now and then, and Postfix reads lines up to 2048 bytes (line_length_limit). A
+# whole reply: Exim reads at most 4096 bytes of one (its response buffer), Postfix keeps
+# about 2 KiB of the text; the biggest real ones (EHLO, multi-line policy texts) are a few
+# KiB. Anything over these is not an MX worth waiting for, and what a session holds of a
+# reply stays small (issue 10: 200 lines of 4 KiB made every session hold 1.2 MiB).
+MAX_REPLY_LINE = 2048  # bytes, line end included
+MAX_REPLY_LINES = 200
+MAX_REPLY_SIZE = 16_384  # bytes, every line of one reply
+
+
 class ReplyParser:
     """Sans-IO parser of a peer's reply stream.
 
@@ -170,6 +186,9 @@ class ReplyParser:
     in CRLF; a bare LF is accepted too (lenient receiving), and `Reply.raw` keeps the bytes
     exactly as received. After a `ReplyError` the parser is unusable: every later call to
     `next_reply()` raises the same error.
+
+    A caller that calls `next_reply()` after each `feed()` holds at most `max_reply_size`
+    bytes of an unfinished reply plus the last chunk fed.
     """
 
     __slots__ = (
@@ -179,16 +198,25 @@ class ReplyParser:
         "_lines",
         "_max_line_length",
         "_max_lines",
+        "_max_reply_size",
         "_pos",
         "_scan",
         "_start",
     )
 
-    def __init__(self, max_line_length: int = 4096, max_lines: int = 200) -> None:
-        if max_line_length < 4 or max_lines < 1:
-            raise ValueError("max_line_length must be >= 4 and max_lines >= 1")
+    def __init__(
+        self,
+        max_line_length: int = MAX_REPLY_LINE,
+        max_lines: int = MAX_REPLY_LINES,
+        max_reply_size: int = MAX_REPLY_SIZE,
+    ) -> None:
+        if max_line_length < 4 or max_lines < 1 or max_reply_size < max_line_length:
+            raise ValueError(
+                "max_line_length must be >= 4, max_lines >= 1 and max_reply_size >= max_line_length"
+            )
         self._max_line_length = max_line_length
         self._max_lines = max_lines
+        self._max_reply_size = max_reply_size
         self._data = b""
         self._start = 0  # start of the reply being parsed
         self._pos = 0  # start of the next unparsed line
@@ -235,12 +263,13 @@ class ReplyParser:
 
         Raises `ReplyError` on a line that is not `^[2-5][0-9][0-9][ -]`, a change of code
         within a multi-line reply, a line over `max_line_length` bytes (line end included),
-        or a reply of more than `max_lines` lines.
+        a reply of more than `max_lines` lines or of more than `max_reply_size` bytes.
         """
         if self._error is not None:
             raise self._error
         data = self._data
         max_line = self._max_line_length
+        max_size = self._max_reply_size
         while True:
             lf = data.find(b"\n", self._scan)
             pos = self._pos
@@ -248,9 +277,13 @@ class ReplyParser:
                 self._scan = len(data)
                 if len(data) - pos > max_line:
                     raise self._fail(f"reply line longer than {max_line} bytes")
+                if len(data) - self._start > max_size:
+                    raise self._fail(f"reply longer than {max_size} bytes")
                 return None
             if lf + 1 - pos > max_line:
                 raise self._fail(f"reply line longer than {max_line} bytes")
+            if lf + 1 - self._start > max_size:
+                raise self._fail(f"reply longer than {max_size} bytes")
             end = lf - 1 if lf - 1 >= pos + 3 and data[lf - 1] == 13 else lf
             if end < pos + 3:
                 raise self._fail(f"malformed reply line {data[pos : lf + 1]!r}")
@@ -433,6 +466,18 @@ def setup_timed_out(seconds: float) -> Reply:
 def local_tls_error(why: str) -> Reply:
     """The sidecar's own TLS set-up failed (e.g. its CA bundle): no MX is to blame."""
     return reply(451, "4.3.0", f"Local error setting up TLS towards the MX ({why}), try later")
+
+
+def local_resource_shortage(what: str) -> Reply:
+    """The sidecar itself ran short (``what`` names the errno, e.g. "EMFILE: Too many open
+    files"): neither HAProxy's nor the MX's fault (DESIGN.md invariant 5)."""
+    return reply(451, "4.3.0", f"Local resource shortage in the sidecar ({what}), try later")
+
+
+def mx_bad_reply(why: str) -> Reply:
+    """The MX answered with something that is not a usable SMTP reply (``why``: e.g. "reply
+    longer than 16384 bytes"); the sidecar closed the connection and passes none of it on."""
+    return reply(451, "4.5.0", f"The MX sent an unusable reply ({why}), try later")
 
 
 def mx_connection_lost(when: str) -> Reply:

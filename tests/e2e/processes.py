@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,12 @@ class Processes:
         self.workdir = workdir
         self.started: list[SidecarProcess] = []
 
-    async def start(self, args: Sequence[str], env: dict[str, str] | None = None) -> SidecarProcess:
+    async def start(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> SidecarProcess:
         index = len(self.started)
         stdout_path = self.workdir / f"sidecar{index}.stdout.log"
         stderr_path = self.workdir / f"sidecar{index}.stderr.log"
@@ -81,6 +86,7 @@ class Processes:
                 stdout=stdout,
                 stderr=stderr,
                 env={**os.environ, **(env or {})},
+                preexec_fn=preexec_fn,
             )
         started = SidecarProcess(process, stdout_path, stderr_path)
         self.started.append(started)

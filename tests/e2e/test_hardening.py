@@ -517,6 +517,111 @@ async def test_clients_that_stop_reading_do_not_make_it_buffer(
     assert "Traceback" not in started.stderr
 
 
+class HugeReplyMX:
+    """An MX that answers RCPT with ``lines`` lines of ``width`` bytes, all but the last sent at
+    once, the last only when ``sessions`` connections have had theirs (or after ``wait`` s):
+    so every session holds what it keeps of such a reply at the same time."""
+
+    def __init__(self, endpoint: Endpoint, sessions: int, lines: int, width: int) -> None:
+        self.endpoint = endpoint
+        self.sessions = sessions
+        self.body = (b"250-" + b"x" * (width - 6) + b"\r\n") * (lines - 1)
+        self.sent = 0
+        self.all_sent = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.endpoint.port, host=self.endpoint.host)
+        task_status.started()
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        async with stream:
+            try:
+                await stream.send_all(b"220 huge.test ESMTP\r\n")
+                while True:
+                    while b"\r\n" not in buffer:
+                        data = await stream.receive_some(4096)
+                        if not data:
+                            return
+                        buffer += data
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        await stream.send_all(b"250-huge.test\r\n250 8BITMIME\r\n")
+                    elif verb == b"RCPT":
+                        await self.answer_rcpt(stream)
+                    elif verb == b"QUIT":
+                        await stream.send_all(b"221 bye\r\n")
+                        return
+                    else:
+                        await stream.send_all(b"250 ok\r\n")
+            except (trio.BrokenResourceError, OSError):
+                return  # the sidecar hung up on the huge reply
+
+    async def answer_rcpt(self, stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(self.body)
+        finally:
+            self.sent += 1
+            if self.sent >= self.sessions:
+                self.all_sent.set()
+        with trio.move_on_after(10):
+            await self.all_sent.wait()
+        await stream.send_all(b"250 2.1.5 ok at last\r\n")
+
+
+async def test_huge_mx_replies_do_not_make_sessions_hold_memory(
+    tmp_path: Path,
+    addresses: Addresses,
+    haproxy_factory: HAProxyFactory,
+    dnsmasq_factory: DnsmasqFactory,
+    nursery: trio.Nursery,
+    processes: Processes,
+) -> None:
+    """Issue 10, item 12: an MX answering RCPT with 200 lines of 2000 bytes (400 KiB, every
+    line within the line bound) to 60 sessions at once. Each reply is refused once it is over
+    the reply bound, never passed on, and the process's memory barely moves."""
+    mx_address = addresses.ipv4()
+    sessions = 60
+    huge = HugeReplyMX(Endpoint(mx_address, free_port(mx_address)), sessions, 200, 2000)
+    await nursery.start(huge.serve)
+    started, listener, _ = await process_stack(
+        tmp_path,
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        processes,
+        huge.endpoint,
+        server={"command_timeout": 60},
+    )
+    pid = started.process.pid
+    baseline = vm_kib(pid, "VmRSS")
+    answers: list[bytes] = []
+
+    async def one(index: int) -> None:
+        async with await smtp_client(listener) as client:
+            assert (await client.command(b"MAIL FROM:<s@client.test>")).startswith(b"250 ")
+            answers.append(await client.command(f"RCPT TO:<r{index}@example.test>".encode()))
+            await client.send(b"QUIT\r\n")
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as clients:
+            for index in range(sessions):
+                clients.start_soon(one, index)
+    peak = vm_kib(pid, "VmHWM")
+    growth = peak - baseline
+    print(f"RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth} KiB")
+    assert len(answers) == sessions
+    for answer in answers:
+        assert answer.startswith(b"451 4.5.0 The MX sent an unusable reply (reply longer"), answer
+        assert b"xxxx" not in answer  # none of the MX's oversized reply is passed on
+    # 60 sessions x 400 KiB offered at once: each holds at most the reply bound and a chunk.
+    assert growth < 12 * 1024, (baseline, peak)
+    assert started.process.poll() is None
+    assert "Traceback" not in started.stderr
+
+
 class SlowMX:
     """A minimal MX that reads the message data slowly (``rate`` bytes per second) and keeps
     only its size and SHA-256: the sender must not get ahead by more than buffers allow."""

@@ -4,6 +4,7 @@ per-transaction log line (text and JSON), health flips in the log, and SIGHUP re
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import urllib.request
 from typing import Any
@@ -259,3 +260,94 @@ async def test_sighup_keeps_open_sessions_on_their_config(
     assert message.peer_host == cli_stack.source
     started.process.send_signal(signal.SIGTERM)
     assert await wait_exit(started) == 0
+
+
+def _low_descriptor_limit() -> None:
+    """In the child before exec: 256 descriptors, soft and hard (``ulimit -n 256``)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+async def _first_reply(endpoint: Endpoint, clients: list[RawSMTPClient]) -> bytes:
+    """Connect and read the greeting (``b""`` if none came); a client greeted with 220 is
+    kept open, idle, in ``clients``."""
+    client = await RawSMTPClient.connect(endpoint)
+    reply = b""
+    with trio.move_on_after(5):
+        reply = await client.read_reply()
+    if reply.startswith(b"220 "):
+        clients.append(client)
+    else:
+        await client.aclose()
+    return reply
+
+
+async def test_low_descriptor_limit_refuses_clients_and_keeps_haproxy_plumbed(
+    cli_stack: CliStack, addresses: Addresses, processes: Processes
+) -> None:
+    """Issue 10, item 11: under ``ulimit -n 256`` with 300 idle clients, the sidecar admits
+    what its descriptors allow and greets the rest with 421 4.3.2; a transaction still
+    delivers while they stay connected, and HAProxy is never counted as failing."""
+    status = with_status(cli_stack, addresses, health_check_interval=0.5)
+    cli_stack.config["server"] = {**cli_stack.config["server"], "command_timeout": 60}
+    write_config(cli_stack, cli_stack.config)
+    started = await processes.start(
+        ["run", "-c", str(cli_stack.config_path)], preexec_fn=_low_descriptor_limit
+    )
+    await wait_listening(cli_stack.listener, started)
+
+    idle: list[RawSMTPClient] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            greetings: list[bytes] = []
+
+            async def connect() -> None:
+                greetings.append(await _first_reply(cli_stack.listener, idle))
+
+            for _ in range(300):
+                nursery.start_soon(connect)
+                await trio.sleep(0.002)
+        admitted = [g for g in greetings if g.startswith(b"220 ")]
+        refused = [g for g in greetings if g.startswith(b"421 4.3.2 ")]
+        assert len(admitted) + len(refused) == 300, set(greetings) - set(admitted + refused)
+        await wait_for_log(started, "max_connections 1000 reduced to")
+        limit = json.loads((await http_get(status, "/status"))[1])["descriptors"]
+        assert limit["limit"] == 256 and 0 < limit["max_sessions"] < 128, limit
+        assert len(admitted) == limit["max_sessions"] and refused
+
+        # Make room for one transaction; the other idle clients stay connected.
+        for client in idle[:2]:
+            await client.aclose()
+        del idle[:2]
+        with trio.fail_after(5):
+            while True:
+                counters = json.loads((await http_get(status, "/status"))[1])["counters"]
+                if counters["sessions_active"] <= len(idle):
+                    break
+                await trio.sleep(0.05)
+
+        async def knock() -> None:  # new clients keep being refused meanwhile
+            for _ in range(50):
+                client = await RawSMTPClient.connect(cli_stack.listener)
+                async with client:
+                    assert (await client.read_reply()).startswith((b"421 4.3.2 ", b"220 "))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(knock)
+            result = await send(
+                cli_stack.listener, "sender@client.test", ["rcpt@example.test"], MESSAGE
+            )
+        assert result.error is None and result.final is not None, result
+        assert result.final[0] == 250, result
+        assert any(m.data == MESSAGE for mx in cli_stack.mxes for m in mx.messages)
+    finally:
+        for client in idle:
+            await client.aclose()
+
+    await trio.sleep(1.5)  # a few health checks more
+    data = json.loads((await http_get(status, "/status"))[1])
+    (server,) = data["servers"]
+    assert server["plumbed"] is True and server["consecutive_failures"] == 0, server
+    assert server["last_error"] is None, server
+    log = started.stderr
+    assert "Cannot reach HAProxy" not in log and "unplumbed" not in log
+    assert "Too many open files" not in log and "Traceback" not in log

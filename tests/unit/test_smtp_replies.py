@@ -336,6 +336,60 @@ def test_too_many_lines() -> None:
         parser.next_reply()
 
 
+def test_reply_size_is_bounded() -> None:
+    """Issue 10: 200 lines of 4 KiB per reply made every session hold over a MiB."""
+    line = b"250-" + b"x" * (replies.MAX_REPLY_LINE - 6) + b"\r\n"  # the longest line allowed
+    assert parse_all(b"250 " + line[4:])
+    whole = line * (replies.MAX_REPLY_SIZE // len(line) - 1)
+    last = b"250 " + b"y" * (replies.MAX_REPLY_SIZE - len(whole) - 6) + b"\r\n"
+    assert len(whole + last) == replies.MAX_REPLY_SIZE
+    assert len(parse_all(whole + last)[0].raw or b"") == replies.MAX_REPLY_SIZE
+    with pytest.raises(ReplyError, match="reply longer than 16384 bytes"):
+        parse_all(whole + b"250-z\r\n" + last)
+
+
+def test_reply_size_bound_holds_without_a_final_line() -> None:
+    """A reply that never ends is refused once it is over the bound, so the parser never
+    holds more than the bound plus the last chunk fed."""
+    parser = ReplyParser()
+    chunk = (b"250-" + b"x" * 1000 + b"\r\n") * 4
+    with pytest.raises(ReplyError, match="reply longer than"):
+        for _ in range(100):
+            parser.feed(chunk)
+            assert parser.next_reply() is None
+            assert parser.buffered <= replies.MAX_REPLY_SIZE
+    assert parser.buffered <= replies.MAX_REPLY_SIZE + len(chunk)
+
+
+def test_bounds_apply_per_reply_not_per_stream() -> None:
+    one = b"250-" + b"x" * 1000 + b"\r\n250 ok\r\n"
+    assert len(parse_all(one * 40)) == 40  # 40 KiB in all, each reply 1 KiB
+
+
+@given(
+    st.lists(
+        st.sampled_from([replies.MAX_REPLY_LINE - 6, 1000])
+        | st.integers(min_value=0, max_value=replies.MAX_REPLY_LINE - 6),
+        max_size=20,
+    ),
+    st.integers(min_value=1, max_value=9000),
+)
+def test_reply_refused_exactly_when_over_the_bound(lengths: list[int], chunk: int) -> None:
+    wire = b"".join(b"250-" + b"x" * n + b"\r\n" for n in lengths) + b"250 end\r\n"
+    parser = ReplyParser()
+    result: Reply | None = None
+    try:
+        for start in range(0, len(wire), chunk):
+            parser.feed(wire[start : start + chunk])
+            assert parser.buffered <= replies.MAX_REPLY_SIZE + chunk
+            result = parser.next_reply() or result
+    except ReplyError:
+        assert len(wire) > replies.MAX_REPLY_SIZE
+        return
+    assert len(wire) <= replies.MAX_REPLY_SIZE
+    assert result is not None and result.raw == wire
+
+
 def test_error_is_sticky() -> None:
     parser = ReplyParser()
     parser.feed(b"bogus\r\n250 ok\r\n")
@@ -350,6 +404,8 @@ def test_parser_limits_must_be_sane() -> None:
         ReplyParser(max_line_length=3)
     with pytest.raises(ValueError):
         ReplyParser(max_lines=0)
+    with pytest.raises(ValueError):
+        ReplyParser(max_line_length=100, max_reply_size=99)
 
 
 # --- EHLO capabilities -----------------------------------------------------------------
