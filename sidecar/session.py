@@ -1,43 +1,51 @@
-"""One client connection: the front SMTP dialogue, the route per transaction, the upstream
-switching, and the DATA relay.
+"""One client connection: its I/O, the route per transaction, the upstream switching, and the
+DATA relay.
 
-The sidecar answers EHLO, MAIL, RSET, NOOP, VRFY, HELP and QUIT itself. The first RCPT of a
-transaction resolves the route and opens the upstream (all while the client waits for that RCPT
-reply); from there every reply that decides the message's fate is the MX's own, byte for byte.
+The SMTP dialogue itself is :class:`sidecar.smtp.server.SmtpServer` (sans-IO): it answers
+EHLO, MAIL, RSET, NOOP, VRFY, HELP, QUIT and every error, and hands the session an event for
+the rest. The first RCPT of a transaction resolves the route and opens the upstream (all while
+the client waits for that RCPT reply); from there every reply that decides the message's fate
+is the MX's own, byte for byte.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
-from sidecar.config import Config, Listener
+from sidecar.config import Config, Listener, ServerConfig
 from sidecar.health import HealthRegistry
 from sidecar.logs import log_transaction, transaction_logging
 from sidecar.metrics import RECIPIENT_OUTCOMES, Metrics, outcome_of, recipient_outcome
 from sidecar.pool import UpstreamPool
 from sidecar.routing import Route, RouteError, Router
 from sidecar.smtp import replies
-from sidecar.smtp.commands import (
-    Address,
-    Command,
-    CommandError,
-    MailFrom,
-    RcptTo,
-    parse_command,
-    parse_mail_from,
-    parse_rcpt_to,
-)
-from sidecar.smtp.data import DataScanner
-from sidecar.smtp.lines import LineReader, LineTooLong
+from sidecar.smtp.commands import Address, MailFrom, RcptTo
 from sidecar.smtp.replies import Reply
+from sidecar.smtp.server import (
+    NEED_DATA,
+    SEND_REPLIES,
+    Close,
+    DataChunk,
+    DataCommand,
+    EndOfData,
+    Event,
+    Limits,
+    MailOpened,
+    Quit,
+    RcptRefused,
+    RcptRequested,
+    SmtpServer,
+    TransactionReset,
+)
 from sidecar.tcp import TcpStream, close_now, receive_by, send_by
 from sidecar.upstream import (
     Upstream,
@@ -52,13 +60,8 @@ log = logging.getLogger("sidecar.session")
 RECEIVE_SIZE = 65_536
 _session_ids = itertools.count(1)
 
-# MAIL parameters the sidecar accepts, and the MX capability each needs to be replayed.
+# The MX capability each MAIL parameter the sidecar accepts needs to be replayed.
 MAIL_PARAMETER_CAPABILITY = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8"}
-BODY_VALUES = ("7BIT", "8BITMIME")
-# A SIZE value longer than this is over any max_message_size (and never reaches int()).
-MAX_SIZE_DIGITS = 20
-# Replies queued for one write at most; RFC 2920 lets the server flush whenever it likes.
-MAX_QUEUED_REPLIES = 64
 # How long a session that failed on an unexpected error may take to say 421 before closing.
 LAST_WORD_TIMEOUT = 5.0
 # Seconds for the MX's reply to the RSET the sidecar sends when the client resets an open
@@ -94,8 +97,11 @@ class ServerContext:
     sessions: set[Session] = field(default_factory=set)
 
     def begin_shutdown(self) -> None:
-        """Idle sessions get 421 and close now; a transaction in progress may finish."""
+        """Idle sessions get 421 and close now; a transaction in progress may finish, and no
+        new one starts (MAIL gets 421)."""
         self.shutting_down.set()
+        for session in self.sessions:
+            session.smtp.closing = replies.SHUTTING_DOWN
         for idle in self.idle_sessions:
             if isinstance(idle, TcpStream):
                 idle.interrupt()
@@ -121,7 +127,6 @@ class ServerContext:
 class Transaction:
     mail: MailFrom
     route: Route | None = None  # fixed by the first accepted RCPT
-    recipients: int = 0
     accepted: int = 0
     mail_sent: bool = False  # MAIL replayed on the current upstream
     # The MX's reply to a DATA sent along with the last RCPT (the client had pipelined its
@@ -150,6 +155,17 @@ class _CloseSession(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=16)
+def _limits(server: ServerConfig) -> Limits:
+    return Limits(
+        server.hostname,
+        server.max_line_length,
+        server.max_message_size,
+        server.max_recipients,
+        server.max_errors,
+    )
+
+
 class Session:
     # A thousand idle sessions should cost little memory (issue 6: <= 40 MiB in all).
     __slots__ = (
@@ -159,13 +175,10 @@ class Session:
         "client",
         "config",
         "context",
-        "errors",
-        "greeted",
         "id",
         "listener",
-        "out",
         "owes_final_reply",
-        "reader",
+        "smtp",
         "stream",
         "txn",
         "upstream",
@@ -180,10 +193,9 @@ class Session:
         self.context = context
         self.config = context.config
         self.id = f"{next(_session_ids):x}"
-        self.reader = LineReader(self.config.server.max_line_length)
-        self.out: list[bytes] = []
-        self.greeted = False
-        self.errors = 0
+        self.smtp = SmtpServer(_limits(self.config.server))
+        if context.shutting_down.is_set():
+            self.smtp.closing = replies.SHUTTING_DOWN
         self.txn: Transaction | None = None
         self.upstream: Upstream | None = None
         self._last_proxy_error: Reply | None = None
@@ -199,13 +211,10 @@ class Session:
 
     # ---- I/O helpers -------------------------------------------------------------------------
 
-    def queue(self, answer: Reply) -> None:
-        self.out.append(answer.to_bytes())
-
     async def flush(self) -> None:
-        if self.out:
-            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
-            self.out.clear()
+        """Send the queued replies (421 and close if the client does not take them)."""
+        data = self.smtp.take_output()
+        if data:
             deadline = trio.current_time() + self.config.server.command_timeout
             try:
                 sent = await send_by(self.stream, data, deadline)
@@ -233,7 +242,7 @@ class Session:
         """421 and close: a wait ended by its deadline, or by a shutdown (which interrupts
         idle waits the way a deadline does)."""
         shutdown = self.context.shutting_down.is_set()
-        self.queue(replies.SHUTTING_DOWN if shutdown else replies.TIMEOUT)
+        self.smtp.send(replies.SHUTTING_DOWN if shutdown else replies.TIMEOUT)
         await self.flush()
         raise _CloseSession
 
@@ -243,7 +252,7 @@ class Session:
         timeout = self.config.server.command_timeout
         # The whole command line must arrive within command_timeout: a client that trickles
         # a byte at a time (slowloris) does not get a new timeout for every byte.
-        if not self.reader.buffered:
+        if not self.smtp.buffered:
             self._command_deadline = trio.current_time() + timeout
         deadline = self._command_deadline
         if self.txn is not None:
@@ -288,19 +297,20 @@ class Session:
                 await close_now(self.stream)
 
     async def _converse(self) -> None:
+        smtp = self.smtp
         try:
-            self.queue(replies.service_ready(self.config.server.hostname))
+            smtp.send(replies.service_ready(self.config.server.hostname))
             while True:
-                line = self.reader.next_line()
-                if line is None:
+                event = smtp.next_event()
+                if event is NEED_DATA:
                     await self.flush()
-                    self.reader.feed(await self.receive_command())
-                    continue
-                await self.handle_line(line)
-                if len(self.out) >= MAX_QUEUED_REPLIES:
+                    smtp.receive_data(await self.receive_command())
+                elif event is SEND_REPLIES:
                     # A client pipelining far ahead: its replies go out (or its session times
                     # out) before more are made, and the other sessions get their turn.
                     await self.flush()
+                else:
+                    await _ON_EVENT[type(event)](self, event)
         except _CloseSession:
             pass
         except Exception:
@@ -327,122 +337,20 @@ class Session:
 
     async def _last_word(self, answer: Reply) -> None:
         """Send what is queued and ``answer``, best effort and briefly, before closing."""
-        self.queue(answer)
+        self.smtp.send(answer)
         # _CloseSession, or a stream that is unusable: the connection is closed anyway.
         with trio.move_on_after(LAST_WORD_TIMEOUT), contextlib.suppress(Exception):
             await self.flush()
 
-    async def handle_line(self, line: bytes | LineTooLong) -> None:
-        if isinstance(line, LineTooLong):
-            await self.error(replies.LINE_TOO_LONG)
-            return
-        try:
-            command = parse_command(line)
-        except CommandError as error:
-            await self.error(error.reply)
-            return
-        handler = HANDLERS.get(command.verb)
-        if handler is None:
-            known = command.verb in NOT_IMPLEMENTED
-            await self.error(replies.NOT_IMPLEMENTED if known else replies.UNKNOWN_COMMAND)
-            return
-        await handler(self, command)
+    # ---- events of the SMTP dialogue ---------------------------------------------------------
 
-    async def error(self, answer: Reply) -> None:
-        self.queue(answer)
-        self.errors += 1
-        if self.errors >= self.config.server.max_errors:
-            self.queue(replies.TOO_MANY_ERRORS)
-            await self.flush()
-            raise _CloseSession
-
-    # ---- commands answered locally -----------------------------------------------------------
-
-    async def do_ehlo(self, command: Command) -> None:
-        if not command.argument.strip():
-            await self.error(replies.EHLO_NEEDS_DOMAIN)
-            return
+    async def on_reset(self, event: TransactionReset) -> None:
         await self._reset()
-        self.greeted = True
-        server = self.config.server
-        lines = [
-            # The client's name, cut short: a reply line stays within RFC 5321's 512 octets.
-            f"{server.hostname} greets {command.argument.split()[0][:64]}",
-            "PIPELINING",
-            "8BITMIME",
-            f"SIZE {server.max_message_size}",
-            "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-            f"LIMITS RCPTMAX={server.max_recipients} RCPTDOMAINMAX=1",
-        ]
-        self.queue(replies.ehlo_reply(lines[0], lines[1:]))
 
-    async def do_helo(self, command: Command) -> None:
-        if not command.argument.strip():
-            await self.error(replies.HELO_NEEDS_DOMAIN)
-            return
-        await self._reset()
-        self.greeted = True
-        self.queue(replies.helo_reply(self.config.server.hostname))
+    async def on_mail(self, event: MailOpened) -> None:
+        self.txn = Transaction(event.mail)
 
-    async def do_mail(self, command: Command) -> None:
-        if self.context.shutting_down.is_set():
-            # No new transaction once a shutdown began (one pipelined after the last).
-            self.queue(replies.SHUTTING_DOWN)
-            await self.flush()
-            raise _CloseSession
-        if not self.greeted:
-            await self.error(replies.NEED_HELLO)
-            return
-        if self.txn is not None:
-            await self.error(replies.NESTED_MAIL)
-            return
-        try:
-            mail = parse_mail_from(command.argument)
-        except CommandError as error:
-            await self.error(error.reply)
-            return
-        sender = mail.sender
-        if sender is not None and sender.needs_smtputf8 and not _has_param(mail, "SMTPUTF8"):
-            await self.error(replies.NON_ASCII_ADDRESS)  # RFC 6531 section 3.5
-            return
-        for keyword, value in mail.params:
-            if keyword not in MAIL_PARAMETER_CAPABILITY:
-                await self.error(replies.unsupported_parameter("MAIL", keyword))
-                return
-            if keyword == "SIZE":
-                # ASCII digits only: str.isdigit() also accepts "²" and other Unicode digits
-                # that int() refuses, and int() refuses more than 4300 digits; either used to
-                # raise out of the session and take the whole process down.
-                if value is None or not (value.isascii() and value.isdigit()):
-                    await self.error(replies.SIZE_NOT_A_NUMBER)
-                    return
-                digits = value.lstrip("0") or "0"
-                too_big = len(digits) > MAX_SIZE_DIGITS
-                if too_big or int(digits) > self.config.server.max_message_size:
-                    self.queue(replies.MESSAGE_TOO_BIG)
-                    return
-            if keyword == "BODY" and (value or "").upper() not in BODY_VALUES:
-                await self.error(replies.BAD_BODY)
-                return
-        self.txn = Transaction(mail)
-        self.queue(replies.SENDER_OK)
-
-    async def do_rset(self, command: Command) -> None:
-        await self._reset()
-        self.queue(replies.OK)
-
-    async def do_noop(self, command: Command) -> None:
-        self.queue(replies.OK)
-
-    async def do_vrfy(self, command: Command) -> None:
-        self.queue(replies.VRFY_CANNOT)
-
-    async def do_help(self, command: Command) -> None:
-        self.queue(replies.HELP)
-
-    async def do_quit(self, command: Command) -> None:
-        self.queue(replies.GOODBYE)
+    async def on_quit(self, event: Quit) -> None:
         await self.flush()
         if self.upstream is not None:
             if self.txn is not None and self.txn.mail_sent:
@@ -451,31 +359,23 @@ class Session:
                 await self._release_upstream()
         raise _CloseSession
 
+    async def on_close(self, event: Close) -> None:
+        await self.flush()
+        raise _CloseSession
+
+    async def on_unexpected(self, event: Event) -> None:
+        raise RuntimeError(f"{event!r} outside the DATA phase")
+
     # ---- RCPT: route, upstream, replay -------------------------------------------------------
 
-    async def do_rcpt(self, command: Command) -> None:
+    async def on_rcpt_refused(self, event: RcptRefused) -> None:
+        assert self.txn is not None
+        self._count_recipient(self.txn, event.reply)
+
+    async def on_rcpt(self, event: RcptRequested) -> None:
         txn = self.txn
-        if txn is None:
-            await self.error(replies.NEED_MAIL_BEFORE_RCPT)
-            return
-        try:
-            rcpt = parse_rcpt_to(command.argument)
-        except CommandError as error:
-            await self.error(error.reply)
-            return
-        if rcpt.params:
-            await self.error(replies.unsupported_parameter("RCPT", rcpt.params[0][0]))
-            return
-        if rcpt.recipient.needs_smtputf8 and not _has_param(txn.mail, "SMTPUTF8"):
-            await self.error(replies.NON_ASCII_ADDRESS)  # RFC 6531 section 3.5
-            return
-        if txn.recipients >= self.config.server.max_recipients:
-            self._rcpt_reply(txn, replies.TOO_MANY_RECIPIENTS)
-            return
-        txn.recipients += 1
-        if not rcpt.recipient.domain:
-            self._rcpt_reply(txn, replies.RECIPIENT_NEEDS_DOMAIN)
-            return
+        assert txn is not None
+        rcpt = event.rcpt
         # Earlier pipelined replies go out now: the upstream set-up may take a while.
         await self.flush()
         delivery = self.config.delivery
@@ -487,13 +387,13 @@ class Session:
             if self.upstream is not None:
                 await self._drop_upstream(polite=False)
             answer = replies.setup_timed_out(delivery.setup_timeout)
-        self._rcpt_reply(txn, answer)
+        self._count_recipient(txn, answer)
+        self.smtp.answer_rcpt(answer)
 
-    def _rcpt_reply(self, txn: Transaction, answer: Reply) -> None:
+    def _count_recipient(self, txn: Transaction, answer: Reply) -> None:
         outcome = recipient_outcome(answer.code)
         txn.recipient_outcomes[outcome] += 1
         self.context.metrics.recipients[outcome] += 1
-        self.queue(answer)
 
     async def _route_and_replay(self, txn: Transaction, recipient: Address, rcpt: RcptTo) -> Reply:
         excluded: set[str] = set()
@@ -612,7 +512,7 @@ class Session:
         # RFC 2920: MAIL (if not sent yet), the RCPT and, when the client has already sent
         # DATA after this RCPT, DATA too, in one write: one round trip. After a refused MAIL
         # the MX answers the rest with 503s, which are not passed on.
-        with_data = self.reader.next_is(b"DATA\r\n")
+        with_data = self.smtp.next_is(b"DATA\r\n")
         lines = [line, b"DATA\r\n"] if with_data else [line]
         if mail_line is not None:
             lines.insert(0, mail_line)
@@ -630,14 +530,10 @@ class Session:
 
     # ---- DATA: relay to the end marker, pass the MX's final reply ---------------------------
 
-    async def do_data(self, command: Command) -> None:
+    async def on_data(self, event: DataCommand) -> None:
         txn = self.txn
-        if txn is None:
-            await self.error(replies.NEED_MAIL_BEFORE_DATA)
-            return
-        if command.argument:
-            await self.error(replies.DATA_TAKES_NO_ARGUMENT)
-            return
+        assert txn is not None
+        smtp = self.smtp
         early, txn.data_reply = txn.data_reply, None  # DATA already sent with the last RCPT
         upstream = self.upstream
         if early is not None and early.code == 354 and (not txn.accepted or txn.broken):
@@ -645,14 +541,12 @@ class Session:
             await self._drop_upstream(polite=False)
             upstream = None
         if not txn.accepted:
-            if txn.recipients:
-                self.queue(replies.NO_VALID_RECIPIENTS)
-                self._end_transaction(txn, replies.NO_VALID_RECIPIENTS)
-            else:
-                await self.error(replies.NEED_RCPT_BEFORE_DATA)
+            # The transaction stays open: the client may still add recipients.
+            smtp.answer_data(replies.NO_VALID_RECIPIENTS, ends=False)
+            self._end_transaction(txn, replies.NO_VALID_RECIPIENTS)
             return
         if txn.broken or upstream is None or upstream.closed:
-            self._end_transaction(txn, self._queued(replies.mx_connection_lost("before DATA")))
+            self._refuse_data(txn, replies.mx_connection_lost("before DATA"))
             await self._reset()
             return
         await self.flush()
@@ -662,79 +556,71 @@ class Session:
             )
         except UpstreamLost as error:
             await self._drop_upstream(polite=False)
-            self._end_transaction(txn, self._queued(upstream_failed("at DATA", error)))
+            self._refuse_data(txn, upstream_failed("at DATA", error))
             self.txn = None
             return
         if answer.code != 354:
-            self._end_transaction(txn, self._queued(answer))
+            self._refuse_data(txn, answer)
             await self._reset()
             return
         if upstream.parser.buffered:
             # A reply before any data was sent (e.g. "354 ...\r\n250 ..."): whatever it says
             # could not be about this message, so it must not be taken as its final reply.
             await self._drop_upstream(polite=False)
-            self._end_transaction(
-                txn, self._queued(replies.mx_connection_lost("(it replied out of turn)"))
-            )
+            self._refuse_data(txn, replies.mx_connection_lost("(it replied out of turn)"))
             self.txn = None
             return
-        self.queue(answer)
+        # A message whose header is not ASCII needs SMTPUTF8 (RFC 6532); an MX without it
+        # must not get one. Only then is the header looked at (the body may be 8-bit).
+        utf8_lost = _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8")
+        smtp.answer_data(answer, check_header=utf8_lost)
         await self.flush()
         final = await self._relay_data(upstream, txn)
         upstream.transactions += 1
-        self._end_transaction(txn, self._queued(final))
+        smtp.answer_final(final)
+        self._end_transaction(txn, final)
         self.owes_final_reply = False  # queued: a stop still sends it before its 421
         self.txn = None
         if final.code == 421 and self.upstream is not None:
             await self._drop_upstream(polite=False)
 
+    def _refuse_data(self, txn: Transaction, answer: Reply) -> None:
+        """``answer`` (not 354) to DATA ends the transaction."""
+        self.smtp.answer_data(answer)
+        self._end_transaction(txn, answer)
+
     async def _relay_data(self, upstream: Upstream, txn: Transaction) -> Reply:
         """Copy the client's bytes to the MX up to and including ``<CRLF>.<CRLF>``; the reply
         that goes to the client is the MX's own, or a 4xx/5xx when the MX must not see an end."""
         server = self.config.server
-        # A message whose header is not ASCII needs SMTPUTF8 (RFC 6532); an MX without it
-        # must not get one. Only then is the header looked at (the body may be 8-bit).
-        utf8_lost = _has_param(txn.mail, "SMTPUTF8") and not upstream.supports("SMTPUTF8")
-        scanner = DataScanner(check_header=utf8_lost)
-        forwarding = True
+        smtp = self.smtp
         lost: UpstreamLost | None = None
-        chunk: bytes | bytearray = self.reader.take_buffer()
         # Each read waits at most data_timeout, and the whole data phase data_total_timeout,
         # so a client trickling bytes cannot hold the session (and its upstream) for ever.
         data_deadline = trio.current_time() + server.data_total_timeout
         while True:
-            if not chunk:
+            event = smtp.next_event()
+            if event is NEED_DATA:
                 deadline = min(trio.current_time() + server.data_timeout, data_deadline)
-                chunk = await self._receive_data(upstream, deadline)
-            end = scanner.feed(chunk)
-            part = chunk if end is None else chunk[:end]
-            refused = scanner.bad_byte or scanner.non_ascii_header
-            if refused or scanner.size > server.max_message_size:
-                forwarding = False
-            elif forwarding:
-                if end is not None:
+                smtp.receive_data(await self._receive_data(upstream, deadline))
+            elif isinstance(event, DataChunk):
+                if lost is not None:
+                    continue  # the MX is gone: the rest of the data is read and dropped
+                if event.last:
                     # From this write on the MX may accept the message: its reply is owed to
                     # the client even when the shutdown grace runs out (ServerContext.end_grace).
                     self.owes_final_reply = True
                 try:
-                    await upstream.send(part, self.config.delivery.data_send_timeout)
+                    await upstream.send(event.data, self.config.delivery.data_send_timeout)
                 except UpstreamLost as error:
-                    forwarding = False
                     lost = error
-            if end is not None:
-                self.reader.feed(chunk[end:])
+            else:
+                assert isinstance(event, EndOfData), event
                 break
-            chunk = b""
-        txn.size = scanner.size
-        if scanner.bad_byte:
-            await self._drop_upstream(polite=False)
-            return replies.BARE_NEWLINE
-        if scanner.size > server.max_message_size:
-            await self._drop_upstream(polite=False)
-            return replies.MESSAGE_TOO_BIG
-        if scanner.non_ascii_header:
+        txn.size = event.size
+        if event.refusal is not None:
             await self._drop_upstream(polite=False)  # the MX sees no end of data
-            return replies.NON_ASCII_HEADER
+            return event.refusal
         if lost is not None:
             await self._drop_upstream(polite=False)
             return upstream_failed("during DATA", lost)
@@ -755,10 +641,6 @@ class Session:
             raise
 
     # ---- transaction and upstream housekeeping ----------------------------------------------
-
-    def _queued(self, answer: Reply) -> Reply:
-        self.queue(answer)
-        return answer
 
     def _describe_upstream(self, upstream: Upstream) -> dict[str, object]:
         """The log line's fields about the upstream, worked out once per connection."""
@@ -836,18 +718,14 @@ class Session:
             await upstream.abort()
 
 
-Handler = Callable[[Session, Command], Awaitable[None]]
-
-HANDLERS: dict[str, Handler] = {
-    "EHLO": Session.do_ehlo,
-    "HELO": Session.do_helo,
-    "MAIL": Session.do_mail,
-    "RCPT": Session.do_rcpt,
-    "DATA": Session.do_data,
-    "RSET": Session.do_rset,
-    "NOOP": Session.do_noop,
-    "QUIT": Session.do_quit,
-    "VRFY": Session.do_vrfy,
-    "HELP": Session.do_help,
+_ON_EVENT: dict[type[Any], Callable[[Session, Any], Awaitable[None]]] = {
+    TransactionReset: Session.on_reset,
+    MailOpened: Session.on_mail,
+    RcptRequested: Session.on_rcpt,
+    RcptRefused: Session.on_rcpt_refused,
+    DataCommand: Session.on_data,
+    Quit: Session.on_quit,
+    Close: Session.on_close,
+    DataChunk: Session.on_unexpected,
+    EndOfData: Session.on_unexpected,
 }
-NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "STARTTLS", "AUTH", "ATRN"})

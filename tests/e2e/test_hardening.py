@@ -26,6 +26,7 @@ import tomli_w
 import trio
 
 from sidecar import session as session_module
+from sidecar.smtp.server import MailOpened
 
 from .dns_stubs import StubDns, by_suffix, garbage, truncating, zone
 from .harness import (
@@ -201,17 +202,23 @@ async def test_an_unexpected_error_costs_one_session_not_the_process(
     stack = await relay_stack()
     control = Control(stack.endpoint, stack.mx)
 
-    async def broken_help(self: session_module.Session, command: Any) -> None:
-        raise RuntimeError("a bug in a command handler")
+    on_mail = session_module._ON_EVENT[MailOpened]
 
-    monkeypatch.setitem(session_module.HANDLERS, "HELP", broken_help)
+    async def broken_mail(self: session_module.Session, event: MailOpened) -> None:
+        sender = event.mail.sender
+        if sender is not None and sender.local_part == "bug":
+            raise RuntimeError("a bug in the session's handling of an SMTP event")
+        await on_mail(self, event)
+
+    monkeypatch.setitem(session_module._ON_EVENT, MailOpened, broken_mail)
 
     async def abuse() -> None:
         for _ in range(3):
             async with await smtp_client(stack.endpoint) as client:
                 assert (await client.command(b"NOOP")).startswith(b"250 ")
-                await client.send(b"NOOP\r\nHELP\r\nNOOP\r\n")
-                assert (await client.read_reply()).startswith(b"250 ")
+                await client.send(b"HELO c.test\r\nMAIL FROM:<bug@client.test>\r\nNOOP\r\n")
+                assert (await client.read_reply()).startswith(b"250 ")  # HELO
+                assert (await client.read_reply()).startswith(b"250 ")  # MAIL, by the core
                 assert (await client.read_reply()).startswith(b"421 4.3.0 ")
                 assert await client.read_reply() == b""
 

@@ -14,6 +14,7 @@ from sidecar import session as session_module
 from sidecar.config import parse_config
 from sidecar.server import build_context
 from sidecar.session import Session
+from sidecar.smtp.server import TransactionReset
 
 CONFIG = {
     "server": {"hostname": "sidecar.test", "max_line_length": 10_000},
@@ -61,13 +62,19 @@ async def test_mail_size_values(size: str, expected: bytes) -> None:
 async def test_unexpected_error_is_421_and_logged(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken(self: Session, command: Any) -> None:
+    async def broken(self: Session, event: Any) -> None:
         raise KeyError("a bug")
 
-    monkeypatch.setitem(session_module.HANDLERS, "VRFY", broken)
+    # A bug in the session's handling of an event of the SMTP core (here: a RSET that ends a
+    # transaction).
+    monkeypatch.setitem(session_module._ON_EVENT, TransactionReset, broken)
     with caplog.at_level(logging.ERROR, logger="sidecar.session"):
-        replies = await converse(b"NOOP\r\nVRFY x\r\nNOOP\r\n")
-    # The reply already due goes out first; the session ends there.
-    assert replies == [b"250 2.0.0 OK", b"421 4.3.0 Local error in processing, closing connection"]
+        replies = await converse(b"NOOP\r\nHELO c.test\r\nMAIL FROM:<a@b.test>\r\nRSET\r\nNOOP\r\n")
+    # The replies already due go out first; the session ends there.
+    assert replies[:3] == [b"250 2.0.0 OK", b"250 sidecar.test", b"250 2.1.0 Sender OK"]
+    assert replies[3:] == [
+        b"250 2.0.0 OK",  # the RSET, answered by the SMTP core before the session's part
+        b"421 4.3.0 Local error in processing, closing connection",
+    ]
     (record,) = caplog.records
     assert "unhandled error" in record.getMessage() and record.exc_info is not None

@@ -12,6 +12,8 @@ import trio.testing
 from sidecar.config import parse_config
 from sidecar.server import build_context
 from sidecar.session import Session
+from sidecar.smtp.commands import parse_mail_from
+from sidecar.smtp.replies import reply
 
 CONFIG = {
     "server": {"hostname": "sidecar.test", "command_timeout": 10},
@@ -100,7 +102,9 @@ async def test_trickled_data_hits_the_total_data_timeout(
     client, server = trio.testing.memory_stream_pair()
     session = Session(server, "127.0.0.1", context.config.listeners[0], context)
     session.upstream = upstream  # type: ignore[assignment]
-    txn = session_module.Transaction(session_module.parse_mail_from("FROM:<a@b.test>"))
+    txn = session_module.Transaction(parse_mail_from("FROM:<a@b.test>"))
+    session.smtp.answer_data(reply(354, None, "go ahead"))  # the DATA phase, its 354 sent
+    session.smtp.take_output()
     started = trio.current_time()
     received = b""
 
