@@ -18,6 +18,7 @@ from ipaddress import IPv6Address, ip_address
 import trio
 
 from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
+from sidecar.context import ServerContext
 from sidecar.errors import describe_error
 from sidecar.health import registry_for, run_health_checks
 from sidecar.limits import DescriptorBudget, nofile_limit, open_descriptors, plan_descriptors
@@ -25,7 +26,7 @@ from sidecar.metrics import ServerState, render_prometheus
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
-from sidecar.session import LAST_WORD_TIMEOUT, ServerContext, Session
+from sidecar.session import LAST_WORD_TIMEOUT, Session
 from sidecar.smtp import replies
 from sidecar.status import StatusSource, serve_status
 from sidecar.tcp import TcpStream, accept_all, listen, send_by
