@@ -240,7 +240,7 @@ def _json_value(value: int | Counts) -> object:
     return dict(value) if isinstance(value, tuple) else value
 
 
-def status_object(snapshot: StatusSnapshot) -> dict[str, object]:
+def _status_object(snapshot: StatusSnapshot) -> dict[str, object]:
     """The ``/status`` document as JSON-ready values (built at the edge, for rendering)."""
     return {
         "hostname": snapshot.hostname,
@@ -286,7 +286,7 @@ def status_object(snapshot: StatusSnapshot) -> dict[str, object]:
 
 def render_json(snapshot: StatusSnapshot) -> str:
     """The ``/status`` body: indented JSON with sorted keys, ending with a newline."""
-    return json.dumps(status_object(snapshot), indent=2, sort_keys=True) + "\n"
+    return json.dumps(_status_object(snapshot), indent=2, sort_keys=True) + "\n"
 
 
 def _counts(value: object) -> Counts:
