@@ -33,6 +33,7 @@ from sidecar.logs import configure_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
+from sidecar.status_view import render_table, snapshot_from_json
 from sidecar.workers import supervise
 
 CONFIG_ENVVAR = "SIDECAR_CONFIG"
@@ -241,66 +242,8 @@ def status(config_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
-    for line in render_status(data):
+    for line in render_table(snapshot_from_json(data)):
         click.echo(line)
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-
-
-def render_status(data: dict[str, Any]) -> list[str]:
-    """The /status JSON as tables for a terminal."""
-    workers = data.get("workers", 1)
-    lines = [
-        f"sidecar {data.get('hostname', '?')}, up {data.get('uptime_seconds', 0):.0f}s"
-        + (" (shutting down)" if data.get("shutting_down") else "")
-        + (
-            f", worker {data.get('worker')} of {workers}: the others serve their status on"
-            " the next ports"
-            if isinstance(workers, int) and workers > 1
-            else ""
-        )
-    ]
-    rows = [["HAPROXY SERVER", "STATE", "FAILS", "OKS", "LAST CHECK", "LAST ERROR"]]
-    for server in data.get("servers", []):
-        ago = server.get("last_check_seconds_ago")
-        rows.append(
-            [
-                str(server["server"]),
-                "plumbed" if server["plumbed"] else "UNPLUMBED",
-                str(server["consecutive_failures"]),
-                str(server["consecutive_successes"]),
-                "never" if ago is None else f"{ago}s ago",
-                str(server.get("last_error") or "-"),
-            ]
-        )
-    lines += ["", *_table(rows)]
-    rows = [["BINDING", "HAPROXY", "IPV4 SOURCE", "IPV6 SOURCE", "STATE"]]
-    for binding in data.get("bindings", []):
-        rows.append(
-            [
-                str(binding["name"]),
-                ",".join(binding["ha_proxy_server"]),
-                str(binding.get("ha_proxy_src_addr") or "-"),
-                str(binding.get("ha_proxy_ipv6_src_addr") or "-"),
-                "up" if binding["plumbed"] else "DOWN",
-            ]
-        )
-    lines += ["", *_table(rows)]
-    counters = data.get("counters", {})
-    lines.append("")
-    for key, value in counters.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        lines.append(f"{key.replace('_', ' ')}: {value}")
-    dns = data.get("dns", {})
-    lines.append(f"dns: {dns.get('queries', 0)} look-ups, {dns.get('cache_hits', 0)} cache hits")
-    return lines
 
 
 if __name__ == "__main__":  # pragma: no cover

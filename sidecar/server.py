@@ -8,7 +8,6 @@ process's descriptors (``RLIMIT_NOFILE``) do not go that far (:mod:`sidecar.limi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import signal
 import socket
@@ -18,16 +17,17 @@ from ipaddress import IPv6Address, ip_address
 import trio
 
 from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
+from sidecar.context import ServerContext
 from sidecar.errors import describe_error
 from sidecar.health import registry_for, run_health_checks
 from sidecar.limits import DescriptorBudget, nofile_limit, open_descriptors, plan_descriptors
-from sidecar.metrics import ServerState, render_prometheus
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
-from sidecar.session import LAST_WORD_TIMEOUT, ServerContext, Session
+from sidecar.session import LAST_WORD_TIMEOUT, Session
 from sidecar.smtp import replies
 from sidecar.status import StatusSource, serve_status
+from sidecar.status_view import StatusSnapshot, take_snapshot
 from sidecar.tcp import TcpStream, accept_all, listen, send_by
 
 log = logging.getLogger("sidecar.server")
@@ -169,74 +169,18 @@ class Runtime:
     def status_source(self) -> StatusSource:
         return StatusSource(
             healthy=lambda: not self.context.shutting_down.is_set(),
-            status=self.status,
-            metrics=self.prometheus,
+            snapshot=self.snapshot,
         )
 
-    def server_states(self) -> list[ServerState]:
-        return [
-            ServerState(
-                str(server),
-                health.plumbed,
-                health.consecutive_failures,
-                health.consecutive_successes,
-                health.last_check,
-                health.last_error,
-            )
-            for server, health in self.context.health.servers.items()
-        ]
-
-    def status(self) -> dict[str, object]:
-        context = self.context
-        now = trio.current_time()
-        resolver = context.router.resolver
-        return {
-            "hostname": context.config.server.hostname,
-            "uptime_seconds": round(now - self.started, 1),
-            "shutting_down": context.shutting_down.is_set(),
-            "worker": None if self.worker is None else self.worker[0],
-            "workers": 1 if self.worker is None else self.worker[1],
-            "servers": [
-                {
-                    **dataclasses.asdict(state),
-                    "last_check_seconds_ago": None
-                    if state.last_check is None
-                    else round(now - state.last_check, 1),
-                }
-                for state in self.server_states()
-            ],
-            "bindings": [
-                {
-                    "name": binding.name,
-                    "ha_proxy_server": [str(server) for server in binding.ha_proxy_server],
-                    "ha_proxy_src_addr": _text(binding.ha_proxy_src_addr),
-                    "ha_proxy_ipv6_src_addr": _text(binding.ha_proxy_ipv6_src_addr),
-                    "plumbed": context.router.has_plumbed_server(binding),
-                }
-                for binding in context.config.bindings.values()
-            ],
-            "listeners": [
-                {"address": str(listener.address), "target": listener.target}
-                for listener in context.config.listeners
-            ],
-            "counters": context.metrics.snapshot(),
-            "descriptors": {
-                "limit": self.budget.limit,
-                "reserved": self.budget.reserved,
-                "max_sessions": self.budget.sessions,
-            },
-            "dns": {"queries": resolver.queries, "cache_hits": resolver.cache_hits},
-        }
-
-    def prometheus(self) -> str:
-        resolver = self.context.router.resolver
-        return render_prometheus(
-            self.context.metrics, self.server_states(), resolver.queries, resolver.cache_hits
+    def snapshot(self) -> StatusSnapshot:
+        """The status view's inputs, read now (:func:`sidecar.status_view.take_snapshot`)."""
+        return take_snapshot(
+            self.context,
+            now=trio.current_time(),
+            started=self.started,
+            worker=self.worker,
+            budget=self.budget,
         )
-
-
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
 
 
 def reload_problem(old: Config, new: Config) -> str | None:

@@ -21,12 +21,11 @@ from typing import Any, NoReturn
 
 import trio
 
-from sidecar.config import Config, Listener, ServerConfig
-from sidecar.health import HealthRegistry
+from sidecar.config import Listener, ServerConfig
+from sidecar.context import ServerContext
 from sidecar.logs import log_transaction, transaction_logging
-from sidecar.metrics import RECIPIENT_OUTCOMES, Metrics, outcome_of, recipient_outcome
-from sidecar.pool import UpstreamPool
-from sidecar.routing import Route, RouteError, Router
+from sidecar.metrics import RECIPIENT_OUTCOMES, outcome_of, recipient_outcome
+from sidecar.routing import Route, RouteError
 from sidecar.smtp import replies
 from sidecar.smtp.commands import Address, MailFrom, RcptTo
 from sidecar.smtp.replies import Reply
@@ -78,49 +77,6 @@ def upstream_failed(when: str, error: UpstreamLost) -> Reply:
     if isinstance(error, UpstreamTimedOut):
         return replies.mx_timed_out(when, str(error))
     return replies.mx_connection_lost(when)
-
-
-@dataclass
-class ServerContext:
-    """What every session shares: built once per configuration."""
-
-    config: Config
-    router: Router
-    health: HealthRegistry
-    metrics: Metrics = field(default_factory=Metrics)
-    pool: UpstreamPool | None = None  # idle upstreams shared by sessions (None: no reuse)
-    shutting_down: trio.Event = field(default_factory=trio.Event)
-    # Sessions waiting for a command between transactions (their stream, or a cancel scope
-    # around the wait for other streams): a shutdown ends those waits at once.
-    idle_sessions: set[TcpStream | trio.CancelScope] = field(default_factory=set)
-    # Every running session (shared by the contexts of all configurations, like the above).
-    sessions: set[Session] = field(default_factory=set)
-
-    def begin_shutdown(self) -> None:
-        """Idle sessions get 421 and close now; a transaction in progress may finish, and no
-        new one starts (MAIL gets 421)."""
-        self.shutting_down.set()
-        for session in self.sessions:
-            session.smtp.closing = replies.SHUTTING_DOWN
-        for idle in self.idle_sessions:
-            if isinstance(idle, TcpStream):
-                idle.interrupt()
-            else:
-                idle.cancel()
-
-    def end_grace(self) -> int:
-        """The shutdown grace is over: every session gets 421 and closes now (an open
-        transaction is aborted, so its MX sees no end of data), except those whose end of
-        data the MX already has: they wait for its reply (within ``data_done_timeout``) and
-        pass it on, because the MX may have accepted the message (DESIGN.md invariant 1).
-        Returns how many sessions are still owed a final reply."""
-        owed = 0
-        for session in self.sessions:
-            if session.owes_final_reply:
-                owed += 1
-            else:
-                session.stop()
-        return owed
 
 
 @dataclass

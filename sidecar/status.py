@@ -1,12 +1,12 @@
 """The status endpoint: ``/healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus text).
 
-HTTP parsing is h11's (sans-IO); this module only moves bytes. One request per connection,
-bounded in time and size, so a stuck scraper costs nothing.
+What the pages show is :mod:`sidecar.status_view`'s (one snapshot per request, rendered
+there). HTTP parsing is h11's (sans-IO); this module only moves bytes. One request per
+connection, bounded in time and size, so a stuck scraper costs nothing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ import trio
 
 from sidecar.errors import describe_error
 from sidecar.limits import STATUS_CONNECTIONS
+from sidecar.status_view import StatusSnapshot, render_json, render_prometheus
 
 log = logging.getLogger("sidecar.status")
 
@@ -31,8 +32,7 @@ class StatusSource:
     """What the endpoints show, asked for at request time."""
 
     healthy: Callable[[], bool]
-    status: Callable[[], dict[str, object]]
-    metrics: Callable[[], str]
+    snapshot: Callable[[], StatusSnapshot]
 
 
 def respond(source: StatusSource, method: bytes, target: bytes) -> tuple[int, str, bytes]:
@@ -45,10 +45,13 @@ def respond(source: StatusSource, method: bytes, target: bytes) -> tuple[int, st
             return 200, "text/plain; charset=utf-8", b"ok\n"
         return 503, "text/plain; charset=utf-8", b"shutting down\n"
     if path == b"/status":
-        body = json.dumps(source.status(), indent=2, sort_keys=True).encode() + b"\n"
-        return 200, "application/json", body
+        return 200, "application/json", render_json(source.snapshot()).encode()
     if path == b"/metrics":
-        return 200, "text/plain; version=0.0.4; charset=utf-8", source.metrics().encode()
+        return (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render_prometheus(source.snapshot()).encode(),
+        )
     return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /status or /metrics\n"
 
 

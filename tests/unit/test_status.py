@@ -5,16 +5,43 @@ import json
 import trio
 import trio.testing
 
-from sidecar.metrics import Histogram, Metrics, ServerState, outcome_of, render_prometheus
+from sidecar.metrics import Histogram, Metrics, outcome_of
 from sidecar.status import StatusSource, handle, respond
+from sidecar.status_view import (
+    Descriptors,
+    DnsCounters,
+    ServerState,
+    StatusSnapshot,
+    counters_of,
+    latencies_of,
+    render_prometheus,
+)
+
+NO_DNS = DnsCounters(0, 0)
+
+
+def snapshot(
+    metrics: Metrics, servers: tuple[ServerState, ...] = (), dns: DnsCounters = NO_DNS
+) -> StatusSnapshot:
+    return StatusSnapshot(
+        hostname="sidecar.test",
+        uptime_seconds=1.0,
+        shutting_down=False,
+        worker=None,
+        workers=1,
+        servers=servers,
+        bindings=(),
+        listeners=(),
+        counters=counters_of(metrics),
+        descriptors=Descriptors(1024, 100, 200),
+        dns=dns,
+        latencies=latencies_of(metrics),
+    )
 
 
 def source(healthy: bool = True) -> StatusSource:
-    return StatusSource(
-        healthy=lambda: healthy,
-        status=lambda: {"servers": [], "counters": {"sessions_total": 3}},
-        metrics=lambda: "sidecar_sessions_total 3\n",
-    )
+    metrics = Metrics(sessions=3)
+    return StatusSource(healthy=lambda: healthy, snapshot=lambda: snapshot(metrics))
 
 
 def test_routes() -> None:
@@ -74,7 +101,11 @@ def test_prometheus_text() -> None:
     metrics.count_recipient(550)
     metrics.upstream_connect_seconds.observe(0.002)
     text = render_prometheus(
-        metrics, [ServerState("127.0.0.1:5000", False, 3, 0, 1.0, "refused")], 7, 2
+        snapshot(
+            metrics,
+            (ServerState("127.0.0.1:5000", False, 3, 0, 1.0, "refused"),),
+            DnsCounters(7, 2),
+        )
     )
     assert "sidecar_sessions_total 2\n" in text
     assert 'sidecar_transactions_total{outcome="delivered"} 1\n' in text

@@ -1,0 +1,463 @@
+"""The status view: what a running sidecar shows about itself, assembled in one place.
+
+:func:`take_snapshot` reads a :class:`~sidecar.context.ServerContext` (and what the server's
+runtime adds: start time, worker, descriptor budget) once into a frozen
+:class:`StatusSnapshot`; the renderers turn that one snapshot into each form it is shown in:
+
+- :func:`render_json`: the ``/status`` body (JSON, keys sorted);
+- :func:`render_prometheus`: the ``/metrics`` body (Prometheus text format 0.0.4);
+- :func:`render_table`: the ``sidecar status`` tables for a terminal, from a snapshot read
+  back from ``/status`` by :func:`snapshot_from_json`.
+
+Pure: no I/O, no clock (the caller passes ``now``, in trio's clock seconds).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.context import ServerContext
+from sidecar.health import HealthRegistry
+from sidecar.limits import DescriptorBudget
+from sidecar.metrics import Histogram, Metrics
+
+# (name, value) pairs in a fixed order: a frozen stand-in for a dict of counts.
+Counts = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """One HAProxy server's health, as the status endpoints show it. ``last_check`` is in
+    trio's clock seconds; ``last_check_seconds_ago`` (rounded to 0.1 s) is taken at
+    snapshot time."""
+
+    server: str
+    plumbed: bool
+    consecutive_failures: int
+    consecutive_successes: int
+    last_check: float | None
+    last_error: str | None
+    last_check_seconds_ago: float | None = None
+
+
+@dataclass(frozen=True)
+class BindingState:
+    """One binding: its HAProxy servers, source addresses, and whether any server is plumbed."""
+
+    name: str
+    ha_proxy_server: tuple[str, ...]
+    ha_proxy_src_addr: str | None
+    ha_proxy_ipv6_src_addr: str | None
+    plumbed: bool
+
+
+@dataclass(frozen=True)
+class ListenerState:
+    """One listener's address and the binding or binding_group its mail uses."""
+
+    address: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The process's counters since start (names as in ``/status``)."""
+
+    sessions_total: int
+    sessions_active: int
+    connections_refused_total: int
+    transactions_total: Counts  # by outcome class (sidecar.metrics.TRANSACTION_OUTCOMES)
+    recipients_total: Counts  # by outcome class (sidecar.metrics.RECIPIENT_OUTCOMES)
+    bytes_to_mx_total: int
+    bytes_from_mx_total: int
+
+    def items(self) -> list[tuple[str, int | Counts]]:
+        """(name, value) pairs, in field order."""
+        return [
+            ("sessions_total", self.sessions_total),
+            ("sessions_active", self.sessions_active),
+            ("connections_refused_total", self.connections_refused_total),
+            ("transactions_total", self.transactions_total),
+            ("recipients_total", self.recipients_total),
+            ("bytes_to_mx_total", self.bytes_to_mx_total),
+            ("bytes_from_mx_total", self.bytes_from_mx_total),
+        ]
+
+
+@dataclass(frozen=True)
+class LatencyHistogram:
+    """One latency histogram (seconds), for ``/metrics`` only."""
+
+    name: str
+    help_text: str
+    buckets: tuple[tuple[str, int], ...]  # (le, cumulative count), ending with +Inf
+    total: float
+    count: int
+
+
+@dataclass(frozen=True)
+class Descriptors:
+    """The descriptor budget (:mod:`sidecar.limits`): ``RLIMIT_NOFILE``, what is set aside
+    for everything but sessions, and the admission limit."""
+
+    limit: int
+    reserved: int
+    max_sessions: int
+
+
+@dataclass(frozen=True)
+class DnsCounters:
+    """DNS look-ups asked of the resolver, and those answered from its cache."""
+
+    queries: int
+    cache_hits: int
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """A running sidecar's state at one moment: everything ``/status``, ``/metrics`` and
+    ``sidecar status`` show."""
+
+    hostname: str
+    uptime_seconds: float  # rounded to 0.1 s
+    shutting_down: bool
+    worker: int | None  # this worker's index when one of several, else None
+    workers: int
+    servers: tuple[ServerState, ...]
+    bindings: tuple[BindingState, ...]
+    listeners: tuple[ListenerState, ...]
+    counters: Counters
+    descriptors: Descriptors
+    dns: DnsCounters
+    latencies: tuple[LatencyHistogram, ...] = ()  # not in /status: read back without them
+
+
+# -- assembling --------------------------------------------------------------------------------
+
+
+def server_states(health: HealthRegistry, now: float) -> tuple[ServerState, ...]:
+    """Every HAProxy server's health, in configuration order."""
+    return tuple(
+        ServerState(
+            str(server),
+            state.plumbed,
+            state.consecutive_failures,
+            state.consecutive_successes,
+            state.last_check,
+            state.last_error,
+            None if state.last_check is None else round(now - state.last_check, 1),
+        )
+        for server, state in health.servers.items()
+    )
+
+
+def counters_of(metrics: Metrics) -> Counters:
+    """The counters of ``metrics`` as they are now."""
+    return Counters(
+        sessions_total=metrics.sessions,
+        sessions_active=metrics.active_sessions,
+        connections_refused_total=metrics.refused_connections,
+        transactions_total=tuple(metrics.transactions.items()),
+        recipients_total=tuple(metrics.recipients.items()),
+        bytes_to_mx_total=metrics.bytes_to_mx,
+        bytes_from_mx_total=metrics.bytes_from_mx,
+    )
+
+
+def _latency(name: str, histogram: Histogram, help_text: str) -> LatencyHistogram:
+    return LatencyHistogram(
+        name, help_text, tuple(histogram.cumulative()), histogram.total, histogram.count
+    )
+
+
+def latencies_of(metrics: Metrics) -> tuple[LatencyHistogram, ...]:
+    """The latency histograms of ``metrics`` as they are now."""
+    return (
+        _latency(
+            "sidecar_upstream_connect_seconds",
+            metrics.upstream_connect_seconds,
+            "Time to connect to HAProxy (or the MX, for bypass domains).",
+        ),
+        _latency(
+            "sidecar_upstream_banner_seconds",
+            metrics.upstream_banner_seconds,
+            "Time from connected to the MX's banner.",
+        ),
+    )
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def take_snapshot(
+    context: ServerContext,
+    *,
+    now: float,
+    started: float,
+    worker: tuple[int, int] | None,
+    budget: DescriptorBudget,
+) -> StatusSnapshot:
+    """Read ``context`` once. ``now`` and ``started`` are trio clock seconds; ``worker`` is
+    (index, count) when the process is one of several workers; ``budget`` the descriptor
+    budget in force."""
+    resolver = context.router.resolver
+    return StatusSnapshot(
+        hostname=context.config.server.hostname,
+        uptime_seconds=round(now - started, 1),
+        shutting_down=context.shutting_down.is_set(),
+        worker=None if worker is None else worker[0],
+        workers=1 if worker is None else worker[1],
+        servers=server_states(context.health, now),
+        bindings=tuple(
+            BindingState(
+                binding.name,
+                tuple(str(server) for server in binding.ha_proxy_server),
+                _text(binding.ha_proxy_src_addr),
+                _text(binding.ha_proxy_ipv6_src_addr),
+                context.router.has_plumbed_server(binding),
+            )
+            for binding in context.config.bindings.values()
+        ),
+        listeners=tuple(
+            ListenerState(str(listener.address), listener.target)
+            for listener in context.config.listeners
+        ),
+        counters=counters_of(context.metrics),
+        descriptors=Descriptors(budget.limit, budget.reserved, budget.sessions),
+        dns=DnsCounters(resolver.queries, resolver.cache_hits),
+        latencies=latencies_of(context.metrics),
+    )
+
+
+# -- /status (JSON) ----------------------------------------------------------------------------
+
+
+def _json_value(value: int | Counts) -> object:
+    return dict(value) if isinstance(value, tuple) else value
+
+
+def _status_object(snapshot: StatusSnapshot) -> dict[str, object]:
+    """The ``/status`` document as JSON-ready values (built at the edge, for rendering)."""
+    return {
+        "hostname": snapshot.hostname,
+        "uptime_seconds": snapshot.uptime_seconds,
+        "shutting_down": snapshot.shutting_down,
+        "worker": snapshot.worker,
+        "workers": snapshot.workers,
+        "servers": [
+            {
+                "server": state.server,
+                "plumbed": state.plumbed,
+                "consecutive_failures": state.consecutive_failures,
+                "consecutive_successes": state.consecutive_successes,
+                "last_check": state.last_check,
+                "last_error": state.last_error,
+                "last_check_seconds_ago": state.last_check_seconds_ago,
+            }
+            for state in snapshot.servers
+        ],
+        "bindings": [
+            {
+                "name": binding.name,
+                "ha_proxy_server": list(binding.ha_proxy_server),
+                "ha_proxy_src_addr": binding.ha_proxy_src_addr,
+                "ha_proxy_ipv6_src_addr": binding.ha_proxy_ipv6_src_addr,
+                "plumbed": binding.plumbed,
+            }
+            for binding in snapshot.bindings
+        ],
+        "listeners": [
+            {"address": listener.address, "target": listener.target}
+            for listener in snapshot.listeners
+        ],
+        "counters": {name: _json_value(value) for name, value in snapshot.counters.items()},
+        "descriptors": {
+            "limit": snapshot.descriptors.limit,
+            "reserved": snapshot.descriptors.reserved,
+            "max_sessions": snapshot.descriptors.max_sessions,
+        },
+        "dns": {"queries": snapshot.dns.queries, "cache_hits": snapshot.dns.cache_hits},
+    }
+
+
+def render_json(snapshot: StatusSnapshot) -> str:
+    """The ``/status`` body: indented JSON with sorted keys, ending with a newline."""
+    return json.dumps(_status_object(snapshot), indent=2, sort_keys=True) + "\n"
+
+
+def _counts(value: object) -> Counts:
+    if not isinstance(value, Mapping):
+        return ()
+    return tuple((str(name), count) for name, count in value.items())
+
+
+def snapshot_from_json(data: Mapping[str, Any]) -> StatusSnapshot:
+    """A snapshot read back from a ``/status`` document (by ``sidecar status``). Lenient:
+    what is missing (a sidecar of another version) reads as unknown, empty or zero.
+    Raises ``KeyError``, ``TypeError`` or ``ValueError`` when the document is malformed."""
+    workers = data.get("workers", 1)
+    counters = data.get("counters", {})
+    descriptors = data.get("descriptors", {})
+    dns = data.get("dns", {})
+    return StatusSnapshot(
+        hostname=data.get("hostname", "?"),
+        uptime_seconds=data.get("uptime_seconds", 0),
+        shutting_down=bool(data.get("shutting_down")),
+        worker=data.get("worker"),
+        workers=workers if isinstance(workers, int) else 1,
+        servers=tuple(
+            ServerState(
+                server["server"],
+                server["plumbed"],
+                server["consecutive_failures"],
+                server["consecutive_successes"],
+                server.get("last_check"),
+                server.get("last_error"),
+                server.get("last_check_seconds_ago"),
+            )
+            for server in data.get("servers", [])
+        ),
+        bindings=tuple(
+            BindingState(
+                binding["name"],
+                tuple(binding["ha_proxy_server"]),
+                binding.get("ha_proxy_src_addr"),
+                binding.get("ha_proxy_ipv6_src_addr"),
+                binding["plumbed"],
+            )
+            for binding in data.get("bindings", [])
+        ),
+        listeners=tuple(
+            ListenerState(listener["address"], listener["target"])
+            for listener in data.get("listeners", [])
+        ),
+        counters=Counters(
+            sessions_total=counters.get("sessions_total", 0),
+            sessions_active=counters.get("sessions_active", 0),
+            connections_refused_total=counters.get("connections_refused_total", 0),
+            transactions_total=_counts(counters.get("transactions_total")),
+            recipients_total=_counts(counters.get("recipients_total")),
+            bytes_to_mx_total=counters.get("bytes_to_mx_total", 0),
+            bytes_from_mx_total=counters.get("bytes_from_mx_total", 0),
+        ),
+        descriptors=Descriptors(
+            descriptors.get("limit", 0),
+            descriptors.get("reserved", 0),
+            descriptors.get("max_sessions", 0),
+        ),
+        dns=DnsCounters(dns.get("queries", 0), dns.get("cache_hits", 0)),
+    )
+
+
+# -- /metrics (Prometheus text) ----------------------------------------------------------------
+
+
+def render_prometheus(snapshot: StatusSnapshot) -> str:
+    """The ``/metrics`` body: Prometheus text exposition format 0.0.4."""
+    counters = snapshot.counters
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    family("sidecar_sessions_total", "counter", "Client sessions accepted.")
+    lines.append(f"sidecar_sessions_total {counters.sessions_total}")
+    family("sidecar_sessions_active", "gauge", "Client sessions open now.")
+    lines.append(f"sidecar_sessions_active {counters.sessions_active}")
+    family("sidecar_connections_refused_total", "counter", "Connections refused at greeting.")
+    lines.append(f"sidecar_connections_refused_total {counters.connections_refused_total}")
+    family("sidecar_transactions_total", "counter", "Transactions by outcome class.")
+    for outcome, count in counters.transactions_total:
+        lines.append(f'sidecar_transactions_total{{outcome="{outcome}"}} {count}')
+    family("sidecar_recipients_total", "counter", "RCPT replies by outcome class.")
+    for outcome, count in counters.recipients_total:
+        lines.append(f'sidecar_recipients_total{{outcome="{outcome}"}} {count}')
+    family("sidecar_bytes_total", "counter", "Message and command bytes relayed, by direction.")
+    lines.append(f'sidecar_bytes_total{{direction="to_mx"}} {counters.bytes_to_mx_total}')
+    lines.append(f'sidecar_bytes_total{{direction="from_mx"}} {counters.bytes_from_mx_total}')
+    for histogram in snapshot.latencies:
+        name = histogram.name
+        family(name, "histogram", histogram.help_text)
+        for bound, count in histogram.buckets:
+            lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+        lines.append(f"{name}_sum {histogram.total:.6f}")
+        lines.append(f"{name}_count {histogram.count}")
+    family("sidecar_haproxy_server_plumbed", "gauge", "1 when the HAProxy server is plumbed.")
+    for state in snapshot.servers:
+        lines.append(
+            f'sidecar_haproxy_server_plumbed{{server="{state.server}"}} {int(state.plumbed)}'
+        )
+    family("sidecar_dns_queries_total", "counter", "DNS look-ups asked of the resolver.")
+    lines.append(f"sidecar_dns_queries_total {snapshot.dns.queries}")
+    family("sidecar_dns_cache_hits_total", "counter", "DNS look-ups answered from the cache.")
+    lines.append(f"sidecar_dns_cache_hits_total {snapshot.dns.cache_hits}")
+    return "\n".join(lines) + "\n"
+
+
+# -- sidecar status (terminal tables) ----------------------------------------------------------
+
+
+def _table(rows: Iterable[list[str]]) -> list[str]:
+    rows = list(rows)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def render_table(snapshot: StatusSnapshot) -> list[str]:
+    """The snapshot as lines for a terminal: a headline, the HAProxy servers, the bindings,
+    the counters (sorted by name, as ``/status`` lists them) and the DNS counts."""
+    workers = snapshot.workers
+    lines = [
+        f"sidecar {snapshot.hostname}, up {snapshot.uptime_seconds:.0f}s"
+        + (" (shutting down)" if snapshot.shutting_down else "")
+        + (
+            f", worker {snapshot.worker} of {workers}: the others serve their status on"
+            " the next ports"
+            if workers > 1
+            else ""
+        )
+    ]
+    rows = [["HAPROXY SERVER", "STATE", "FAILS", "OKS", "LAST CHECK", "LAST ERROR"]]
+    for server in snapshot.servers:
+        ago = server.last_check_seconds_ago
+        rows.append(
+            [
+                str(server.server),
+                "plumbed" if server.plumbed else "UNPLUMBED",
+                str(server.consecutive_failures),
+                str(server.consecutive_successes),
+                "never" if ago is None else f"{ago}s ago",
+                str(server.last_error or "-"),
+            ]
+        )
+    lines += ["", *_table(rows)]
+    rows = [["BINDING", "HAPROXY", "IPV4 SOURCE", "IPV6 SOURCE", "STATE"]]
+    for binding in snapshot.bindings:
+        rows.append(
+            [
+                str(binding.name),
+                ",".join(binding.ha_proxy_server),
+                str(binding.ha_proxy_src_addr or "-"),
+                str(binding.ha_proxy_ipv6_src_addr or "-"),
+                "up" if binding.plumbed else "DOWN",
+            ]
+        )
+    lines += ["", *_table(rows)]
+    lines.append("")
+    for key, value in sorted(snapshot.counters.items(), key=lambda item: item[0]):
+        if isinstance(value, tuple):
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(value))
+        else:
+            shown = str(value)
+        lines.append(f"{key.replace('_', ' ')}: {shown}")
+    dns = snapshot.dns
+    lines.append(f"dns: {dns.queries} look-ups, {dns.cache_hits} cache hits")
+    return lines
