@@ -137,8 +137,9 @@ def parse_config(data: Mapping[str, object]) -> Config:
 
 def _check_keys(
     table: Mapping[str, object], path: str, cls: type[Any], warnings: list[str]
-) -> dict[str, tuple[Field[Any], object]]:
-    """The values of ``table`` (a table of ``cls``) by field name, each with its field.
+) -> dict[str, tuple[str, object]]:
+    """The values of ``table`` (a table of ``cls``) by field name, each with the key it was
+    written under (errors about the value name that key).
 
     A key that is no field of ``cls`` is an error; a deprecated name is mapped to its field's
     key with a warning, and an error when the current name is given too.
@@ -150,7 +151,7 @@ def _check_keys(
         old = f.metadata.get("deprecated")
         if old is not None:
             old_names[str(old)] = key
-    found: dict[str, tuple[Field[Any], object]] = {}
+    found: dict[str, tuple[str, object]] = {}
     for key, raw in table.items():
         if key in by_key:
             f = by_key[key]
@@ -165,7 +166,7 @@ def _check_keys(
             f = by_key[new]
         else:
             raise ConfigError(_key(path, key), "unknown key")
-        found[f.name] = (f, raw)
+        found[f.name] = (key, raw)
     return found
 
 
@@ -185,12 +186,12 @@ def _table_kwargs(
     found = _check_keys(_table(value, path), path, cls, warnings)
     kwargs: dict[str, Any] = {}
     for key, f in toml_fields(cls):
-        kpath = _key(path, key)
         if f.name in found:
+            written, raw = found[f.name]
             parse = (parsers or {}).get(f.name) or _parser(cls, f)
-            kwargs[f.name] = parse(found[f.name][1], kpath)
+            kwargs[f.name] = parse(raw, _key(path, written))
         elif "missing" in f.metadata:
-            raise ConfigError(kpath, f"missing ({f.metadata['missing']})")
+            raise ConfigError(_key(path, key), f"missing ({f.metadata['missing']})")
     return kwargs
 
 
