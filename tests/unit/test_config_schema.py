@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -330,3 +331,19 @@ def test_check_shows_the_deprecation_on_stderr_and_dumps_the_new_names(tmp_path:
     assert "command_timeout" not in effective["delivery"]
     # Once the handler is gone, the logger propagates again (sidecar run's log after SIGHUP).
     assert logging.getLogger("sidecar.config").propagate
+
+
+def test_the_starter_config_shows_every_key() -> None:
+    """`sidecar init` writes every option with its default and meaning (README): each key of
+    each table appears in it (set or commented out), under its current name."""
+    from sidecar.starter import STARTER_CONFIG
+
+    written = set(re.findall(r"\b([a-z_0-9]+) = ", STARTER_CONFIG))
+    for cls in section_classes():
+        if cls is Config:
+            continue
+        for key, f in toml_fields(cls):
+            if not str(f.type).startswith("dict"):  # tables: [dns.static], [domain."NAME"]
+                assert key in written, f"{cls.__name__}: {key} not in starter.toml"
+    assert "[dns.static]" in STARTER_CONFIG and '[domain."' in STARTER_CONFIG
+    assert "command_timeout" not in written
