@@ -205,7 +205,7 @@ def _parser(cls: type[Any], f: Field[Any]) -> _Parser:
     special = _BY_NAME.get((cls, f.name))
     if special is not None:
         return special
-    kind = _without_none(get_type_hints(cls)[f.name])
+    kind = _without_none(_type_hints(cls)[f.name])
     if kind is bool:
         return _bool
     if kind is int:
@@ -213,6 +213,16 @@ def _parser(cls: type[Any], f: Field[Any]) -> _Parser:
     if kind is float:
         return _positive_float
     raise TypeError(f"no parser for {cls.__name__}.{f.name}")  # a schema programming error
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _type_hints(cls: type[Any]) -> dict[str, Any]:
+    """The resolved field types of ``cls`` (the annotations are strings), computed once."""
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _without_none(kind: Any) -> Any:
