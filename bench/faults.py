@@ -77,12 +77,12 @@ TOKEN_RE = re.compile(rb"X-Battery-Token: (\S+)")
 SCENARIO_TIMEOUT = 40.0
 CONNECTION_ERRORS = (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError)
 
-SERVER = {"command_timeout": 2, "data_timeout": 2, "shutdown_grace": 2}
+SERVER = {"client_command_timeout": 2, "data_timeout": 2, "shutdown_grace": 2}
 DELIVERY = {
     "setup_timeout": 8,
     "connect_timeout": 1,
     "banner_timeout": 1,
-    "command_timeout": 1.5,
+    "mx_command_timeout": 1.5,
     "data_init_timeout": 1.5,
     "data_send_timeout": 1.5,
     "data_done_timeout": 2,
@@ -542,7 +542,7 @@ class Battery:
                 nursery.cancel_scope.cancel()
             check(answer.startswith(b"421 4.4.2 "), f"slowloris: {answer!r}")
             elapsed = trio.current_time() - began
-            check(elapsed < SERVER["command_timeout"] + 1.5, f"421 after {elapsed:.1f}s")
+            check(elapsed < SERVER["client_command_timeout"] + 1.5, f"421 after {elapsed:.1f}s")
 
     async def idle(self) -> None:
         async with await self.connect() as client:

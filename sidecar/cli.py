@@ -17,6 +17,7 @@ if sys.argv[1:2] == ["run"]:
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -65,12 +66,24 @@ def config_option(f: _F) -> _F:
 
 
 def _load(config_path: str) -> Config:
-    """Load and validate the configuration, or print ``error: ...`` and exit 2."""
+    """Load and validate the configuration, or print ``error: ...`` and exit 2.
+
+    What the loader warns about (deprecated key names) is printed as ``warning: ...`` on
+    stderr: the log is not set up yet (``run``), or there is none (``check``).
+    """
+    config_log = logging.getLogger("sidecar.config")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    config_log.addHandler(handler)
+    config_log.propagate = False
     try:
         return load_config(config_path)
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
+    finally:
+        config_log.removeHandler(handler)
+        config_log.propagate = True
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -171,7 +171,7 @@ class Session:
         """Send the queued replies (421 and close if the client does not take them)."""
         data = self.smtp.take_output()
         if data:
-            deadline = trio.current_time() + self.config.server.command_timeout
+            deadline = trio.current_time() + self.config.server.client_command_timeout
             try:
                 sent = await send_by(self.stream, data, deadline)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -205,8 +205,8 @@ class Session:
     async def receive_command(self) -> bytes | bytearray:
         """Like :meth:`receive` for the next command; between transactions a shutdown of the
         server ends the session with 421 instead of holding the shutdown up."""
-        timeout = self.config.server.command_timeout
-        # The whole command line must arrive within command_timeout: a client that trickles
+        timeout = self.config.server.client_command_timeout
+        # The whole command line must arrive within client_command_timeout: a client that trickles
         # a byte at a time (slowloris) does not get a new timeout for every byte.
         if not self.smtp.buffered:
             self._command_deadline = trio.current_time() + timeout

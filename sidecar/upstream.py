@@ -142,10 +142,10 @@ class Upstream:
             raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
 
     async def send(self, data: bytes | bytearray, timeout: float | None = None) -> None:
-        """Send ``data`` within ``timeout`` seconds (default ``delivery.command_timeout``);
+        """Send ``data`` within ``timeout`` seconds (default ``delivery.mx_command_timeout``);
         :class:`UpstreamTimedOut` when the MX does not take it in time, :class:`UpstreamLost`
         when the connection breaks."""
-        timeout = timeout or self.delivery.command_timeout
+        timeout = timeout or self.delivery.mx_command_timeout
         deadline = trio.current_time() + timeout
         try:
             sent = await send_by(self.stream, data, deadline)
@@ -172,7 +172,7 @@ class Upstream:
         if problem is not None:
             raise UpstreamLost(problem)
         await self.send(b"".join(lines) if len(lines) > 1 else lines[0])
-        return [await self.read_reply(timeout or self.delivery.command_timeout) for _ in lines]
+        return [await self.read_reply(timeout or self.delivery.mx_command_timeout) for _ in lines]
 
     def supports(self, keyword: str) -> bool:
         return keyword in self.capabilities
@@ -277,7 +277,7 @@ async def _greet(upstream: Upstream, ehlo_name: str) -> None:
     ``capabilities``. A refusal makes this MX fail over to the next one, never a final reply
     for the client (DESIGN.md section 5): another MX of the domain may take the mail."""
     delivery = upstream.delivery
-    answer = await upstream.command(f"EHLO {ehlo_name}\r\n".encode(), delivery.command_timeout)
+    answer = await upstream.command(f"EHLO {ehlo_name}\r\n".encode(), delivery.mx_command_timeout)
     if answer.code == 250:
         upstream.capabilities = parse_ehlo_capabilities(answer)
         return
@@ -317,7 +317,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     upstream.parser = ReplyParser()
     upstream.capabilities = {}
     try:
-        with trio.fail_after(upstream.delivery.command_timeout):
+        with trio.fail_after(upstream.delivery.mx_command_timeout):
             await tls_stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
         raise _TlsFailed(f"TLS handshake failed: {describe_error(error)}") from None

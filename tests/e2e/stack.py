@@ -133,12 +133,16 @@ MESSAGE = b"From: sender@client.test\r\nTo: rcpt@example.test\r\nSubject: e2e\r\
 
 # -- A whole relay stack in one call (session, DATA relay and CLI tests) ----------------------
 
-FAST_SERVER: dict[str, Any] = {"command_timeout": 10, "data_timeout": 10, "shutdown_grace": 2}
+FAST_SERVER: dict[str, Any] = {
+    "client_command_timeout": 10,
+    "data_timeout": 10,
+    "shutdown_grace": 2,
+}
 FAST_DELIVERY: dict[str, Any] = {
     "setup_timeout": 10,
     "connect_timeout": 2,
     "banner_timeout": 5,
-    "command_timeout": 5,
+    "mx_command_timeout": 5,
     "data_init_timeout": 5,
     "data_send_timeout": 5,
     "data_done_timeout": 5,

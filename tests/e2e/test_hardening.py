@@ -476,7 +476,7 @@ async def test_clients_that_stop_reading_do_not_make_it_buffer(
         dnsmasq_factory,
         processes,
         mx.endpoint,
-        server={"command_timeout": timeout},
+        server={"client_command_timeout": timeout},
     )
     pid = started.process.pid
     control = Control(listener, mx)
@@ -513,7 +513,7 @@ async def test_clients_that_stop_reading_do_not_make_it_buffer(
 
     durations = await control.alongside(abuse)
     assert len(durations) == clients
-    # Cut off by the write timeout (command_timeout), not by the end of the input.
+    # Cut off by the write timeout (client_command_timeout), not by the end of the input.
     assert all(d < 20 * timeout for d in durations), durations
     peak = vm_kib(pid, "VmHWM")
     growth = peak - baseline
@@ -600,7 +600,7 @@ async def test_huge_mx_replies_do_not_make_sessions_hold_memory(
         dnsmasq_factory,
         processes,
         huge.endpoint,
-        server={"command_timeout": 60},
+        server={"client_command_timeout": 60},
     )
     pid = started.process.pid
     baseline = vm_kib(pid, "VmRSS")
@@ -1022,7 +1022,7 @@ async def test_mx_silent_or_421_at_each_stage_is_4xx(
         delivery={
             "setup_timeout": 5,
             "banner_timeout": 1,
-            "command_timeout": 1,
+            "mx_command_timeout": 1,
             "data_init_timeout": 1,
             "data_send_timeout": 1,
             "data_done_timeout": 1.5,

@@ -288,7 +288,7 @@ async def test_low_descriptor_limit_refuses_clients_and_keeps_haproxy_plumbed(
     what its descriptors allow and greets the rest with 421 4.3.2; a transaction still
     delivers while they stay connected, and HAProxy is never counted as failing."""
     status = with_status(cli_stack, addresses, health_check_interval=0.5)
-    cli_stack.config["server"] = {**cli_stack.config["server"], "command_timeout": 60}
+    cli_stack.config["server"] = {**cli_stack.config["server"], "client_command_timeout": 60}
     write_config(cli_stack, cli_stack.config)
     started = await processes.start(
         ["run", "-c", str(cli_stack.config_path)], preexec_fn=_low_descriptor_limit

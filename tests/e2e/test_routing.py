@@ -38,7 +38,7 @@ from .stack import (
     send,
 )
 
-FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "command_timeout": 2}
+FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "mx_command_timeout": 2}
 
 
 def _connections(*servers: TestMX) -> int:

@@ -41,7 +41,7 @@ HEALTH = {
     "health_check_failure_threshold": 2,
     "health_check_success_threshold": 2,
 }
-FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "command_timeout": 2}
+FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "mx_command_timeout": 2}
 
 
 async def _mx_for_domains(

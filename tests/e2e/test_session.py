@@ -694,10 +694,10 @@ async def test_slow_mx_replies_are_waited_for_and_timeouts_say_so(
 ) -> None:
     """Issue 10, item 8 through real sockets (the default values are pinned by
     tests/unit/test_session_mx_waits.py): an RCPT reply slower than the old fixed wait but
-    within command_timeout gets through; one past it is a 4xx that says "timed out"."""
+    within mx_command_timeout gets through; one past it is a 4xx that says "timed out"."""
     stack = await relay_stack(
         mxes=[{"delays": {"RCPT": 1.5}}],
-        delivery={"command_timeout": 3, "setup_timeout": 8, "data_done_timeout": 3},
+        delivery={"mx_command_timeout": 3, "setup_timeout": 8, "data_done_timeout": 3},
     )
     result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
     assert final_status(result) == (250, "2.0.0"), result

@@ -35,7 +35,7 @@ async def _deliver(
     is over (the MX connection closed)."""
     stack = await relay_stack(
         mxes=[mx_options],
-        delivery={"tls": tls, "connect_timeout": 2, "banner_timeout": 2, "command_timeout": 2},
+        delivery={"tls": tls, "connect_timeout": 2, "banner_timeout": 2, "mx_command_timeout": 2},
     )
     mx = stack.mx
     result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)

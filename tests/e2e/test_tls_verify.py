@@ -72,7 +72,7 @@ class TlsWorld:
             records += [MXRecord(domain, f"mx.{domain}"), HostRecord(f"mx.{domain}", [address])]
         dns = self.dnsmasq_factory(records)
         haproxy = self.haproxy_factory()
-        delivery = {"command_timeout": 2, "banner_timeout": 2, **config.pop("delivery", {})}
+        delivery = {"mx_command_timeout": 2, "banner_timeout": 2, **config.pop("delivery", {})}
         if ca_file is not None:
             delivery["tls_ca_file"] = str(ca_file)
         sidecar = await self.sidecar_factory(

@@ -40,7 +40,7 @@ max_line_length = 2048
 max_message_size = 1000000
 max_recipients = 100
 max_errors = 10
-command_timeout = 120
+client_command_timeout = 120
 data_timeout = 60.5
 shutdown_grace = 5
 
@@ -67,7 +67,7 @@ tls = "required"
 setup_timeout = 100
 connect_timeout = 3
 banner_timeout = 30
-command_timeout = 30
+mx_command_timeout = 30
 data_done_timeout = 400
 max_mx_addresses = 3
 
@@ -146,7 +146,7 @@ def test_full_config_parses_to_expected_dataclasses() -> None:
             max_message_size=1_000_000,
             max_recipients=100,
             max_errors=10,
-            command_timeout=120.0,
+            client_command_timeout=120.0,
             data_timeout=60.5,
             shutdown_grace=5.0,
         ),
@@ -172,7 +172,7 @@ def test_full_config_parses_to_expected_dataclasses() -> None:
             setup_timeout=100.0,
             connect_timeout=3.0,
             banner_timeout=30.0,
-            command_timeout=30.0,
+            mx_command_timeout=30.0,
             data_done_timeout=400.0,
             max_mx_addresses=3,
         ),
@@ -215,7 +215,7 @@ def test_full_config_parses_to_expected_dataclasses() -> None:
         },
     )
     assert config.listeners[1].target == "pool"
-    assert isinstance(config.server.command_timeout, float)
+    assert isinstance(config.server.client_command_timeout, float)
 
 
 def test_minimal_config_uses_dataclass_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -340,13 +340,13 @@ def test_unknown_keys_are_errors(data: dict[str, Any], message: str) -> None:
         ("server", "max_message_size", -5, "must be a positive integer, got -5"),
         ("server", "max_recipients", 0, "must be a positive integer, got 0"),
         ("server", "max_errors", 0, "must be a positive integer, got 0"),
-        ("server", "command_timeout", 0, "must be a positive number of seconds, got 0"),
+        ("server", "client_command_timeout", 0, "must be a positive number of seconds, got 0"),
         ("server", "data_timeout", -1.0, "must be a positive number of seconds, got -1.0"),
         ("server", "shutdown_grace", False, "must be a positive number of seconds, got false"),
-        ("server", "command_timeout", "5", 'must be a positive number of seconds, got "5"'),
+        ("server", "client_command_timeout", "5", 'must be a positive number of seconds, got "5"'),
         (
             "server",
-            "command_timeout",
+            "client_command_timeout",
             float("inf"),
             "must be a positive number of seconds, got inf",
         ),
@@ -375,7 +375,7 @@ def test_unknown_keys_are_errors(data: dict[str, Any], message: str) -> None:
         ("delivery", "setup_timeout", 0, "must be a positive number of seconds, got 0"),
         ("delivery", "connect_timeout", -1, "must be a positive number of seconds, got -1"),
         ("delivery", "banner_timeout", 0, "must be a positive number of seconds, got 0"),
-        ("delivery", "command_timeout", 0, "must be a positive number of seconds, got 0"),
+        ("delivery", "mx_command_timeout", 0, "must be a positive number of seconds, got 0"),
         ("delivery", "data_done_timeout", 0, "must be a positive number of seconds, got 0"),
         ("delivery", "max_mx_addresses", 0, "must be a positive integer, got 0"),
         (
@@ -913,7 +913,7 @@ def test_minimal_config_round_trips_with_defaults_filled_in() -> None:
         "setup_timeout": 240.0,
         "connect_timeout": 10.0,
         "banner_timeout": 300.0,
-        "command_timeout": 300.0,
+        "mx_command_timeout": 300.0,
         "data_init_timeout": 100.0,
         "data_send_timeout": 150.0,
         "data_done_timeout": 480.0,

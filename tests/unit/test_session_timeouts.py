@@ -16,7 +16,7 @@ from sidecar.smtp.commands import parse_mail_from
 from sidecar.smtp.replies import reply
 
 CONFIG = {
-    "server": {"hostname": "sidecar.test", "command_timeout": 10},
+    "server": {"hostname": "sidecar.test", "client_command_timeout": 10},
     "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
     "binding": {"b1": {"ha_proxy_server": "127.0.0.1:9", "ha_proxy_src_addr": "192.0.2.1"}},
 }
