@@ -1,4 +1,16 @@
-"""Exceptions told in words, for reply texts and log lines.
+"""The sidecar's exceptions, and exceptions told in words for reply texts and log lines.
+
+Every failure that reaches the client as an SMTP reply is a :class:`Refusal` carrying that
+reply (DESIGN.md rule 4: errors that reach a client are ``Reply`` values, built in one place):
+
+- :class:`CommandError`: the client's command cannot be accepted (sans-IO parsing);
+- :class:`RouteError`: no route for the recipient now or ever (binding unplumbed, no usable
+  MX address, ...), and its kind :class:`ResolutionError` (DNS: NXDOMAIN, null MX, SERVFAIL);
+- :class:`UpstreamError`: no usable MX connection for the route.
+
+An MX connection that fails half-way is :class:`UpstreamLost` (:class:`UpstreamTimedOut` when
+a wait ran out): the session words its 4xx after what was lost when. A shortage of the
+process's own resources (EMFILE...) is :class:`LocalResourceError`, never a peer's fault.
 
 ``str(error)`` is not enough: trio's ``BrokenResourceError`` after a failed TLS handshake has
 no text at all (the reason, an ``ssl.SSLCertVerificationError``, is its ``__cause__``), a
@@ -8,10 +20,89 @@ exception group. :func:`describe_error` walks the whole chain.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import ssl
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:  # smtp.commands imports this module: no import of sidecar.smtp at run time
+    from sidecar.smtp.replies import Reply
+
+__all__ = [
+    "CommandError",
+    "LocalResourceError",
+    "Refusal",
+    "ResolutionError",
+    "RouteError",
+    "UpstreamError",
+    "UpstreamLost",
+    "UpstreamTimedOut",
+    "describe_error",
+]
+
+
+class Refusal(Exception):
+    """A failure the client is told with ``reply``: a 4xx when a retry can succeed, a 5xx
+    only when none can (DESIGN.md invariant 1)."""
+
+    def __init__(self, reply: Reply, message: str | None = None) -> None:
+        super().__init__(reply.text if message is None else message)
+        self.reply = reply
+
+
+class CommandError(Refusal):
+    """A client command that cannot be accepted (RFC 5321 section 4.1 syntax, parameters)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply, f"{reply.code} {reply.text}")
+
+
+class RouteError(Refusal):
+    """No route for the recipient: its binding or group is unplumbed, no MX address is usable
+    (a family without a source address, private destinations), ..."""
+
+
+class ResolutionError(RouteError):
+    """The recipient's domain cannot be routed now (4xx: SERVFAIL, timeout) or ever (5xx:
+    NXDOMAIN, null MX, RFC 7505)."""
+
+
+class UpstreamError(Refusal):
+    """No usable MX connection for the route. ``proxy_fault``: no HAProxy server of the
+    binding could be reached (another binding of a group may do)."""
+
+    def __init__(self, reply: Reply, proxy_fault: bool = False) -> None:
+        super().__init__(reply)
+        self.proxy_fault = proxy_fault
+
+
+class UpstreamLost(Exception):
+    """The MX connection closed, timed out or spoke garbage; the text says which. ``reply``,
+    when set, is what the client is told instead of "connection lost" (e.g. the MX sent an
+    oversized reply)."""
+
+    def __init__(self, message: str, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class UpstreamTimedOut(UpstreamLost):
+    """The MX did not answer, or did not take our bytes, within the step's time limit."""
+
+
+class LocalResourceError(Exception):
+    """An operation failed for want of a local resource (``errno`` is one of
+    ``sidecar.limits.LOCAL_RESOURCE_ERRNOS``): the sidecar's own shortage, never a peer's
+    fault (DESIGN.md invariant 5)."""
+
+    def __init__(self, code: int) -> None:
+        self.errno = code
+        self.name = errno.errorcode.get(code, str(code))
+        super().__init__(f"{self.name}: {os.strerror(code)}")
+
 
 # A description is quoted in one reply line (RFC 5321 section 4.5.3.1.5: 512 octets in all).
 MAX_DESCRIPTION = 300

@@ -4,9 +4,10 @@ server uses, without sending any mail."""
 from __future__ import annotations
 
 from sidecar.config import Config, Listener
+from sidecar.errors import RouteError
 from sidecar.health import registry_for, run_check
 from sidecar.resolver import Resolver
-from sidecar.routing import RouteError, Router
+from sidecar.routing import Router
 from sidecar.smtp.commands import Address
 
 

@@ -22,8 +22,8 @@ import trio
 
 from sidecar import proxy_v2
 from sidecar.config import Config, HealthConfig, HostPort
-from sidecar.errors import describe_error
-from sidecar.limits import LocalResourceError, local_resource_errno
+from sidecar.errors import LocalResourceError, describe_error
+from sidecar.limits import local_resource_errno
 from sidecar.smtp.replies import ReplyError, ReplyParser
 
 log = logging.getLogger("sidecar.health")

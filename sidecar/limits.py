@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from sidecar.config import Config
+from sidecar.errors import LocalResourceError
 
 __all__ = [
     "DNS_IN_FLIGHT",
@@ -45,16 +46,6 @@ STATUS_CONNECTIONS = 8  # status endpoint requests served at once (sidecar.statu
 REFUSALS = 16  # connections accepted only to be refused with 421 (closed at once)
 SLACK = 16  # files opened briefly: a reloaded config, a CA bundle, /proc reads, log files
 PER_SESSION = 2  # the client's connection and its upstream (MX via HAProxy, or direct)
-
-
-class LocalResourceError(Exception):
-    """An operation failed for want of a local resource (``errno`` is one of
-    :data:`LOCAL_RESOURCE_ERRNOS`): the sidecar's own shortage, never a peer's fault."""
-
-    def __init__(self, code: int) -> None:
-        self.errno = code
-        self.name = errno.errorcode.get(code, str(code))
-        super().__init__(f"{self.name}: {os.strerror(code)}")
 
 
 def _oserrors(error: BaseException, seen: set[int]) -> Iterator[OSError]:

@@ -23,10 +23,9 @@ import dns.resolver
 import trio
 
 from sidecar.config import DnsConfig
-from sidecar.errors import describe_error
-from sidecar.limits import DNS_IN_FLIGHT, LocalResourceError, local_resource_errno
+from sidecar.errors import LocalResourceError, ResolutionError, describe_error
+from sidecar.limits import DNS_IN_FLIGHT, local_resource_errno
 from sidecar.smtp import replies
-from sidecar.smtp.replies import Reply
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -63,14 +62,6 @@ def _local_shortage(error: dns.resolver.NoNameservers) -> LocalResourceError | N
             if code is not None:
                 return LocalResourceError(code)
     return None
-
-
-class ResolutionError(Exception):
-    """The domain cannot be routed now (4xx reply) or ever (5xx reply)."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.text)
-        self.reply = reply
 
 
 @dataclass(frozen=True)

@@ -11,22 +11,25 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from sidecar.config import Binding, Config, DomainPolicy, HostPort, Listener, TlsPolicy
+from sidecar.errors import RouteError
 from sidecar.health import HealthRegistry
-from sidecar.resolver import MXHost, MXResult, ResolutionError, Resolver
+from sidecar.resolver import MXHost, MXResult, Resolver
 from sidecar.smtp import replies
 from sidecar.smtp.replies import Reply
 
 IPAddress = IPv4Address | IPv6Address
 
 
-# (binding name, bypass, MX host names, TLS policy)
-RouteKey = tuple[str, bool, frozenset[str], str]
+@dataclass(frozen=True, slots=True)
+class RouteKey:
+    """What two recipients must share to share a transaction, and a transaction to reuse a
+    connection (DESIGN.md invariant 3): the binding, bypass or not, the destination's site
+    (every MX host name of its MX answer, :attr:`MXResult.site`) and the TLS policy."""
 
-
-class RouteError(Exception):
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.text)
-        self.reply = reply
+    binding: str
+    bypass: bool
+    site: frozenset[str]
+    tls: TlsPolicy
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Route:
         The MX part is the whole set of MX names of the answer (:attr:`MXResult.site`), never
         the subset of hosts this look-up happened to keep: a shuffle or a cut must not make
         two recipients of one domain look like two routes (issue 10, item 2)."""
-        return (self.binding.name, self.bypass, self.mx.site, self.tls)
+        return RouteKey(self.binding.name, self.bypass, self.mx.site, self.tls)
 
     @property
     def servers(self) -> tuple[HostPort, ...]:
@@ -185,10 +188,7 @@ class Router:
         if literal is not None:
             mx = MXResult(domain, (MXHost(str(literal), 0, (literal,)),))
         else:
-            try:
-                mx = await self.resolver.resolve_mx(domain)
-            except ResolutionError as error:
-                raise RouteError(error.reply) from None
+            mx = await self.resolver.resolve_mx(domain)  # ResolutionError is a RouteError
         tls = self.tls_policy(binding, group, domain)
         return self.candidates(domain, binding, bypass, mx, tls)
 

@@ -23,9 +23,10 @@ import trio
 
 from sidecar.config import Listener, ServerConfig
 from sidecar.context import ServerContext
+from sidecar.errors import RouteError, UpstreamError, UpstreamLost, UpstreamTimedOut
 from sidecar.logs import log_transaction, transaction_logging
 from sidecar.metrics import RECIPIENT_OUTCOMES, outcome_of, recipient_outcome
-from sidecar.routing import Route, RouteError
+from sidecar.routing import Route
 from sidecar.smtp import replies
 from sidecar.smtp.commands import Address, MailFrom, RcptTo
 from sidecar.smtp.replies import Reply
@@ -46,13 +47,7 @@ from sidecar.smtp.server import (
     TransactionReset,
 )
 from sidecar.tcp import TcpStream, close_now, receive_by, send_by
-from sidecar.upstream import (
-    Upstream,
-    UpstreamError,
-    UpstreamLost,
-    UpstreamTimedOut,
-    open_upstream,
-)
+from sidecar.upstream import Upstream, UpstreamDescription, open_upstream
 
 log = logging.getLogger("sidecar.session")
 
@@ -93,7 +88,7 @@ class Transaction:
     recipient_outcomes: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(RECIPIENT_OUTCOMES, 0)
     )
-    via: dict[str, object] = field(default_factory=dict)  # the upstream of accepted RCPTs
+    via: UpstreamDescription | None = None  # the upstream of accepted RCPTs
     size: int = 0
     logged: bool = False
 
@@ -367,7 +362,7 @@ class Session:
         if txn.route is not None:
             prefer: str | None = txn.route.binding.name
         elif self.upstream is not None and self.upstream.route_key is not None:
-            prefer = self.upstream.route_key[0]  # reuse the open connection when we may
+            prefer = self.upstream.route_key.binding  # reuse the open connection when we may
         else:
             prefer = None
         try:
@@ -423,8 +418,8 @@ class Session:
         elif answer.code in (250, 251):
             txn.accepted += 1
             txn.route = route
-            if not txn.via and self.upstream is not None:
-                txn.via = self._describe_upstream(self.upstream)
+            if txn.via is None and self.upstream is not None:
+                txn.via = self.upstream.description
         return answer
 
     async def _replay(
@@ -598,21 +593,6 @@ class Session:
 
     # ---- transaction and upstream housekeeping ----------------------------------------------
 
-    def _describe_upstream(self, upstream: Upstream) -> dict[str, object]:
-        """The log line's fields about the upstream, worked out once per connection."""
-        if upstream.description is None:
-            candidate = upstream.candidate
-            assert upstream.route_key is not None
-            upstream.description = {
-                "binding": upstream.route_key[0],
-                "proxy": str(upstream.server) if upstream.server is not None else "direct",
-                "source": str(candidate.source) if candidate.source is not None else None,
-                "mx": candidate.mx,
-                "mx_address": str(candidate.address),
-                "tls": upstream.tls,
-            }
-        return upstream.description
-
     def _end_transaction(self, txn: Transaction, final: Reply | None) -> None:
         """Count the transaction and write its one log line (once)."""
         if txn.logged:
@@ -623,17 +603,18 @@ class Session:
         if not transaction_logging():
             return
         counts = txn.recipient_outcomes
+        via = txn.via
         log_transaction(
             {
                 "session": self.id,
                 "client": self.client,
                 "listener": str(self.listener.address),
-                "binding": txn.via.get("binding"),
-                "proxy": txn.via.get("proxy"),
-                "source": txn.via.get("source"),
-                "mx": txn.via.get("mx"),
-                "mx_address": txn.via.get("mx_address"),
-                "tls": txn.via.get("tls"),
+                "binding": None if via is None else via.binding,
+                "proxy": None if via is None else via.proxy,
+                "source": None if via is None else via.source,
+                "mx": None if via is None else via.mx,
+                "mx_address": None if via is None else via.mx_address,
+                "tls": None if via is None else via.tls,
                 "rcpt": f"{counts['accepted']}/{counts['deferred']}/{counts['rejected']}",
                 "outcome": outcome,
                 "reply": "-" if final is None else f"{final.code} {final.text}"[:200],

@@ -18,9 +18,15 @@ import trio
 
 from sidecar import proxy_v2
 from sidecar.config import DeliveryConfig, HostPort, TlsPolicy, verifying_context
-from sidecar.errors import describe_error
+from sidecar.errors import (
+    LocalResourceError,
+    UpstreamError,
+    UpstreamLost,
+    UpstreamTimedOut,
+    describe_error,
+)
 from sidecar.health import HealthRegistry
-from sidecar.limits import LocalResourceError, local_resource_errno
+from sidecar.limits import local_resource_errno
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.smtp import replies
@@ -32,29 +38,6 @@ log = logging.getLogger("sidecar.upstream")
 # Replies are small (at most replies.MAX_REPLY_SIZE): a reply being read costs at most that
 # plus one chunk of this size.
 RECEIVE_SIZE = 16_384
-
-
-class UpstreamError(Exception):
-    """No usable upstream for this route; ``reply`` is what the client gets. ``proxy_fault``:
-    no HAProxy server of the binding could be reached (another binding may do)."""
-
-    def __init__(self, reply: Reply, proxy_fault: bool = False) -> None:
-        super().__init__(reply.text)
-        self.reply = reply
-        self.proxy_fault = proxy_fault
-
-
-class UpstreamLost(Exception):
-    """The MX connection closed, timed out or spoke garbage. ``reply``, when set, is what the
-    client is told instead of "connection lost" (e.g. the MX sent an oversized reply)."""
-
-    def __init__(self, message: str, reply: Reply | None = None) -> None:
-        super().__init__(message)
-        self.reply = reply
-
-
-class UpstreamTimedOut(UpstreamLost):
-    """The MX did not answer, or did not take our bytes, within the step's time limit."""
 
 
 class _CandidateFailed(Exception):
@@ -103,6 +86,20 @@ def tls_context(policy: TlsPolicy, delivery: DeliveryConfig) -> ssl.SSLContext:
     return _cached_verifying_context(delivery.tls_ca_file)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamDescription:
+    """Where a connection goes, for the transaction log line: the binding, the HAProxy
+    server ("direct" for a bypass domain), the PROXY header's source address, the MX host
+    and address, and the TLS protocol and cipher (``None``: plaintext)."""
+
+    binding: str
+    proxy: str
+    source: str | None
+    mx: str
+    mx_address: str
+    tls: str | None
+
+
 @dataclass
 class Upstream:
     stream: trio.abc.Stream
@@ -118,7 +115,22 @@ class Upstream:
     closed: bool = False
     metrics: Metrics | None = None
     transactions: int = 0  # final replies received: how often it was used
-    description: dict[str, object] | None = None  # for log lines, made on first use
+    _description: UpstreamDescription | None = None
+
+    @property
+    def description(self) -> UpstreamDescription:
+        """Where this connection goes (worked out once, on first use)."""
+        if self._description is None:
+            candidate = self.candidate
+            self._description = UpstreamDescription(
+                binding=self.route_key.binding if self.route_key is not None else "-",
+                proxy=str(self.server) if self.server is not None else "direct",
+                source=str(candidate.source) if candidate.source is not None else None,
+                mx=candidate.mx,
+                mx_address=str(candidate.address),
+                tls=self.tls,
+            )
+        return self._description
 
     async def read_reply(self, timeout: float) -> Reply:
         deadline = trio.current_time() + timeout

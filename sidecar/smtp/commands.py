@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import idna
 
+from sidecar.errors import CommandError
 from sidecar.smtp.replies import (
     BAD_RECIPIENT_SYNTAX,
     BAD_SENDER_SYNTAX,
@@ -44,14 +45,6 @@ __all__ = [
 # section 2.3.4); for an internationalised domain both apply to its A-label form.
 MAX_DOMAIN = 253  # octets, text form of a domain name (RFC 1035 section 2.3.4)
 MAX_LABEL = 63  # octets, RFC 1035 section 2.3.4
-
-
-class CommandError(Exception):
-    """A client command that cannot be accepted; `reply` is what the client gets."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(f"{reply.code} {reply.text}")
-        self.reply = reply
 
 
 # --- Command lines ---------------------------------------------------------------------
