@@ -18,7 +18,7 @@ from sidecar.metrics import Metrics
 from sidecar.pool import UpstreamPool
 from sidecar.routing import Router
 from sidecar.smtp import replies
-from sidecar.tcp import TcpStream
+from sidecar.tcp import DeadlineStream
 
 if TYPE_CHECKING:
     from sidecar.session import Session
@@ -34,9 +34,9 @@ class ServerContext:
     metrics: Metrics = field(default_factory=Metrics)
     pool: UpstreamPool | None = None  # idle upstreams shared by sessions (None: no reuse)
     shutting_down: trio.Event = field(default_factory=trio.Event)
-    # Sessions waiting for a command between transactions (their stream, or a cancel scope
-    # around the wait for other streams): a shutdown ends those waits at once.
-    idle_sessions: set[TcpStream | trio.CancelScope] = field(default_factory=set)
+    # The streams of sessions waiting for a command between transactions: a shutdown
+    # interrupts those waits at once.
+    idle_sessions: set[DeadlineStream] = field(default_factory=set)
     # Every running session (shared by the contexts of all configurations, like the above).
     sessions: set[Session] = field(default_factory=set)
 
@@ -47,10 +47,7 @@ class ServerContext:
         for session in self.sessions:
             session.smtp.closing = replies.SHUTTING_DOWN
         for idle in self.idle_sessions:
-            if isinstance(idle, TcpStream):
-                idle.interrupt()
-            else:
-                idle.cancel()
+            idle.interrupt()
 
     def end_grace(self) -> int:
         """The shutdown grace is over: every session gets 421 and closes now (an open

@@ -28,7 +28,7 @@ from sidecar.session import LAST_WORD_TIMEOUT, Session
 from sidecar.smtp import replies
 from sidecar.status import StatusSource, serve_status
 from sidecar.status_view import StatusSnapshot, take_snapshot
-from sidecar.tcp import TcpStream, accept_all, listen, send_by
+from sidecar.tcp import TcpStream, accept_all, listen
 
 log = logging.getLogger("sidecar.server")
 
@@ -51,7 +51,7 @@ def client_allowed(config: Config, client: str) -> bool:
 
 async def _refuse(stream: TcpStream, answer: bytes) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await send_by(stream, answer, trio.current_time() + 5)
+        await stream.send_by(answer, trio.current_time() + 5)
     stream.close()
 
 

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -28,7 +27,7 @@ from sidecar.logs import log_transaction, transaction_logging
 from sidecar.metrics import RECIPIENT_OUTCOMES, outcome_of, recipient_outcome
 from sidecar.routing import Route
 from sidecar.smtp import replies
-from sidecar.smtp.commands import Address, MailFrom, RcptTo
+from sidecar.smtp.commands import MailFrom, RcptTo
 from sidecar.smtp.replies import Reply
 from sidecar.smtp.server import (
     NEED_DATA,
@@ -46,7 +45,7 @@ from sidecar.smtp.server import (
     SmtpServer,
     TransactionReset,
 )
-from sidecar.tcp import TcpStream, close_now, receive_by, send_by
+from sidecar.tcp import close_now, deadline_stream
 from sidecar.upstream import Upstream, UpstreamDescription, open_upstream
 
 log = logging.getLogger("sidecar.session")
@@ -58,9 +57,6 @@ _session_ids = itertools.count(1)
 MAIL_PARAMETER_CAPABILITY = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8"}
 # How long a session that failed on an unexpected error may take to say 421 before closing.
 LAST_WORD_TIMEOUT = 5.0
-# Seconds for the MX's reply to the RSET the sidecar sends when the client resets an open
-# transaction: the client waits for its own RSET reply meanwhile (Postfix: 20 s).
-RSET_TIMEOUT = 10.0
 
 
 def upstream_failed(when: str, error: UpstreamLost) -> Reply:
@@ -138,7 +134,7 @@ class Session:
     def __init__(
         self, stream: trio.abc.Stream, client: str, listener: Listener, context: ServerContext
     ) -> None:
-        self.stream = stream
+        self.stream = deadline_stream(stream)
         self.client = client
         self.listener = listener
         self.context = context
@@ -163,24 +159,22 @@ class Session:
     # ---- I/O helpers -------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Send the queued replies (421 and close if the client does not take them)."""
+        """Send the queued replies (close if the client does not take them in time)."""
         data = self.smtp.take_output()
         if data:
             deadline = trio.current_time() + self.config.server.client_command_timeout
             try:
-                sent = await send_by(self.stream, data, deadline)
+                sent = await self.stream.send_by(data, deadline)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise _CloseSession from None
             if not sent:
                 raise _CloseSession
 
-    async def receive(self, timeout: float, deadline: float | None = None) -> bytes | bytearray:
-        """Bytes from the client; on silence past ``timeout`` (or past ``deadline``), 421
-        and close."""
-        if deadline is None:
-            deadline = trio.current_time() + timeout
+    async def receive(self, deadline: float) -> bytes | bytearray:
+        """Bytes from the client; on silence past ``deadline`` (trio time), or an interrupted
+        wait (a shutdown), 421 and close."""
         try:
-            data = await receive_by(self.stream, RECEIVE_SIZE, deadline)
+            data = await self.stream.receive_by(RECEIVE_SIZE, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _CloseSession from None
         if data is None:
@@ -200,31 +194,22 @@ class Session:
     async def receive_command(self) -> bytes | bytearray:
         """Like :meth:`receive` for the next command; between transactions a shutdown of the
         server ends the session with 421 instead of holding the shutdown up."""
-        timeout = self.config.server.client_command_timeout
-        # The whole command line must arrive within client_command_timeout: a client that trickles
-        # a byte at a time (slowloris) does not get a new timeout for every byte.
+        # The whole command line must arrive within client_command_timeout: a client that
+        # trickles a byte at a time (slowloris) does not get a new timeout for every byte.
         if not self.smtp.buffered:
+            timeout = self.config.server.client_command_timeout
             self._command_deadline = trio.current_time() + timeout
         deadline = self._command_deadline
         if self.txn is not None:
-            return await self.receive(timeout, deadline)
+            return await self.receive(deadline)
         if self.context.shutting_down.is_set():
             await self._give_up()
-        if isinstance(self.stream, TcpStream):
-            # No cancel scope: a shutdown interrupts the stream's wait like its deadline.
-            self.context.idle_sessions.add(self.stream)
-            try:
-                return await self.receive(timeout, deadline)
-            finally:
-                self.context.idle_sessions.discard(self.stream)
-        # One scope for both ways an idle wait ends early: the deadline, and a shutdown.
-        with trio.CancelScope(deadline=deadline) as idle:
-            self.context.idle_sessions.add(idle)
-            try:
-                return await self.receive(timeout, math.inf)
-            finally:
-                self.context.idle_sessions.discard(idle)
-        await self._give_up()
+        # A shutdown interrupts this wait the way its deadline would (begin_shutdown).
+        self.context.idle_sessions.add(self.stream)
+        try:
+            return await self.receive(deadline)
+        finally:
+            self.context.idle_sessions.discard(self.stream)
 
     # ---- the session -------------------------------------------------------------------------
 
@@ -332,8 +317,12 @@ class Session:
         delivery = self.config.delivery
         answer: Reply | None = None
         self._last_proxy_error = None
-        with trio.move_on_after(delivery.setup_timeout):
-            answer = await self._route_and_replay(txn, rcpt.recipient, rcpt)
+        # The set-up budget: one deadline for DNS, connect, banner, EHLO, STARTTLS, MAIL and
+        # RCPT. Each MX step is also cut to it (Upstream), so its own reply can say which
+        # step timed out; the scope enforces it for everything else (DNS above all).
+        setup_deadline = trio.current_time() + delivery.setup_timeout
+        with trio.move_on_at(setup_deadline):
+            answer = await self._route_and_replay(txn, rcpt, setup_deadline)
         if answer is None:
             if self.upstream is not None:
                 await self._drop_upstream(polite=False)
@@ -346,10 +335,10 @@ class Session:
         txn.recipient_outcomes[outcome] += 1
         self.context.metrics.recipients[outcome] += 1
 
-    async def _route_and_replay(self, txn: Transaction, recipient: Address, rcpt: RcptTo) -> Reply:
+    async def _route_and_replay(self, txn: Transaction, rcpt: RcptTo, by: float) -> Reply:
         excluded: set[str] = set()
         while True:
-            answer = await self._route_and_replay_once(txn, recipient, rcpt, excluded)
+            answer = await self._route_and_replay_once(txn, rcpt, excluded, by)
             if isinstance(answer, Reply):
                 return answer
             # A group member's HAProxy could not be reached: try another plumbed member
@@ -357,8 +346,9 @@ class Session:
             excluded.add(answer.binding_name)
 
     async def _route_and_replay_once(
-        self, txn: Transaction, recipient: Address, rcpt: RcptTo, excluded: set[str]
+        self, txn: Transaction, rcpt: RcptTo, excluded: set[str], by: float
     ) -> Reply | _TryAnotherBinding:
+        recipient = rcpt.recipient
         if txn.route is not None:
             prefer: str | None = txn.route.binding.name
         elif self.upstream is not None and self.upstream.route_key is not None:
@@ -390,7 +380,7 @@ class Session:
             # be replaced once, while nothing of this transaction depends on it.
             stale_ok = upstream is not None and not txn.accepted and attempt == 1
             try:
-                answer = await self._replay(txn, route, upstream, rcpt)
+                answer = await self._replay(txn, route, upstream, rcpt, by)
             except UpstreamError as error:
                 if error.proxy_fault and self.listener.binding_group and txn.route is None:
                     self._last_proxy_error = error.reply
@@ -423,7 +413,12 @@ class Session:
         return answer
 
     async def _replay(
-        self, txn: Transaction, route: Route, upstream: Upstream | None, rcpt: RcptTo
+        self,
+        txn: Transaction,
+        route: Route,
+        upstream: Upstream | None,
+        rcpt: RcptTo,
+        by: float,
     ) -> Reply:
         """Open the upstream if needed, replay MAIL if not done on it yet, then send the RCPT.
         A negative reply to MAIL is returned as the RCPT's reply.
@@ -433,8 +428,9 @@ class Session:
         not ASCII is refused here with 553 5.6.7, before anything is sent for it."""
         if upstream is None:
             ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
+            context = self.context
             upstream = await open_upstream(
-                route, ehlo_name, self.config.delivery, self.context.health, self.context.metrics
+                route, ehlo_name, self.config.delivery, context.health, context.metrics, by=by
             )
             self.upstream = upstream
             txn.mail_sent = False
@@ -455,11 +451,11 @@ class Session:
             )
         if not upstream.supports("PIPELINING"):
             if mail_line is not None:
-                answer = await upstream.command(mail_line)
+                answer = await upstream.command(mail_line, by=by)
                 if not answer.is_positive:
                     return answer
                 txn.mail_sent = True
-            return await upstream.command(line)
+            return await upstream.command(line, by=by)
         # RFC 2920: MAIL (if not sent yet), the RCPT and, when the client has already sent
         # DATA after this RCPT, DATA too, in one write: one round trip. After a refused MAIL
         # the MX answers the rest with 503s, which are not passed on.
@@ -467,7 +463,7 @@ class Session:
         lines = [line, b"DATA\r\n"] if with_data else [line]
         if mail_line is not None:
             lines.insert(0, mail_line)
-        answers = await upstream.commands(*lines)
+        answers = await upstream.commands(*lines, by=by)
         data_reply = answers.pop() if with_data else None
         if mail_line is not None:
             mail_answer = answers.pop(0)
@@ -502,9 +498,7 @@ class Session:
             return
         await self.flush()
         try:
-            answer = early or await upstream.command(
-                b"DATA\r\n", self.config.delivery.data_init_timeout
-            )
+            answer = early or await upstream.data_command()
         except UpstreamLost as error:
             await self._drop_upstream(polite=False)
             self._refuse_data(txn, upstream_failed("at DATA", error))
@@ -562,7 +556,7 @@ class Session:
                     # the client even when the shutdown grace runs out (ServerContext.end_grace).
                     self.owes_final_reply = True
                 try:
-                    await upstream.send(event.data, self.config.delivery.data_send_timeout)
+                    await upstream.send_data(event.data)
                 except UpstreamLost as error:
                     lost = error
             else:
@@ -576,7 +570,7 @@ class Session:
             await self._drop_upstream(polite=False)
             return upstream_failed("during DATA", lost)
         try:
-            return await upstream.read_reply(self.config.delivery.data_done_timeout)
+            return await upstream.read_final_reply()
         except UpstreamLost as error:
             log.warning("session %s: no final reply from the MX: %r", self.id, str(error))
             await self._drop_upstream(polite=False)
@@ -586,7 +580,7 @@ class Session:
         """Like :meth:`receive`, but a client that vanishes or stalls mid-DATA makes the
         upstream close without an end of data, so the MX discards the partial message."""
         try:
-            return await self.receive(0, deadline)
+            return await self.receive(deadline)
         except _CloseSession:
             await self._drop_upstream(polite=False)
             raise
@@ -629,7 +623,7 @@ class Session:
             self._end_transaction(txn, None)
         if txn is not None and txn.mail_sent and self.upstream is not None:
             try:
-                answer = await self.upstream.command(b"RSET\r\n", RSET_TIMEOUT)
+                answer = await self.upstream.rset()
             except UpstreamLost:
                 answer = None
             if answer is None or answer.code != 250:

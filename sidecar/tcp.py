@@ -222,12 +222,71 @@ class TcpStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+class ScopedStream(trio.abc.Stream):
+    """:class:`TcpStream`'s deadline API (``receive_by``, ``send_by``, ``interrupt``) over any
+    other trio stream: TLS (``trio.SSLStream``) and the memory streams of tests. Each wait
+    runs in a cancel scope with its deadline, which ``interrupt`` cancels; so every stream the
+    session and the upstream use waits the same way, whatever is under it."""
+
+    __slots__ = ("_scope", "inner")
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self._scope: trio.CancelScope | None = None
+
+    async def receive_by(self, max_bytes: int, deadline: float) -> bytes | bytearray | None:
+        """Up to ``max_bytes`` (``b""`` at end of stream), or ``None`` if nothing arrived by
+        ``deadline`` (trio time) or the wait was interrupted."""
+        with trio.CancelScope(deadline=deadline) as self._scope:
+            return await self.inner.receive_some(max_bytes)
+        return None
+
+    async def send_by(self, data: bytes | bytearray | memoryview, deadline: float) -> bool:
+        """Send all of ``data``; ``False`` if it could not all go by ``deadline`` (the stream
+        is then unusable: a TLS stream cancelled mid-send is broken)."""
+        with trio.CancelScope(deadline=deadline) as self._scope:
+            await self.inner.send_all(data)
+            return True
+        return False
+
+    def interrupt(self) -> None:
+        """End the current wait (if any) as if its deadline had passed."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+DeadlineStream = TcpStream | ScopedStream
+"""A stream with ``receive_by``/``send_by`` (absolute trio deadlines) and ``interrupt``: what
+sessions and upstreams hold."""
+
+
+def deadline_stream(stream: trio.abc.Stream) -> DeadlineStream:
+    """``stream`` itself when it is a :class:`TcpStream`, else wrapped in :class:`ScopedStream`."""
+    if isinstance(stream, (TcpStream, ScopedStream)):
+        return stream
+    return ScopedStream(stream)
+
+
 async def close_now(stream: trio.abc.AsyncResource) -> None:
     """Close at once, even in a cancelled scope. For a TcpStream that is a plain close();
     ``trio.aclose_forcefully`` would build and cancel two cancel scopes to do it."""
     if isinstance(stream, TcpStream):
         stream.close()
         return
+    if isinstance(stream, ScopedStream):
+        stream = stream.inner
     with trio.CancelScope(shield=True):
         await trio.aclose_forcefully(stream)
 
@@ -238,29 +297,6 @@ def stream_from(stream: trio.SocketStream) -> TcpStream:
     trio_socket = stream.socket
     family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
     return TcpStream(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
-
-
-async def receive_by(
-    stream: trio.abc.ReceiveStream, max_bytes: int, deadline: float
-) -> bytes | bytearray | None:
-    """:meth:`TcpStream.receive_by` for any stream (TLS, or a test's memory stream)."""
-    if isinstance(stream, TcpStream):
-        return await stream.receive_by(max_bytes, deadline)
-    with trio.move_on_at(deadline):
-        return await stream.receive_some(max_bytes)
-    return None
-
-
-async def send_by(
-    stream: trio.abc.SendStream, data: bytes | bytearray | memoryview, deadline: float
-) -> bool:
-    """:meth:`TcpStream.send_by` for any stream."""
-    if isinstance(stream, TcpStream):
-        return await stream.send_by(data, deadline)
-    with trio.move_on_at(deadline):
-        await stream.send_all(data)
-        return True
-    return False
 
 
 # ---- listening ------------------------------------------------------------------------------

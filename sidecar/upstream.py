@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -31,9 +32,20 @@ from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.smtp import replies
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities
-from sidecar.tcp import TcpStream, close_now, receive_by, send_by, stream_from
+from sidecar.tcp import (
+    DeadlineStream,
+    ScopedStream,
+    TcpStream,
+    close_now,
+    stream_from,
+)
 
 log = logging.getLogger("sidecar.upstream")
+
+# Seconds for the MX's 221 to QUIT (a courtesy: the connection closes either way), and for
+# its reply to RSET (the client waits for its own RSET reply meanwhile: Postfix gives 20 s).
+QUIT_TIMEOUT = 5.0
+RSET_TIMEOUT = 10.0
 
 # Replies are small (at most replies.MAX_REPLY_SIZE): a reply being read costs at most that
 # plus one chunk of this size.
@@ -102,7 +114,10 @@ class UpstreamDescription:
 
 @dataclass
 class Upstream:
-    stream: trio.abc.Stream
+    """An SMTP session with an MX (through HAProxy, or direct), after its EHLO. It owns every
+    wait on the MX: one named method per step, each with its time limit from [delivery]."""
+
+    stream: DeadlineStream
     candidate: Candidate
     server: HostPort | None
     delivery: DeliveryConfig
@@ -132,13 +147,70 @@ class Upstream:
             )
         return self._description
 
-    async def read_reply(self, timeout: float) -> Reply:
-        deadline = trio.current_time() + timeout
+    # ---- the waits on the MX --------------------------------------------------------------
+    # Each named step has its own time limit (seconds, from [delivery]) and takes ``by``, an
+    # absolute trio time it must end by too (what is left of the RCPT set-up budget). The
+    # deadline goes down to the stream as it is; a wait that runs out is UpstreamTimedOut.
+
+    def _deadline(self, seconds: float, by: float) -> tuple[float, float]:
+        """(absolute deadline, the seconds it gives) for a step of ``seconds``, cut to ``by``."""
+        now = trio.current_time()
+        deadline = min(now + seconds, by)
+        return deadline, deadline - now
+
+    async def read_banner(self, *, by: float = math.inf) -> Reply:
+        """The MX's greeting (``banner_timeout``; RFC 5321 section 4.5.3.2.1: 5 minutes)."""
+        return await self._read_reply(*self._deadline(self.delivery.banner_timeout, by))
+
+    async def command(self, line: bytes, *, by: float = math.inf) -> Reply:
+        """One command and its reply (``mx_command_timeout``: EHLO, STARTTLS, MAIL, RCPT)."""
+        (answer,) = await self.commands(line, by=by)
+        return answer
+
+    async def commands(self, *lines: bytes, by: float = math.inf) -> list[Reply]:
+        """Commands in one write (several only when the MX advertised PIPELINING), then
+        each reply, all within ``mx_command_timeout`` (cut to ``by``).
+
+        Raises :class:`UpstreamLost` before sending anything when the MX's reply stream is
+        out of step: bytes nobody asked for are waiting (an extra reply, sent while the
+        connection sat idle or after more replies than commands), so the next reply would
+        be taken for this command's (DESIGN.md invariant 1). The caller closes it."""
+        problem = self.out_of_step()
+        if problem is not None:
+            raise UpstreamLost(problem)
+        deadline = self._deadline(self.delivery.mx_command_timeout, by)
+        await self._send(b"".join(lines) if len(lines) > 1 else lines[0], *deadline)
+        return [await self._read_reply(*deadline) for _ in lines]
+
+    async def data_command(self) -> Reply:
+        """DATA and the MX's 354 (``data_init_timeout``; RFC: 2 minutes)."""
+        problem = self.out_of_step()
+        if problem is not None:
+            raise UpstreamLost(problem)
+        deadline = self._deadline(self.delivery.data_init_timeout, math.inf)
+        await self._send(b"DATA\r\n", *deadline)
+        return await self._read_reply(*deadline)
+
+    async def send_data(self, data: bytes | bytearray) -> None:
+        """One piece of message data (``data_send_timeout`` for each; RFC: 3 minutes)."""
+        await self._send(data, *self._deadline(self.delivery.data_send_timeout, math.inf))
+
+    async def read_final_reply(self) -> Reply:
+        """The MX's reply to the end of data (``data_done_timeout``; RFC: 10 minutes)."""
+        return await self._read_reply(*self._deadline(self.delivery.data_done_timeout, math.inf))
+
+    async def rset(self) -> Reply:
+        """RSET, when the client ends an open transaction (the client waits for its own RSET
+        reply meanwhile: Postfix gives 20 s)."""
+        (answer,) = await self.commands(b"RSET\r\n", by=trio.current_time() + RSET_TIMEOUT)
+        return answer
+
+    async def _read_reply(self, deadline: float, seconds: float) -> Reply:
         try:
             while (answer := self.parser.next_reply()) is None:
-                data = await receive_by(self.stream, RECEIVE_SIZE, deadline)
+                data = await self.stream.receive_by(RECEIVE_SIZE, deadline)
                 if data is None:
-                    raise UpstreamTimedOut(f"no reply within {timeout:g}s")
+                    raise UpstreamTimedOut(f"no reply within {seconds:g}s")
                 if not data:
                     raise UpstreamLost("connection closed by the MX")
                 if self.metrics is not None:
@@ -153,38 +225,15 @@ class Upstream:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
 
-    async def send(self, data: bytes | bytearray, timeout: float | None = None) -> None:
-        """Send ``data`` within ``timeout`` seconds (default ``delivery.mx_command_timeout``);
-        :class:`UpstreamTimedOut` when the MX does not take it in time, :class:`UpstreamLost`
-        when the connection breaks."""
-        timeout = timeout or self.delivery.mx_command_timeout
-        deadline = trio.current_time() + timeout
+    async def _send(self, data: bytes | bytearray, deadline: float, seconds: float) -> None:
         try:
-            sent = await send_by(self.stream, data, deadline)
+            sent = await self.stream.send_by(data, deadline)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise UpstreamLost(f"connection lost: {describe_error(error)}") from None
         if not sent:
-            raise UpstreamTimedOut(f"the MX took nothing for {timeout:g}s")
+            raise UpstreamTimedOut(f"the MX took nothing for {seconds:g}s")
         if self.metrics is not None:
             self.metrics.bytes_to_mx += len(data)
-
-    async def command(self, line: bytes, timeout: float | None = None) -> Reply:
-        (answer,) = await self.commands(line, timeout=timeout)
-        return answer
-
-    async def commands(self, *lines: bytes, timeout: float | None = None) -> list[Reply]:
-        """Commands in one write (several only when the MX advertised PIPELINING), then
-        each reply.
-
-        Raises :class:`UpstreamLost` before sending anything when the MX's reply stream is
-        out of step: bytes nobody asked for are waiting (an extra reply, sent while the
-        connection sat idle or after more replies than commands), so the next reply would
-        be taken for this command's (DESIGN.md invariant 1). The caller closes it."""
-        problem = self.out_of_step()
-        if problem is not None:
-            raise UpstreamLost(problem)
-        await self.send(b"".join(lines) if len(lines) > 1 else lines[0])
-        return [await self.read_reply(timeout or self.delivery.mx_command_timeout) for _ in lines]
 
     def supports(self, keyword: str) -> bool:
         return keyword in self.capabilities
@@ -200,7 +249,9 @@ class Upstream:
         session tickets may still be on their way (reading the EHLO reply consumes them)."""
         if self.parser.buffered:
             return "unsolicited bytes from the MX"
-        stream = self.stream
+        stream: trio.abc.Stream = self.stream
+        if isinstance(stream, ScopedStream):
+            stream = stream.inner
         if isinstance(stream, trio.SSLStream):
             if stream._ssl_object.pending():  # decrypted bytes nobody read
                 return "unsolicited bytes from the MX"
@@ -218,11 +269,10 @@ class Upstream:
         return "unsolicited bytes from the MX" if peeked else "connection closed by the MX"
 
     async def quit(self) -> None:
-        """Polite close: QUIT, wait briefly for 221, close."""
+        """Polite close: QUIT, wait briefly (QUIT_TIMEOUT) for 221, close."""
         if not self.closed:
-            with trio.move_on_after(5):
-                with contextlib.suppress(UpstreamLost):
-                    await self.command(b"QUIT\r\n", timeout=5)
+            with contextlib.suppress(UpstreamLost):
+                await self.commands(b"QUIT\r\n", by=trio.current_time() + QUIT_TIMEOUT)
         await self.abort()
 
     async def abort(self) -> None:
@@ -232,7 +282,11 @@ class Upstream:
 
 
 async def _connect_via_proxy(
-    route: Route, candidate: Candidate, delivery: DeliveryConfig, health: HealthRegistry
+    route: Route,
+    candidate: Candidate,
+    delivery: DeliveryConfig,
+    health: HealthRegistry,
+    by: float,
 ) -> tuple[TcpStream, HostPort]:
     assert candidate.source is not None
     errors = []
@@ -241,7 +295,7 @@ async def _connect_via_proxy(
             errors.append(f"{server} unplumbed")
             continue
         try:
-            with trio.fail_after(delivery.connect_timeout):
+            with trio.fail_at(min(trio.current_time() + delivery.connect_timeout, by)):
                 stream = stream_from(await trio.open_tcp_stream(server.host, server.port))
         except (OSError, trio.TooSlowError) as error:
             _raise_if_local(error, f"HAProxy {server}")
@@ -263,9 +317,9 @@ async def _connect_via_proxy(
     )
 
 
-async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig) -> TcpStream:
+async def _connect_direct(candidate: Candidate, delivery: DeliveryConfig, by: float) -> TcpStream:
     try:
-        with trio.fail_after(delivery.connect_timeout):
+        with trio.fail_at(min(trio.current_time() + delivery.connect_timeout, by)):
             return stream_from(await trio.open_tcp_stream(str(candidate.address), delivery.port))
     except (OSError, trio.TooSlowError) as error:
         _raise_if_local(error, f"{candidate.mx}[{candidate.address}]")
@@ -284,17 +338,16 @@ def _raise_if_local(error: BaseException, peer: str) -> None:
     raise UpstreamError(replies.local_resource_shortage(str(shortage))) from None
 
 
-async def _greet(upstream: Upstream, ehlo_name: str) -> None:
+async def _greet(upstream: Upstream, ehlo_name: str, by: float) -> None:
     """EHLO (HELO if EHLO is refused with a 5xx, RFC 5321 section 4.1.4); fills
     ``capabilities``. A refusal makes this MX fail over to the next one, never a final reply
     for the client (DESIGN.md section 5): another MX of the domain may take the mail."""
-    delivery = upstream.delivery
-    answer = await upstream.command(f"EHLO {ehlo_name}\r\n".encode(), delivery.mx_command_timeout)
+    answer = await upstream.command(f"EHLO {ehlo_name}\r\n".encode(), by=by)
     if answer.code == 250:
         upstream.capabilities = parse_ehlo_capabilities(answer)
         return
     if answer.is_permanent:
-        helo = await upstream.command(f"HELO {ehlo_name}\r\n".encode())
+        helo = await upstream.command(f"HELO {ehlo_name}\r\n".encode(), by=by)
         if helo.code == 250:
             upstream.capabilities = {}
             return
@@ -306,7 +359,7 @@ async def _greet(upstream: Upstream, ehlo_name: str) -> None:
     raise _CandidateFailed(f"EHLO refused: {_quote(answer)}")
 
 
-async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
+async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
     try:
         # Before STARTTLS: a local fault must not leave the MX waiting for a handshake.
         context = tls_context(upstream.tls_policy, upstream.delivery)
@@ -316,7 +369,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
         why = describe_error(error)
         log.error("cannot start TLS towards %s: %s", upstream.candidate.mx, why)
         raise UpstreamError(replies.local_tls_error(why)) from None
-    answer = await upstream.command(b"STARTTLS\r\n")
+    answer = await upstream.command(b"STARTTLS\r\n", by=by)
     if answer.code != 220:
         if answer.code != 421 and upstream.tls_policy == "opportunistic":
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
@@ -328,16 +381,17 @@ async def _start_tls(upstream: Upstream, ehlo_name: str) -> None:
     upstream.parser.take_unparsed()
     upstream.parser = ReplyParser()
     upstream.capabilities = {}
+    # The one wait on the MX in a cancel scope of its own: trio's handshake is no stream read.
     try:
-        with trio.fail_after(upstream.delivery.mx_command_timeout):
+        with trio.fail_at(min(trio.current_time() + upstream.delivery.mx_command_timeout, by)):
             await tls_stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
         raise _TlsFailed(f"TLS handshake failed: {describe_error(error)}") from None
-    upstream.stream = tls_stream
+    upstream.stream = ScopedStream(tls_stream)
     ssl_object = tls_stream._ssl_object  # the stdlib SSLObject behind trio's SSLStream
     cipher = ssl_object.cipher()
     upstream.tls = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
-    await _greet(upstream, ehlo_name)
+    await _greet(upstream, ehlo_name, by)
     upstream.tls_settled = True
 
 
@@ -353,13 +407,14 @@ async def _open_one(
     health: HealthRegistry,
     use_tls: bool,
     metrics: Metrics | None,
+    by: float,
 ) -> Upstream:
     started = trio.current_time()
     if route.bypass:
-        stream = await _connect_direct(candidate, delivery)
+        stream = await _connect_direct(candidate, delivery, by)
         server = None
     else:
-        stream, server = await _connect_via_proxy(route, candidate, delivery, health)
+        stream, server = await _connect_via_proxy(route, candidate, delivery, health, by)
     upstream = Upstream(
         stream,
         candidate,
@@ -371,7 +426,7 @@ async def _open_one(
     )
     connected = trio.current_time()
     try:
-        banner = await upstream.read_reply(delivery.banner_timeout)
+        banner = await upstream.read_banner(by=by)
         if metrics is not None:
             metrics.upstream_connect_seconds.observe(connected - started)
             metrics.upstream_banner_seconds.observe(trio.current_time() - connected)
@@ -382,10 +437,10 @@ async def _open_one(
             if banner.is_permanent:
                 raise _MxRefused(f"banner {_quote(banner)}")
             raise _CandidateFailed(f"banner {_quote(banner)}")
-        await _greet(upstream, ehlo_name)
+        await _greet(upstream, ehlo_name, by)
         if use_tls:
             if upstream.supports("STARTTLS"):
-                await _start_tls(upstream, ehlo_name)
+                await _start_tls(upstream, ehlo_name, by)
             elif route.tls in ("required", "verify"):
                 raise _CandidateFailed(f"STARTTLS not offered and the TLS policy is {route.tls}")
         return upstream
@@ -403,15 +458,19 @@ async def open_upstream(
     delivery: DeliveryConfig,
     health: HealthRegistry,
     metrics: Metrics | None = None,
+    *,
+    by: float = math.inf,
 ) -> Upstream:
-    """The first candidate that gives a usable SMTP session, or :class:`UpstreamError`."""
+    """The first candidate that gives a usable SMTP session, or :class:`UpstreamError`.
+    Every step (connect, banner, EHLO, STARTTLS) has its own time limit from ``delivery``,
+    and all of them end by ``by`` (an absolute trio time: the RCPT set-up budget)."""
     problems: list[str] = []
     for candidate in route.candidates:
         use_tls = route.tls != "disabled"
         while True:
             try:
                 return await _open_one(
-                    route, candidate, ehlo_name, delivery, health, use_tls, metrics
+                    route, candidate, ehlo_name, delivery, health, use_tls, metrics, by
                 )
             except _TlsFailed as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")

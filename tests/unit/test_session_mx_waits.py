@@ -16,6 +16,7 @@ from sidecar.config import DeliveryConfig, parse_config
 from sidecar.routing import Route
 from sidecar.server import build_context
 from sidecar.session import Session
+from sidecar.tcp import deadline_stream
 from sidecar.upstream import Upstream
 
 CONFIG = {
@@ -68,8 +69,11 @@ async def converse(script: Script) -> tuple[list[tuple[float, bytes]], float]:
     sidecar_end, mx_end = trio.testing.memory_stream_pair()
     mx = ScriptedMX(mx_end)
 
-    async def fake_open_upstream(route: Route, ehlo: str, delivery: DeliveryConfig, *a: Any) -> Any:
-        return Upstream(sidecar_end, route.candidates[0], None, delivery, route_key=route.key)
+    async def fake_open_upstream(
+        route: Route, ehlo: str, delivery: DeliveryConfig, *a: Any, **kw: Any
+    ) -> Any:
+        stream = deadline_stream(sidecar_end)
+        return Upstream(stream, route.candidates[0], None, delivery, route_key=route.key)
 
     received: list[tuple[float, bytes]] = []
     buffer = b""

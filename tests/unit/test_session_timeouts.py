@@ -92,7 +92,7 @@ async def test_trickled_data_hits_the_total_data_timeout(
         closed = False
         sent = b""
 
-        async def send(self, data: bytes, timeout: float | None = None) -> None:
+        async def send_data(self, data: bytes) -> None:
             self.sent += data
 
         async def abort(self) -> None:

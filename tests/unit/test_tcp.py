@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 
-from sidecar.tcp import RESOLUTION, TcpStream, Timeouts, _current_timeouts, receive_by
+from sidecar.tcp import RESOLUTION, ScopedStream, TcpStream, Timeouts, _current_timeouts
 
 SLACK = 0.5  # scheduling noise on a busy test machine
 
@@ -72,7 +73,7 @@ async def test_a_peer_that_closes_gives_end_of_stream(
 ) -> None:
     stream, peer = pair
     peer.close()
-    assert await receive_by(stream, 100, trio.current_time() + 1) == b""
+    assert await stream.receive_by(100, trio.current_time() + 1) == b""
 
 
 async def test_a_stream_that_is_always_ready_still_lets_others_run(
@@ -112,3 +113,30 @@ def test_expire_ends_only_the_due_waits() -> None:
     timeouts.discard(late, key)  # type: ignore[arg-type]
     timeouts.expire(10.0)
     assert late.expired == 0 and not timeouts._buckets
+
+
+async def test_scoped_stream_has_the_same_deadline_api(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Any other stream (TLS, memory) waits the same way as a TcpStream: a deadline gives
+    None/False, interrupt() ends the current wait, bytes and end of stream pass through."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = ScopedStream(ours)
+    started = trio.current_time()
+    assert await stream.receive_by(100, started + 30) is None
+    assert trio.current_time() - started == 30
+    await theirs.send_all(b"220 hi\r\n")
+    assert await stream.receive_by(100, trio.current_time() + 1) == b"220 hi\r\n"
+    assert await stream.send_by(b"EHLO x\r\n", trio.current_time() + 1)
+    assert await theirs.receive_some(100) == b"EHLO x\r\n"
+    async with trio.open_nursery() as nursery:
+
+        async def interrupt_soon() -> None:
+            await trio.sleep(5)
+            stream.interrupt()
+
+        nursery.start_soon(interrupt_soon)
+        assert await stream.receive_by(100, trio.current_time() + 300) is None
+    assert trio.current_time() - started == 35
+    await theirs.aclose()
+    assert await stream.receive_by(100, trio.current_time() + 1) == b""
