@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from sidecar import session as session_module
+from testkit.dns_stub import StubDns, by_suffix, garbage, truncating, zone
 
 from .harness import (
     FAST_DELIVERY,
@@ -42,7 +43,6 @@ from .harness import (
     smtp_reply,
     wait_listening,
 )
-from .harness.dns_stub import StubDns, by_suffix, garbage, truncating, zone
 
 T = TypeVar("T")
 _tokens = itertools.count(1)

@@ -1,13 +1,13 @@
-"""End-to-end test harness: real HAProxy and dnsmasq subprocesses, a trio SMTP server that
-records what reaches it, and helpers for loopback addresses and raw SMTP.
+"""End-to-end test harness: the pytest side of the test equipment in ``testkit/`` (real HAProxy
+and dnsmasq subprocesses, the stub DNS server, TestMX, raw SMTP; shared with ``bench/``), the
+factories that stop what a test started, and :class:`~.stack.Lab`, the one stack builder.
 
-Import from here (``from .harness import HAProxy, TestMX, ...``); fixtures that start and stop
-these live in ``tests/e2e/conftest.py``. :class:`~.stack.Lab` (the ``lab`` fixture) is the one
-stack builder; :mod:`.dns_stub` the one scripted DNS server.
+Import from here (``from .harness import HAProxy, TestMX, Lab, ...``); the fixtures live in
+``tests/e2e/conftest.py``.
 """
 
-from .client import RawSMTPClient, reset_connection
-from .dns import (
+from testkit.client import RawSMTPClient, reset_connection
+from testkit.dns import (
     Dnsmasq,
     DnsRecord,
     ForwardZone,
@@ -18,10 +18,9 @@ from .dns import (
     RefusedZone,
     make_resolver,
 )
-from .dns_stub import StubDns
-from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory
-from .haproxy import HAProxy, haproxy_config, open_proxied_stream
-from .mx import (
+from testkit.dns_stub import StubDns
+from testkit.haproxy import HAProxy, haproxy_config, open_proxied_stream
+from testkit.mx import (
     DEFAULT_CAPABILITIES,
     DEFAULT_TLS_IDENTITIES,
     PHASES,
@@ -33,8 +32,10 @@ from .mx import (
     server_tls_context,
     smtp_reply,
 )
-from .net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
-from .process import HarnessError, ManagedProcess, wait_until
+from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
+from testkit.process import HarnessError, ManagedProcess, wait_until
+
+from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory
 from .processes import (
     SIDECAR,
     Processes,

@@ -11,12 +11,12 @@ from typing import Any
 import dns.rcode
 import trio
 
-from .dns import Dnsmasq, DnsRecord
-from .dns_stub import Handler, StubDns, rcode, silent
-from .haproxy import HAProxy
-from .mx import TestMX
-from .net import IPV6_LOOPBACK, Addresses, Endpoint
-from .process import ManagedProcess
+from testkit.dns import Dnsmasq, DnsRecord
+from testkit.dns_stub import Handler, StubDns, rcode, silent
+from testkit.haproxy import HAProxy
+from testkit.mx import TestMX
+from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint
+from testkit.process import ManagedProcess
 
 __all__ = ["DnsStubFactory", "DnsmasqFactory", "HAProxyFactory", "MXFactory"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from .client import RawSMTPClient
-from .net import Endpoint
+from testkit.client import RawSMTPClient
+from testkit.net import Endpoint
 
 _ENTRY_POINT = shutil.which("sidecar", path=str(Path(sys.executable).parent))
 SIDECAR = [_ENTRY_POINT] if _ENTRY_POINT else [sys.executable, "-m", "sidecar.cli"]

@@ -12,9 +12,8 @@ import trio
 
 from sidecar.config import Config, parse_config
 from sidecar.server import serve
-
-from .client import RawSMTPClient
-from .net import Addresses, Endpoint
+from testkit.client import RawSMTPClient
+from testkit.net import Addresses, Endpoint
 
 
 @dataclass

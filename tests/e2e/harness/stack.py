@@ -16,12 +16,13 @@ from typing import Any
 
 import tomli_w
 
-from .client import RawSMTPClient
-from .dns import Dnsmasq, DnsRecord, HostRecord, MXRecord
+from testkit.client import RawSMTPClient
+from testkit.dns import Dnsmasq, DnsRecord, HostRecord, MXRecord
+from testkit.haproxy import HAProxy
+from testkit.mx import TestMX
+from testkit.net import Addresses, Endpoint, free_port
+
 from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory
-from .haproxy import HAProxy
-from .mx import TestMX
-from .net import Addresses, Endpoint, free_port
 from .sidecar import (
     FAST_DELIVERY,
     FAST_SERVER,
