@@ -501,7 +501,7 @@ async def test_swaks_delivers_with_pipelining(relay_stack: RelayStackFactory) ->
 
 async def test_smtplib_main_path(relay_stack: RelayStackFactory) -> None:
     """The smtplib client of stack.py against a RelayStack (sanity check of the helper)."""
-    from .stack import send
+    from .harness import send
 
     stack: RelayStack = await relay_stack()
     result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
