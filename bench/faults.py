@@ -54,8 +54,7 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.dns_stubs import StubDns, by_suffix, forward, garbage, truncating, zone  # noqa: E402
-from tests.e2e.harness import (  # noqa: E402
+from testkit import (  # noqa: E402
     Addresses,
     Dnsmasq,
     Endpoint,
@@ -68,6 +67,7 @@ from tests.e2e.harness import (  # noqa: E402
     free_port,
     smtp_reply,
 )
+from testkit.dns_stub import StubDns, by_suffix, forward, garbage, truncating, zone  # noqa: E402
 
 STAGES = ("CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "END")
 # The step of a transaction (MAIL=0, RCPT=1, DATA=2, end of data=3) whose reply shows an MX

@@ -18,17 +18,20 @@ import trustme
 
 from .harness import (
     Addresses,
+    CliStack,
     DnsmasqFactory,
     DnsStubFactory,
     HAProxyFactory,
+    Lab,
     MXFactory,
+    Processes,
+    RelayStackFactory,
+    SidecarFactory,
     TestMX,
     client_tls_context,
     server_tls_context,
 )
 from .mta import MailStack, make_mail_stack
-from .processes import CliStack, Processes, make_cli_stack
-from .stack import RelayStackFactory, SidecarFactory
 
 ROOT_REQUIRED = "e2e tests need root: HAProxy's usesrc clientip requires CAP_NET_ADMIN"
 _HERE = Path(__file__).parent
@@ -142,41 +145,40 @@ async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
 
 
 @pytest.fixture
-async def cli_stack(
+def lab(
     tmp_path: Path,
     addresses: Addresses,
     haproxy_factory: HAProxyFactory,
     dnsmasq_factory: DnsmasqFactory,
     mx_factory: MXFactory,
-) -> CliStack:
+    sidecar_factory: SidecarFactory,
+    dns_stubs: DnsStubFactory,
+) -> Lab:
+    """This test's factories in one place and ``await lab.build(...)``, the one stack builder."""
+    return Lab(
+        tmp_path,
+        addresses,
+        haproxy_factory,
+        dnsmasq_factory,
+        mx_factory,
+        sidecar_factory,
+        dns_stubs,
+    )
+
+
+@pytest.fixture
+async def cli_stack(lab: Lab) -> CliStack:
     """HAProxy, dnsmasq, two MX hosts for example.test and a config file; no sidecar yet."""
-    return await make_cli_stack(tmp_path, addresses, haproxy_factory, dnsmasq_factory, mx_factory)
+    return await lab.cli()
 
 
 @pytest.fixture
-def relay_stack(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> RelayStackFactory:
+def relay_stack(lab: Lab) -> RelayStackFactory:
     """``await relay_stack(mxes=[...], domains={...})``: sidecar + HAProxy + dnsmasq + MXes."""
-    return RelayStackFactory(
-        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
-    )
+    return lab.relay
 
 
 @pytest.fixture
-async def mail_stack(
-    nursery: trio.Nursery,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> MailStack:
+async def mail_stack(nursery: trio.Nursery, lab: Lab) -> MailStack:
     """The stack the real-MTA tests (Postfix, Exim) send through: see mta.make_mail_stack."""
-    return await make_mail_stack(
-        nursery, addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory
-    )
+    return await make_mail_stack(nursery, lab)

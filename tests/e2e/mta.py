@@ -46,20 +46,15 @@ import pytest
 import trio
 
 from .harness import (
-    Addresses,
+    FAST_DELIVERY,
+    FAST_SERVER,
     Dnsmasq,
-    DnsmasqFactory,
-    DnsRecord,
     Endpoint,
     HAProxy,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
+    Lab,
+    RunningSidecar,
     TestMX,
-    free_port,
 )
-from .stack import FAST_DELIVERY, FAST_SERVER, RunningSidecar, SidecarFactory, make_config
 
 INSTALL_HINT = "install it with ./scripts/test.sh (scripts/lib.sh: install_system_packages)"
 POSTFIX = "/usr/sbin/postfix"
@@ -699,11 +694,7 @@ class MailStack:
 
 async def make_mail_stack(
     nursery: trio.Nursery,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    lab: Lab,
     *,
     domains: Iterable[str] = DOMAINS,
     bindings: Sequence[str] = ("b1",),
@@ -715,40 +706,22 @@ async def make_mail_stack(
     each binding with its own source address. ``tls_contexts``: the MXes (by domain) that offer
     STARTTLS; ``tls``: the sidecar's ``delivery.tls``."""
     domains = list(domains)
-    mx_addresses = [addresses.ipv4() for _ in domains]
-    port = free_port(mx_addresses[0])
-    mxes = {
-        domain: await mx_factory(
-            Endpoint(address, port), tls_context=(tls_contexts or {}).get(domain)
-        )
-        for domain, address in zip(domains, mx_addresses, strict=True)
-    }
-    zone: list[DnsRecord] = []
-    for domain, address in zip(domains, mx_addresses, strict=True):
-        zone += [MXRecord(domain, f"mx.{domain}"), HostRecord(f"mx.{domain}", [address])]
-    dns = dnsmasq_factory(zone)
-    haproxy = haproxy_factory()
-    listeners = {name: addresses.endpoint() for name in bindings}
-    sources = {name: addresses.ipv4() for name in bindings}
-    sidecar = await sidecar_factory(
-        make_config(
-            listeners=[(str(listeners[name]), name) for name in bindings],
-            bindings={
-                name: {"ha_proxy_server": str(haproxy.bind), "ha_proxy_src_addr": sources[name]}
-                for name in bindings
-            },
-            nameserver=dns.endpoint,
-            port=port,
-            delivery={**FAST_DELIVERY, "tls": tls},
-            server=FAST_SERVER,
-        )
+    stack = await lab.build(
+        mxes=[{"tls_context": (tls_contexts or {}).get(domain)} for domain in domains],
+        hosts=[f"mx.{domain}" for domain in domains],
+        domains={domain: index for index, domain in enumerate(domains)},
+        bindings=bindings,
+        delivery={**FAST_DELIVERY, "tls": tls},
+        server=FAST_SERVER,
     )
     egress = {}
     for name in bindings:
-        tap = SMTPTap(addresses.endpoint(), listeners[name])
+        tap = SMTPTap(lab.addresses.endpoint(), stack.listeners[name])
         await nursery.start(tap.serve)
-        egress[name] = Egress(name, listeners[name], tap, sources[name])
-    return MailStack(sidecar, haproxy, dns, mxes, egress)
+        egress[name] = Egress(name, stack.listeners[name], tap, stack.sources[name])
+    return MailStack(
+        stack.sidecar, stack.haproxy, stack.dns, dict(zip(domains, stack.mxes, strict=True)), egress
+    )
 
 
 def kill_leftover_masters() -> None:

@@ -17,17 +17,18 @@ import tomli_w
 import trio
 import trustme
 
-from .harness import RawSMTPClient
-from .processes import (
+from .harness import (
+    MESSAGE,
     SIDECAR,
     CliStack,
     Processes,
+    RawSMTPClient,
     refuses_connections,
     run_cli,
+    send,
     wait_exit,
     wait_listening,
 )
-from .stack import MESSAGE, send
 
 # -- sidecar run -------------------------------------------------------------------------------
 

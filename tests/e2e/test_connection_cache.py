@@ -8,7 +8,14 @@ import ssl
 
 import trio
 
-from .stack import MESSAGE, RelayStack, RelayStackFactory, final_status, rcpt_reply, send
+from .harness import (
+    MESSAGE,
+    RelayStack,
+    RelayStackFactory,
+    final_status,
+    rcpt_reply,
+    send,
+)
 
 
 async def deliver(stack: RelayStack, recipient: str = "rcpt@example.test") -> None:

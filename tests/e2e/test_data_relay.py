@@ -9,8 +9,9 @@ import trio
 
 from .harness import (
     RawSMTPClient,
+    RelayStack,
+    RelayStackFactory,
 )
-from .stack import RelayStack, RelayStackFactory
 
 MAIL = b"MAIL FROM:<sender@client.test>"
 RCPT = b"RCPT TO:<rcpt@example.test>"

@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from .harness import (
-    Addresses,
     Endpoint,
+    Lab,
     RawSMTPClient,
     fixed_ipv4,
     free_port,
@@ -45,8 +45,8 @@ async def _banner(endpoint: Endpoint) -> bool:
 
 
 @pytest.fixture
-async def demo_mx(addresses: Addresses) -> AsyncIterator[tuple[Endpoint, trio.Process]]:
-    host = addresses.ipv4()
+async def demo_mx(lab: Lab) -> AsyncIterator[tuple[Endpoint, trio.Process]]:
+    host = lab.addresses.ipv4()
     endpoint = Endpoint(host, free_port(host))
     process = await trio.lowlevel.open_process(
         [sys.executable, str(DEMO_MX), endpoint.host, str(endpoint.port)],

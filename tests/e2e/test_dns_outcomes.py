@@ -13,28 +13,21 @@ import pytest
 import trio
 
 from .harness import (
-    Addresses,
+    MESSAGE,
     Dnsmasq,
-    DnsmasqFactory,
     DnsRecord,
-    DnsStubFactory,
     Endpoint,
     ForwardZone,
-    HAProxyFactory,
     HostRecord,
-    MXFactory,
+    Lab,
     MXRecord,
     NullMXRecord,
     RawRecord,
     RefusedZone,
-    TestMX,
-    free_port,
-)
-from .stack import (
-    MESSAGE,
     RunningSidecar,
-    SidecarFactory,
+    TestMX,
     final_status,
+    free_port,
     make_config,
     proxied_binding,
     rcpt_reply,
@@ -64,13 +57,7 @@ class Stack:
 
 
 @pytest.fixture
-async def stack_factory(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> Any:
+async def stack_factory(lab: Lab) -> Any:
     """``await stack_factory(records, nameserver=..., dns=..., ttl=...)``: ``records`` and
     ``dns`` (the config's ``[dns]`` additions) are callables given the two MX addresses."""
 
@@ -81,28 +68,16 @@ async def stack_factory(
         dns: Callable[[str, str], dict[str, Any]] | dict[str, Any] | None = None,
         ttl: int = 1,
     ) -> Stack:
-        mx_address, other_address = addresses.ipv4(), addresses.ipv4()
-        port = free_port(mx_address)
-        mx = await mx_factory(Endpoint(mx_address, port))
-        other = await mx_factory(Endpoint(other_address, port))
-        dnsmasq = None
-        if records is not None:
-            dnsmasq = dnsmasq_factory(records(mx_address, other_address), ttl=ttl)
-            nameserver = dnsmasq.endpoint
-        haproxy = haproxy_factory()
-        source = addresses.ipv4()
-        config = make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=source)},
+        stack = await lab.build(
+            mxes=[{}, {}],
+            domains={},
+            records=(lambda mxes: records(*mxes)) if records is not None else (),
             nameserver=nameserver,
-            port=port,
+            ttl=ttl,
             delivery={"connect_timeout": 2, "banner_timeout": 2},
+            dns=(lambda mxes: dns(*mxes)) if callable(dns) else dns,
         )
-        if callable(dns):
-            dns = dns(mx_address, other_address)
-        config["dns"].update(dns or {})
-        sidecar = await sidecar_factory(config)
-        return Stack(sidecar, source, mx, other, dnsmasq)
+        return Stack(stack.sidecar, stack.source, stack.mxes[0], stack.mxes[1], stack.dns)
 
     return build
 
@@ -158,11 +133,9 @@ async def test_no_mx_record_means_the_domain_is_its_own_mx(stack_factory: Any) -
 
 
 @pytest.mark.parametrize("failure", ["servfail", "refused", "timeout"])
-async def test_dns_failures_are_temporary(
-    stack_factory: Any, dns_stubs: DnsStubFactory, failure: str
-) -> None:
-    servfail = dns_stubs.rcode(dns.rcode.SERVFAIL)
-    silent = dns_stubs.silent()
+async def test_dns_failures_are_temporary(stack_factory: Any, lab: Lab, failure: str) -> None:
+    servfail = lab.stubs.rcode(dns.rcode.SERVFAIL)
+    silent = lab.stubs.silent()
 
     def records(mx: str, other: str) -> Sequence[DnsRecord]:
         return [
@@ -181,14 +154,14 @@ async def test_dns_failures_are_temporary(
     else:
         assert elapsed < 0.9
     if failure == "servfail":
-        assert ("x.servfail.test.", "MX") in servfail.queries
+        assert ("udp", "x.servfail.test", "MX") in servfail.queries
     assert stack.mx.connections == [] and stack.other.connections == []
     # Other domains are unaffected.
     assert await stack.deliver("rcpt@example.test") == (250, "2.0.0")
 
 
-async def test_address_literal_needs_no_dns(stack_factory: Any, dns_stubs: DnsStubFactory) -> None:
-    silent = dns_stubs.silent()  # any DNS query would time out
+async def test_address_literal_needs_no_dns(stack_factory: Any, lab: Lab) -> None:
+    silent = lab.stubs.silent()  # any DNS query would time out
     stack: Stack = await stack_factory(nameserver=silent.endpoint, dns={"timeout": 1})
     started = trio.current_time()
     literal = f"rcpt@[{stack.other.endpoint.host}]"
@@ -216,18 +189,12 @@ async def test_dns_static_overrides_the_mx_records(stack_factory: Any, entry: st
     assert stack.mx.connections == []  # example.test's own MX record is not used
 
 
-async def test_equal_preference_mx_hosts_are_shuffled(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    address_a, address_b = addresses.ipv4(), addresses.ipv4()
+async def test_equal_preference_mx_hosts_are_shuffled(lab: Lab) -> None:
+    address_a, address_b = lab.addresses.ipv4(), lab.addresses.ipv4()
     port = free_port(address_a)
-    mx_a = await mx_factory(Endpoint(address_a, port))
-    mx_b = await mx_factory(Endpoint(address_b, port))
-    dnsmasq = dnsmasq_factory(
+    mx_a = await lab.mx(Endpoint(address_a, port))
+    mx_b = await lab.mx(Endpoint(address_b, port))
+    dnsmasq = lab.dnsmasq(
         [
             MXRecord("shuffle.test", "a.shuffle.test", 10),
             MXRecord("shuffle.test", "b.shuffle.test", 10),
@@ -236,11 +203,11 @@ async def test_equal_preference_mx_hosts_are_shuffled(
         ],
         ttl=30,  # one cached answer: the order changes per delivery, not per look-up
     )
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
+    haproxy = lab.haproxy()
+    source = lab.addresses.ipv4()
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
+            listeners=[(lab.listener(), "b1")],
             bindings={"b1": proxied_binding(haproxy.bind, source=source)},
             nameserver=dnsmasq.endpoint,
             port=port,

@@ -23,7 +23,9 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from .harness import Addresses, DnsmasqFactory, HAProxyFactory, MXFactory
+from .harness import (
+    Lab,
+)
 from .mta import (
     ALICE,
     BOB,
@@ -36,7 +38,6 @@ from .mta import (
     make_mail_stack,
     message_text,
 )
-from .stack import SidecarFactory
 
 
 @pytest.fixture
@@ -111,23 +112,13 @@ async def test_exim_multi_domain_false_sends_one_domain_per_transaction(
 
 
 async def test_exim_routes_each_sender_through_its_binding(
-    nursery: trio.Nursery,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    exim_factory: EximFactory,
+    nursery: trio.Nursery, lab: Lab, exim_factory: EximFactory
 ) -> None:
     """Two bindings, two listeners, one router per sender (``senders = ...``): every MX sees
     alice's message from b1's source address and bob's from b2's."""
     stack = await make_mail_stack(
         nursery,
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        lab,
         bindings=("b1", "b2"),
     )
     b1, b2 = stack.egress["b1"], stack.egress["b2"]

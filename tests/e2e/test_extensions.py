@@ -3,8 +3,10 @@ Each case shows what reaches the client and what reaches the MX."""
 
 from __future__ import annotations
 
-from .harness import smtp_reply
-from .stack import RelayStackFactory
+from .harness import (
+    RelayStackFactory,
+    smtp_reply,
+)
 
 BASE_CAPABILITIES = ["PIPELINING", "ENHANCEDSTATUSCODES"]
 

@@ -22,36 +22,27 @@ from typing import Any, TypeVar
 
 import idna
 import pytest
-import tomli_w
 import trio
 
 from sidecar import session as session_module
 from sidecar.smtp.server import MailOpened
+from testkit.dns_stub import StubDns, by_suffix, garbage, truncating, zone
 
-from .dns_stubs import StubDns, by_suffix, garbage, truncating, zone
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
-    Endpoint,
-    HAProxy,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
-    RawSMTPClient,
-    TestMX,
-    free_port,
-    smtp_reply,
-)
-from .processes import Processes, SidecarProcess, wait_listening
-from .stack import (
     FAST_DELIVERY,
     FAST_SERVER,
+    Endpoint,
+    HAProxy,
+    Lab,
+    Processes,
+    RawSMTPClient,
     RelayStackFactory,
-    SidecarFactory,
-    make_config,
-    proxied_binding,
+    SidecarProcess,
+    TestMX,
+    free_port,
     send,
+    smtp_reply,
+    wait_listening,
 )
 
 T = TypeVar("T")
@@ -428,52 +419,29 @@ async def test_address_syntax_zoo(relay_stack: RelayStackFactory) -> None:
 
 
 async def process_stack(
-    tmp_path: Path,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    processes: Processes,
-    mx_endpoint: Endpoint,
-    *,
-    server: dict[str, Any],
+    tmp_path: Path, lab: Lab, processes: Processes, mx_endpoint: Endpoint, *, server: dict[str, Any]
 ) -> tuple[SidecarProcess, Endpoint, HAProxy]:
     """``sidecar run`` with example.test's MX at ``mx_endpoint``; returns it once listening."""
-    dns = dnsmasq_factory(
-        [MXRecord("example.test", "mx0.test"), HostRecord("mx0.test", [mx_endpoint.host])]
-    )
-    haproxy = haproxy_factory()
-    listener = addresses.endpoint()
-    config = make_config(
-        listeners=[(str(listener), "b1")],
-        bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
-        nameserver=dns.endpoint,
-        port=mx_endpoint.port,
-        delivery=FAST_DELIVERY,
+    stack = await lab.build(
+        mx_at=[mx_endpoint],
         server={**FAST_SERVER, **server},
+        delivery=FAST_DELIVERY,
+        start=False,
     )
-    path = tmp_path / "sidecar.toml"
-    path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    started = await processes.start(["run", "-c", str(path)])
-    await wait_listening(listener, started)
-    return started, listener, haproxy
+    started = await processes.start(["run", "-c", str(stack.config_path)])
+    await wait_listening(stack.listener, started)
+    return started, stack.listener, stack.haproxy
 
 
 async def test_clients_that_stop_reading_do_not_make_it_buffer(
-    tmp_path: Path,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    processes: Processes,
+    tmp_path: Path, lab: Lab, processes: Processes
 ) -> None:
-    mx_address = addresses.ipv4()
-    mx = await mx_factory(Endpoint(mx_address, free_port(mx_address)))
+    mx_address = lab.addresses.ipv4()
+    mx = await lab.mx(Endpoint(mx_address, free_port(mx_address)))
     timeout = 2
     started, listener, _ = await process_stack(
         tmp_path,
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
+        lab,
         processes,
         mx.endpoint,
         server={"client_command_timeout": timeout},
@@ -579,25 +547,18 @@ class HugeReplyMX:
 
 
 async def test_huge_mx_replies_do_not_make_sessions_hold_memory(
-    tmp_path: Path,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    nursery: trio.Nursery,
-    processes: Processes,
+    tmp_path: Path, lab: Lab, nursery: trio.Nursery, processes: Processes
 ) -> None:
     """Issue 10, item 12: an MX answering RCPT with 200 lines of 2000 bytes (400 KiB, every
     line within the line bound) to 60 sessions at once. Each reply is refused once it is over
     the reply bound, never passed on, and the process's memory barely moves."""
-    mx_address = addresses.ipv4()
+    mx_address = lab.addresses.ipv4()
     sessions = 60
     huge = HugeReplyMX(Endpoint(mx_address, free_port(mx_address)), sessions, 200, 2000)
     await nursery.start(huge.serve)
     started, listener, _ = await process_stack(
         tmp_path,
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
+        lab,
         processes,
         huge.endpoint,
         server={"client_command_timeout": 60},
@@ -706,21 +667,14 @@ class SlowMX:
 
 
 async def test_fifty_megabytes_to_a_slow_mx_stays_out_of_memory(
-    tmp_path: Path,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    nursery: trio.Nursery,
-    processes: Processes,
+    tmp_path: Path, lab: Lab, nursery: trio.Nursery, processes: Processes
 ) -> None:
-    mx_address = addresses.ipv4()
+    mx_address = lab.addresses.ipv4()
     slow = SlowMX(Endpoint(mx_address, free_port(mx_address)), rate=25 * 1024 * 1024)
     await nursery.start(slow.serve)
     started, listener, _ = await process_stack(
         tmp_path,
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
+        lab,
         processes,
         slow.endpoint,
         server={"max_message_size": 60 * 1024 * 1024},
@@ -807,10 +761,7 @@ async def test_haproxy_killed_mid_data_is_4xx_then_recovers(
 
 
 async def dns_stub_stack(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    lab: Lab,
     handlers: Callable[[str], dict[str, Any]],
     *,
     tcp: bool = True,
@@ -821,27 +772,22 @@ async def dns_stub_stack(
     """A sidecar whose only name server is a :class:`StubDns`: ``good.test`` (MX -> a normal
     TestMX) from a zone, other suffixes from ``handlers(mx_address)``; a second MX (built with
     ``mx_options``) on its own address for tests that need one."""
-    good_address, other_address = addresses.ipv4(), addresses.ipv4()
+    good_address, other_address = lab.addresses.ipv4(), lab.addresses.ipv4()
     port = free_port(good_address)
-    good = await mx_factory(Endpoint(good_address, port))
-    other = await mx_factory(Endpoint(other_address, port), **(mx_options or {}))
+    good = await lab.mx(Endpoint(good_address, port))
+    other = await lab.mx(Endpoint(other_address, port), **(mx_options or {}))
     good_zone = zone(
         {("good.test", "MX"): ["10 mx.good.test."], ("mx.good.test", "A"): [good_address]}
     )
-    stub = StubDns(
-        addresses.endpoint(udp=True), by_suffix(handlers(other_address), good_zone), tcp=tcp
-    )
-    stub.start()
-    haproxy = haproxy_factory()
-    config = make_config(
-        listeners=[(sidecar_factory.listener(), "b1")],
-        bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+    stub = lab.stubs(by_suffix(handlers(other_address), good_zone), tcp=tcp)
+    stack = await lab.build(
+        mx_at=[good.endpoint, other.endpoint],
+        domains={},
         nameserver=stub.endpoint,
-        port=port,
         delivery={**FAST_DELIVERY, **(delivery or {})},
+        dns={"timeout": 1, **(dns or {})},
     )
-    config["dns"].update({"timeout": 1, **(dns or {})})
-    sidecar = await sidecar_factory(config)
+    sidecar = stack.sidecar
     return sidecar, stub, good, other
 
 
@@ -857,13 +803,7 @@ async def dns_stub_stack(
     ],
 )
 async def test_hostile_dns_answers(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    name: str,
-    expected: bytes,
-    max_seconds: float,
+    lab: Lab, name: str, expected: bytes, max_seconds: float
 ) -> None:
     def handlers(mx_address: str) -> dict[str, Any]:
         real = zone(
@@ -880,9 +820,7 @@ async def test_hostile_dns_answers(
             "tc-zone.test": truncating(real),
         }
 
-    sidecar, stub, good, other = await dns_stub_stack(
-        addresses, haproxy_factory, mx_factory, sidecar_factory, handlers, dns={"timeout": 2}
-    )
+    sidecar, stub, good, other = await dns_stub_stack(lab, handlers, dns={"timeout": 2})
     try:
         control = Control(sidecar.endpoint, good, "rcpt@good.test")
 
@@ -903,12 +841,7 @@ async def test_hostile_dns_answers(
         stub.stop()
 
 
-async def test_oversized_dns_answers_bound_the_work(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
+async def test_oversized_dns_answers_bound_the_work(lab: Lab) -> None:
     hosts = 200
 
     def handlers(mx_address: str) -> dict[str, Any]:
@@ -929,10 +862,7 @@ async def test_oversized_dns_answers_bound_the_work(
         return {"big.test": big, "dead.test": big, "wide.test": big}
 
     sidecar, stub, good, other = await dns_stub_stack(
-        addresses,
-        haproxy_factory,
-        mx_factory,
-        sidecar_factory,
+        lab,
         handlers,
         delivery={"max_mx_addresses": 3},
     )
@@ -964,13 +894,7 @@ async def test_oversized_dns_answers_bound_the_work(
         stub.stop()
 
 
-async def test_mx_host_name_unusable_for_tls(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    mx_tls_context: ssl.SSLContext,
-) -> None:
+async def test_mx_host_name_unusable_for_tls(lab: Lab, mx_tls_context: ssl.SSLContext) -> None:
     """A DNS answer naming an MX whose label is 20 NUL bytes: as text (``\\000`` x 20, 80
     characters) it is no valid host name, yet it becomes the TLS server name. Python's own
     IDNA codec would raise on it; trio hands ASCII names to OpenSSL as bytes, so it must not
@@ -981,10 +905,7 @@ async def test_mx_host_name_unusable_for_tls(
         return {"odd.test": zone({("odd.test", "MX"): [f"10 {odd}"], (odd, "A"): [mx_address]})}
 
     sidecar, stub, good, other = await dns_stub_stack(
-        addresses,
-        haproxy_factory,
-        mx_factory,
-        sidecar_factory,
+        lab,
         handlers,
         delivery={"tls": "opportunistic"},
         mx_options={"tls_context": mx_tls_context},

@@ -30,7 +30,7 @@ from .harness import (
     HAProxy,
     HAProxyFactory,
     HostRecord,
-    MXFactory,
+    Lab,
     MXRecord,
     NullMXRecord,
     RawSMTPClient,
@@ -73,11 +73,9 @@ def test_addresses_are_fresh_loopback_with_free_ports(addresses: Addresses) -> N
 # -- HAProxy ----------------------------------------------------------------------------------
 
 
-async def test_haproxy_connects_from_the_header_source_ipv4(
-    haproxy_factory: HAProxyFactory, mx: TestMX, addresses: Addresses
-) -> None:
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
+async def test_haproxy_connects_from_the_header_source_ipv4(lab: Lab, mx: TestMX) -> None:
+    haproxy = lab.haproxy()
+    source = lab.addresses.ipv4()
     stream = await haproxy.open_stream(source, mx.endpoint)
     async with RawSMTPClient(stream) as client:
         assert (await client.read_reply()).startswith(b"220 ")
@@ -90,11 +88,9 @@ async def test_haproxy_connects_from_the_header_source_ipv4(
 
 
 @pytest.mark.parametrize("ipv6_listener", [True, False], ids=["ipv6-bind", "ipv4-bind"])
-async def test_haproxy_connects_from_the_header_source_ipv6(
-    haproxy_factory: HAProxyFactory, mx_factory: MXFactory, ipv6_listener: bool
-) -> None:
-    haproxy = haproxy_factory(ipv6=True)
-    mx = await mx_factory(ipv6=True)
+async def test_haproxy_connects_from_the_header_source_ipv6(lab: Lab, ipv6_listener: bool) -> None:
+    haproxy = lab.haproxy(ipv6=True)
+    mx = await lab.mx(ipv6=True)
     stream = await haproxy.open_stream("::1", mx.endpoint, ipv6_listener=ipv6_listener)
     async with RawSMTPClient(stream) as client:
         assert (await client.read_reply()).startswith(b"220 ")
@@ -103,13 +99,11 @@ async def test_haproxy_connects_from_the_header_source_ipv6(
     assert mx.connections[0].local[0] == "::1"
 
 
-async def test_haproxy_refused_mx_is_eof_before_banner(
-    haproxy_factory: HAProxyFactory, addresses: Addresses
-) -> None:
-    haproxy = haproxy_factory()  # retries 1, timeout connect 1s
-    closed_port = addresses.endpoint()  # nothing listens there
+async def test_haproxy_refused_mx_is_eof_before_banner(lab: Lab) -> None:
+    haproxy = lab.haproxy()  # retries 1, timeout connect 1s
+    closed_port = lab.addresses.endpoint()  # nothing listens there
     started = trio.current_time()
-    stream = await haproxy.open_stream(addresses.ipv4(), closed_port)
+    stream = await haproxy.open_stream(lab.addresses.ipv4(), closed_port)
     async with RawSMTPClient(stream) as client:
         with trio.fail_after(5):
             assert await client.read_reply() == b""
@@ -117,31 +111,27 @@ async def test_haproxy_refused_mx_is_eof_before_banner(
     assert trio.current_time() - started < 2.5
 
 
-async def test_haproxy_kill_and_restart(
-    haproxy_factory: HAProxyFactory, mx: TestMX, addresses: Addresses
-) -> None:
-    haproxy = haproxy_factory()
+async def test_haproxy_kill_and_restart(lab: Lab, mx: TestMX) -> None:
+    haproxy = lab.haproxy()
     haproxy.kill()
     assert not haproxy.running
     with pytest.raises(OSError):
         await trio.open_tcp_stream(*haproxy.address)
     haproxy.restart()
-    source = addresses.ipv4()
+    source = lab.addresses.ipv4()
     async with RawSMTPClient(await haproxy.open_stream(source, mx.endpoint)) as client:
         assert (await client.read_reply()).startswith(b"220 ")
     assert mx.connections[0].peer_host == source
 
 
-async def test_haproxy_protection_rules(
-    haproxy_factory: HAProxyFactory, mx: TestMX, addresses: Addresses
-) -> None:
-    sidecar, egress, stranger = addresses.ipv4(), addresses.ipv4(), addresses.ipv4()
-    open_proxy = haproxy_factory(
+async def test_haproxy_protection_rules(lab: Lab, mx: TestMX) -> None:
+    sidecar, egress, stranger = lab.addresses.ipv4(), lab.addresses.ipv4(), lab.addresses.ipv4()
+    open_proxy = lab.haproxy(
         allowed_clients=[sidecar],
         allowed_sources=[egress],
         allowed_destination_ports=[mx.endpoint.port],
     )
-    local_guard = haproxy_factory(reject_local_destinations=True)
+    local_guard = lab.haproxy(reject_local_destinations=True)
 
     async def outcome(
         haproxy: HAProxy, source: str, destination: Endpoint, local_address: str | None = None
@@ -287,7 +277,7 @@ def test_dnsmasq_servfail_refused_timeout(zone: Endpoint) -> None:
 def test_dns_stubs_directly(dns_stubs: DnsStubFactory) -> None:
     servfail, silent = dns_stubs.rcode(dns.rcode.SERVFAIL), dns_stubs.silent()
     assert query(servfail.endpoint, "a.test", "MX").rcode() == dns.rcode.SERVFAIL
-    assert servfail.queries == [("a.test.", "MX")]
+    assert servfail.queries == [("udp", "a.test", "MX")]
     with pytest.raises(dns.exception.Timeout):
         query(silent.endpoint, "a.test", "MX", timeout=0.2)
 
@@ -341,11 +331,11 @@ async def test_mx_records_a_message_from_smtplib(mx: TestMX) -> None:
 
 
 async def test_mx_starttls_with_trustme(
-    mx_factory: MXFactory, addresses: Addresses, tls_ca: trustme.CA, client_tls: ssl.SSLContext
+    lab: Lab, tls_ca: trustme.CA, client_tls: ssl.SSLContext
 ) -> None:
-    host = addresses.ipv4()  # smtplib checks the certificate against the address it dialled
+    host = lab.addresses.ipv4()  # smtplib checks the certificate against the address it dialled
     context = server_tls_context(tls_ca, "mx.test", host)
-    mx = await mx_factory(Endpoint(host, 0), tls_context=context)
+    mx = await lab.mx(Endpoint(host, 0), tls_context=context)
 
     def send() -> None:
         with smtplib.SMTP(mx.endpoint.host, mx.endpoint.port, "client.test", timeout=10) as s:
@@ -364,9 +354,9 @@ async def test_mx_starttls_with_trustme(
 
 
 async def test_mx_starttls_raw_client_discards_pipelined_bytes(
-    mx_factory: MXFactory, mx_tls_context: ssl.SSLContext, client_tls: ssl.SSLContext
+    lab: Lab, mx_tls_context: ssl.SSLContext, client_tls: ssl.SSLContext
 ) -> None:
-    mx = await mx_factory(tls_context=mx_tls_context)
+    mx = await lab.mx(tls_context=mx_tls_context)
     async with await RawSMTPClient.connect(mx.endpoint) as client:
         await client.read_reply()
         await client.command("EHLO c.test")
@@ -387,8 +377,8 @@ async def _raw_tls_upgrade(client: RawSMTPClient, context: ssl.SSLContext, name:
     await stream.do_handshake()
 
 
-async def test_mx_multiline_final_reply_and_overrides(mx_factory: MXFactory) -> None:
-    mx = await mx_factory(
+async def test_mx_multiline_final_reply_and_overrides(lab: Lab) -> None:
+    mx = await lab.mx(
         multiline_final_reply=True,
         replies={
             "RCPT": lambda line: (
@@ -431,10 +421,8 @@ async def test_mx_multiline_final_reply_and_overrides(mx_factory: MXFactory) -> 
         (smtp_reply(554, "5.7.1 go away"), b"503 5.5.0 Error: no service\r\n"),
     ],
 )
-async def test_mx_refusing_banners(
-    mx_factory: MXFactory, banner: bytes, expected_after_ehlo: bytes
-) -> None:
-    mx = await mx_factory(banner=banner)
+async def test_mx_refusing_banners(lab: Lab, banner: bytes, expected_after_ehlo: bytes) -> None:
+    mx = await lab.mx(banner=banner)
     async with await RawSMTPClient.connect(mx.endpoint) as client:
         assert await client.read_reply() == banner
         await client.send(b"EHLO c.test\r\n")
@@ -449,10 +437,10 @@ async def test_mx_refusing_banners(
 RESETS = [None, b"", b"EHLO c.test\r\n", b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n"]
 
 
-async def test_mx_survives_peers_that_reset(mx_factory: MXFactory) -> None:
+async def test_mx_survives_peers_that_reset(lab: Lab) -> None:
     """A peer that resets (a port probe that never reads the banner, a crashed client) costs
     that connection only: the TestMX goes on serving (issue 10 item 16)."""
-    mx = await mx_factory()
+    mx = await lab.mx()
     for _ in range(3):
         for before in RESETS:
             await trio.to_thread.run_sync(reset_connection, mx.endpoint, before)
@@ -469,9 +457,9 @@ async def test_mx_survives_peers_that_reset(mx_factory: MXFactory) -> None:
     assert message.rcpt_to == [b"RCPT TO:<r@mx.test>"]
 
 
-async def test_mx_close_and_hang_at_connect(mx_factory: MXFactory) -> None:
-    closing = await mx_factory(close_at="CONNECT")
-    hanging = await mx_factory(hang_at="CONNECT")
+async def test_mx_close_and_hang_at_connect(lab: Lab) -> None:
+    closing = await lab.mx(close_at="CONNECT")
+    hanging = await lab.mx(hang_at="CONNECT")
     async with await RawSMTPClient.connect(closing.endpoint) as client:
         assert await client.read_reply() == b""
     async with await RawSMTPClient.connect(hanging.endpoint) as client:
@@ -482,11 +470,11 @@ async def test_mx_close_and_hang_at_connect(mx_factory: MXFactory) -> None:
 
 
 @pytest.mark.parametrize("phase", ["close", "hang"])
-async def test_mx_stops_at_end_of_data(mx_factory: MXFactory, phase: str) -> None:
+async def test_mx_stops_at_end_of_data(lab: Lab, phase: str) -> None:
     if phase == "close":
-        mx = await mx_factory(close_at="END")
+        mx = await lab.mx(close_at="END")
     else:
-        mx = await mx_factory(hang_at="END")
+        mx = await lab.mx(hang_at="END")
     async with await RawSMTPClient.connect(mx.endpoint) as client:
         await client.read_reply()
         for line in ("EHLO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<b@x.test>", "DATA"):
@@ -499,8 +487,8 @@ async def test_mx_stops_at_end_of_data(mx_factory: MXFactory, phase: str) -> Non
 
 
 @pytest.mark.parametrize("accept_bare_lf", [False, True])
-async def test_mx_end_of_data_bare_lf(mx_factory: MXFactory, accept_bare_lf: bool) -> None:
-    mx = await mx_factory(accept_bare_lf=accept_bare_lf)
+async def test_mx_end_of_data_bare_lf(lab: Lab, accept_bare_lf: bool) -> None:
+    mx = await lab.mx(accept_bare_lf=accept_bare_lf)
     smuggled = b"one\n.\nMAIL FROM:<evil@x.test>\r\ntwo\r\n.\r\n"
     async with await RawSMTPClient.connect(mx.endpoint) as client:
         await client.read_reply()
@@ -546,13 +534,11 @@ async def test_mx_state_errors(mx: TestMX) -> None:
         assert (await client.command("VRFY x")).startswith(b"500 5.5.2")
 
 
-async def test_mx_ten_megabytes_through_haproxy(
-    haproxy_factory: HAProxyFactory, mx: TestMX, addresses: Addresses
-) -> None:
-    haproxy = haproxy_factory()
+async def test_mx_ten_megabytes_through_haproxy(lab: Lab, mx: TestMX) -> None:
+    haproxy = lab.haproxy()
     line = b"0123456789" * 7 + b"\r\n"
     body = line * (10 * 1024 * 1024 // len(line)) + b"..dot-stuffed\r\n"
-    source = addresses.ipv4()
+    source = lab.addresses.ipv4()
     started = trio.current_time()
     async with RawSMTPClient(await haproxy.open_stream(source, mx.endpoint)) as client:
         await client.read_reply()

@@ -9,22 +9,16 @@ from typing import Any
 import trio
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
-    Endpoint,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
-    TestMX,
-    free_port,
-)
-from .stack import (
     MESSAGE,
+    Endpoint,
+    HostRecord,
+    Lab,
+    MXRecord,
     RunningSidecar,
     SendResult,
-    SidecarFactory,
+    TestMX,
     final_status,
+    free_port,
     make_config,
     proxied_binding,
     rcpt_reply,
@@ -43,13 +37,11 @@ HEALTH = {
 FLIP_WAIT = INTERVAL * 2 * 2
 
 
-async def _mx_and_zone(
-    addresses: Addresses, mx_factory: MXFactory, dnsmasq_factory: DnsmasqFactory
-) -> tuple[TestMX, Endpoint, int]:
-    mx_address = addresses.ipv4()
+async def _mx_and_zone(lab: Lab) -> tuple[TestMX, Endpoint, int]:
+    mx_address = lab.addresses.ipv4()
     port = free_port(mx_address)
-    mx = await mx_factory(Endpoint(mx_address, port))
-    dns = dnsmasq_factory(
+    mx = await lab.mx(Endpoint(mx_address, port))
+    dns = lab.dnsmasq(
         [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
     )
     return mx, dns.endpoint, port
@@ -60,7 +52,7 @@ async def _deliver(sidecar: RunningSidecar) -> SendResult:
 
 
 def _group_config(
-    sidecar_factory: SidecarFactory,
+    lab: Lab,
     bindings: dict[str, dict[str, Any]],
     nameserver: Endpoint,
     port: int,
@@ -75,24 +67,18 @@ def _group_config(
         delivery={"connect_timeout": 2, "banner_timeout": 2, "connection_cache": False},
         ha_proxy_client=health,
     )
-    config["listener"] = [{"address": sidecar_factory.listener(), "binding_group": "g1"}]
+    config["listener"] = [{"address": lab.listener(), "binding_group": "g1"}]
     config["binding_group"] = {"g1": {"bindings": list(bindings)}}
     return config
 
 
-async def test_stopped_haproxy_is_unplumbed_then_plumbed_again(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx, nameserver, port = await _mx_and_zone(addresses, mx_factory, dnsmasq_factory)
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
+async def test_stopped_haproxy_is_unplumbed_then_plumbed_again(lab: Lab) -> None:
+    mx, nameserver, port = await _mx_and_zone(lab)
+    haproxy = lab.haproxy()
+    source = lab.addresses.ipv4()
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
+            listeners=[(lab.listener(), "b1")],
             bindings={"b1": proxied_binding(haproxy.bind, source=source)},
             nameserver=nameserver,
             port=port,
@@ -129,20 +115,14 @@ async def test_stopped_haproxy_is_unplumbed_then_plumbed_again(
     assert len(mx.connections) == 2
 
 
-async def test_binding_group_uses_only_its_plumbed_members(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx, nameserver, port = await _mx_and_zone(addresses, mx_factory, dnsmasq_factory)
-    dead_proxy = addresses.endpoint()  # nothing listens there
-    haproxy = haproxy_factory()
-    source1, source2 = addresses.ipv4(), addresses.ipv4()
-    sidecar = await sidecar_factory(
+async def test_binding_group_uses_only_its_plumbed_members(lab: Lab) -> None:
+    mx, nameserver, port = await _mx_and_zone(lab)
+    dead_proxy = lab.addresses.endpoint()  # nothing listens there
+    haproxy = lab.haproxy()
+    source1, source2 = lab.addresses.ipv4(), lab.addresses.ipv4()
+    sidecar = await lab.sidecar(
         _group_config(
-            sidecar_factory,
+            lab,
             {
                 "b1": proxied_binding(dead_proxy, source=source1),
                 "b2": proxied_binding(haproxy.bind, source=source2),
@@ -165,19 +145,13 @@ async def test_binding_group_uses_only_its_plumbed_members(
     assert len(mx.connections) == 6
 
 
-async def test_binding_group_with_all_members_up_uses_each_in_turn(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx, nameserver, port = await _mx_and_zone(addresses, mx_factory, dnsmasq_factory)
-    haproxy1, haproxy2 = haproxy_factory(), haproxy_factory()
-    source1, source2 = addresses.ipv4(), addresses.ipv4()
-    sidecar = await sidecar_factory(
+async def test_binding_group_with_all_members_up_uses_each_in_turn(lab: Lab) -> None:
+    mx, nameserver, port = await _mx_and_zone(lab)
+    haproxy1, haproxy2 = lab.haproxy(), lab.haproxy()
+    source1, source2 = lab.addresses.ipv4(), lab.addresses.ipv4()
+    sidecar = await lab.sidecar(
         _group_config(
-            sidecar_factory,
+            lab,
             {
                 "b1": proxied_binding(haproxy1.bind, source=source1),
                 "b2": proxied_binding(haproxy2.bind, source=source2),
@@ -193,26 +167,20 @@ async def test_binding_group_with_all_members_up_uses_each_in_turn(
     assert sorted(m.peer_host for m in messages) == sorted([source1, source2] * 2)
 
 
-async def test_binding_group_fails_over_to_another_member_before_the_flip(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx, nameserver, port = await _mx_and_zone(addresses, mx_factory, dnsmasq_factory)
-    dead_proxy = addresses.endpoint()
-    haproxy = haproxy_factory()
-    source2 = addresses.ipv4()
+async def test_binding_group_fails_over_to_another_member_before_the_flip(lab: Lab) -> None:
+    mx, nameserver, port = await _mx_and_zone(lab)
+    dead_proxy = lab.addresses.endpoint()
+    haproxy = lab.haproxy()
+    source2 = lab.addresses.ipv4()
     slow_health = {
         "health_check_interval": 60,
         "health_check_failure_threshold": 5,
     }  # b1 stays plumbed for the whole test
-    sidecar = await sidecar_factory(
+    sidecar = await lab.sidecar(
         _group_config(
-            sidecar_factory,
+            lab,
             {
-                "b1": proxied_binding(dead_proxy, source=addresses.ipv4()),
+                "b1": proxied_binding(dead_proxy, source=lab.addresses.ipv4()),
                 "b2": proxied_binding(haproxy.bind, source=source2),
             },
             nameserver,

@@ -11,28 +11,17 @@ import pytest
 import trio
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
+    MESSAGE,
     Endpoint,
     HAProxy,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
-    TestMX,
-    free_port,
-    smtp_reply,
-)
-from .stack import (
-    MESSAGE,
+    Lab,
     RunningSidecar,
     SendResult,
-    SidecarFactory,
+    TestMX,
     final_status,
-    make_config,
-    proxied_binding,
     rcpt_reply,
     send,
+    smtp_reply,
 )
 
 INTERVAL = 0.2
@@ -45,35 +34,15 @@ HEALTH: dict[str, Any] = {
 FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "mx_command_timeout": 2}
 
 
-async def _stack(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    probe: Endpoint,
-) -> tuple[RunningSidecar, HAProxy, TestMX, str]:
+async def _stack(lab: Lab, probe: Endpoint) -> tuple[RunningSidecar, HAProxy, TestMX, str]:
     """A sidecar whose binding b1 (source returned) goes through a real HAProxy, delivering
     example.test to a TestMX, with ``health_check_probe`` at ``probe``."""
-    mx_address = addresses.ipv4()
-    port = free_port(mx_address)
-    mx = await mx_factory(Endpoint(mx_address, port))
-    dns = dnsmasq_factory(
-        [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
+    stack = await lab.build(
+        hosts=["mx.example.test"],
+        delivery=FAST_DELIVERY,
+        sections={"ha_proxy_client": {**HEALTH, "health_check_probe": str(probe)}},
     )
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
-        make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=source)},
-            nameserver=dns.endpoint,
-            port=port,
-            delivery=FAST_DELIVERY,
-            ha_proxy_client={**HEALTH, "health_check_probe": str(probe)},
-        )
-    )
-    return sidecar, haproxy, mx, source
+    return stack.sidecar, stack.haproxy, stack.mx, stack.source
 
 
 async def _deliver(sidecar: RunningSidecar) -> SendResult:
@@ -83,17 +52,9 @@ async def _deliver(sidecar: RunningSidecar) -> SendResult:
 UNPLUMBED = b"451 4.4.1 No HAProxy server of binding b1 is up"
 
 
-async def test_probe_through_a_working_egress_keeps_the_server_plumbed(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    probe_mx = await mx_factory(hostname="probe.test")
-    sidecar, _, mx, source = await _stack(
-        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory, probe_mx.endpoint
-    )
+async def test_probe_through_a_working_egress_keeps_the_server_plumbed(lab: Lab) -> None:
+    probe_mx = await lab.mx(hostname="probe.test")
+    sidecar, _, mx, source = await _stack(lab, probe_mx.endpoint)
     await probe_mx.wait_for_connections(3, timeout=5)
     # Every probe came through HAProxy from the binding's source, and said QUIT after the 220.
     assert {c.peer_host for c in probe_mx.connections} == {source}
@@ -106,23 +67,14 @@ async def test_probe_through_a_working_egress_keeps_the_server_plumbed(
 
 
 @pytest.mark.parametrize("probe_kind", ["554-banner", "nothing-listens"])
-async def test_failing_probe_unplumbs_although_haproxy_accepts(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    probe_kind: str,
-) -> None:
+async def test_failing_probe_unplumbs_although_haproxy_accepts(lab: Lab, probe_kind: str) -> None:
     probe_mx: TestMX | None = None
     if probe_kind == "554-banner":
-        probe_mx = await mx_factory(banner=smtp_reply(554, "5.7.1 probe.test: go away"))
+        probe_mx = await lab.mx(banner=smtp_reply(554, "5.7.1 probe.test: go away"))
         probe = probe_mx.endpoint
     else:
-        probe = addresses.endpoint()
-    sidecar, haproxy, mx, source = await _stack(
-        addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory, probe
-    )
+        probe = lab.addresses.endpoint()
+    sidecar, haproxy, mx, source = await _stack(lab, probe)
     with trio.fail_after(5):
         while not (answer := await rcpt_reply(sidecar.endpoint, "rcpt@example.test")).startswith(
             UNPLUMBED

@@ -4,36 +4,29 @@
 from __future__ import annotations
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
+    MESSAGE,
     Endpoint,
-    HAProxyFactory,
     HostRecord,
-    MXFactory,
+    Lab,
     MXRecord,
     free_port,
+    make_config,
+    send,
 )
-from .stack import MESSAGE, SidecarFactory, make_config, send
 
 
-async def test_mx_sees_the_binding_ipv4_source(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx_address = addresses.ipv4()
+async def test_mx_sees_the_binding_ipv4_source(lab: Lab) -> None:
+    mx_address = lab.addresses.ipv4()
     port = free_port(mx_address)
-    mx = await mx_factory(Endpoint(mx_address, port))
-    dns = dnsmasq_factory(
+    mx = await lab.mx(Endpoint(mx_address, port))
+    dns = lab.dnsmasq(
         [MXRecord("example.test", "mx1.example.test"), HostRecord("mx1.example.test", [mx_address])]
     )
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
+    haproxy = lab.haproxy()
+    source = lab.addresses.ipv4()
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
+            listeners=[(lab.listener(), "b1")],
             bindings={"b1": {"ha_proxy_server": str(haproxy.bind), "ha_proxy_src_addr": source}},
             nameserver=dns.endpoint,
             port=port,

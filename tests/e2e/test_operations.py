@@ -13,17 +13,27 @@ import tomli_w
 import trio
 import trustme
 
-from .harness import Addresses, Endpoint, RawSMTPClient
-from .processes import CliStack, Processes, SidecarProcess, run_cli, wait_exit, wait_listening
-from .stack import MESSAGE, send
+from .harness import (
+    MESSAGE,
+    CliStack,
+    Endpoint,
+    Lab,
+    Processes,
+    RawSMTPClient,
+    SidecarProcess,
+    run_cli,
+    send,
+    wait_exit,
+    wait_listening,
+)
 
 
 def write_config(stack: CliStack, config: dict[str, Any]) -> None:
     stack.config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
-def with_status(stack: CliStack, addresses: Addresses, **health: float) -> Endpoint:
-    status = addresses.endpoint()
+def with_status(stack: CliStack, lab: Lab, **health: float) -> Endpoint:
+    status = lab.addresses.endpoint()
     config = dict(stack.config)
     config["status"] = {"address": str(status)}
     config["ha_proxy_client"] = {**config["ha_proxy_client"], **health}
@@ -51,9 +61,9 @@ async def wait_for_log(started: SidecarProcess, text: str, timeout: float = 10) 
 
 
 async def test_status_endpoint_and_status_command(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
-    status = with_status(cli_stack, addresses)
+    status = with_status(cli_stack, lab)
     started = await processes.start(["run", "-c", str(cli_stack.config_path)])
     await wait_listening(cli_stack.listener, started)
     result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
@@ -90,11 +100,11 @@ async def test_status_endpoint_and_status_command(
 
 
 async def test_health_flip_is_logged_and_shown(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
     status = with_status(
         cli_stack,
-        addresses,
+        lab,
         health_check_interval=0.1,
         health_check_failure_threshold=2,
         health_check_success_threshold=2,
@@ -155,13 +165,13 @@ async def test_json_log_lines(cli_stack: CliStack, processes: Processes) -> None
 
 
 async def test_sighup_reloads_new_sessions_use_it(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
     started = await processes.start(["run", "-c", str(cli_stack.config_path)])
     await wait_listening(cli_stack.listener, started)
     mx = cli_stack.mxes[0]
 
-    new_source = addresses.ipv4()
+    new_source = lab.addresses.ipv4()
     config = dict(cli_stack.config)
     config["binding"] = {"b1": {**config["binding"]["b1"], "ha_proxy_src_addr": new_source}}
     write_config(cli_stack, config)
@@ -173,8 +183,8 @@ async def test_sighup_reloads_new_sessions_use_it(
     assert message.peer_host == new_source
 
     # The health checks follow the new server list.
-    status = addresses.endpoint()
-    extra = addresses.endpoint()
+    status = lab.addresses.endpoint()
+    extra = lab.addresses.endpoint()
     config["status"] = {"address": str(status)}
     config["binding"]["b1"]["ha_proxy_server"] = [str(cli_stack.haproxy.bind), str(extra)]
     write_config(cli_stack, config)
@@ -194,7 +204,7 @@ async def test_sighup_reloads_new_sessions_use_it(
     await wait_for_log(started, "reload failed, keeping the running configuration")
     # A listener change needs a restart: refused too.
     moved = dict(config)
-    moved["listener"] = [{"address": str(addresses.endpoint()), "binding": "b1"}]
+    moved["listener"] = [{"address": str(lab.addresses.endpoint()), "binding": "b1"}]
     write_config(cli_stack, moved)
     started.process.send_signal(signal.SIGHUP)
     await wait_for_log(started, "listener addresses changed")
@@ -238,7 +248,7 @@ async def test_sighup_with_an_unusable_ca_file_keeps_the_running_config(
 
 
 async def test_sighup_keeps_open_sessions_on_their_config(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
     """An open session keeps the configuration it started with."""
     started = await processes.start(["run", "-c", str(cli_stack.config_path)])
@@ -246,7 +256,7 @@ async def test_sighup_keeps_open_sessions_on_their_config(
     async with await RawSMTPClient.connect(cli_stack.listener) as client:
         await client.read_reply()
         await client.command(b"EHLO client.test")
-        new_source = addresses.ipv4()
+        new_source = lab.addresses.ipv4()
         config = dict(cli_stack.config)
         config["binding"] = {"b1": {**config["binding"]["b1"], "ha_proxy_src_addr": new_source}}
         write_config(cli_stack, config)
@@ -282,12 +292,12 @@ async def _first_reply(endpoint: Endpoint, clients: list[RawSMTPClient]) -> byte
 
 
 async def test_low_descriptor_limit_refuses_clients_and_keeps_haproxy_plumbed(
-    cli_stack: CliStack, addresses: Addresses, processes: Processes
+    cli_stack: CliStack, lab: Lab, processes: Processes
 ) -> None:
     """Issue 10, item 11: under ``ulimit -n 256`` with 300 idle clients, the sidecar admits
     what its descriptors allow and greets the rest with 421 4.3.2; a transaction still
     delivers while they stay connected, and HAProxy is never counted as failing."""
-    status = with_status(cli_stack, addresses, health_check_interval=0.5)
+    status = with_status(cli_stack, lab, health_check_interval=0.5)
     cli_stack.config["server"] = {**cli_stack.config["server"], "client_command_timeout": 60}
     write_config(cli_stack, cli_stack.config)
     started = await processes.start(

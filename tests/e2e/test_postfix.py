@@ -24,7 +24,9 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from .harness import Addresses, DnsmasqFactory, HAProxyFactory, MXFactory
+from .harness import (
+    Lab,
+)
 from .mta import (
     ALICE,
     BOB,
@@ -39,7 +41,6 @@ from .mta import (
     message_text,
     poll,
 )
-from .stack import SidecarFactory
 
 # Retry deferred mail within a second (defaults: queue_run_delay and minimal_backoff_time 300s).
 FAST_RETRY = {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "1s"}
@@ -178,24 +179,14 @@ async def test_postfix_recipient_limit_1_delivers_every_route_in_one_pass(
 
 
 async def test_postfix_sender_dependent_relayhost_chooses_the_binding(
-    nursery: trio.Nursery,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    postfix_factory: PostfixFactory,
+    nursery: trio.Nursery, lab: Lab, postfix_factory: PostfixFactory
 ) -> None:
     """Two bindings, two listeners; ``sender_dependent_relayhost_maps`` sends alice's mail to
     b1's listener and bob's to b2's (with the recipe): every MX sees alice's message from b1's
     source address and bob's from b2's."""
     stack = await make_mail_stack(
         nursery,
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        lab,
         bindings=("b1", "b2"),
     )
     b1, b2 = stack.egress["b1"], stack.egress["b2"]
@@ -258,25 +249,14 @@ async def test_postfix_defers_a_452_recipient_and_never_bounces_it(
 
 
 async def test_postfix_recipe_delivers_over_tls_where_offered(
-    nursery: trio.Nursery,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    postfix_factory: PostfixFactory,
-    mx_tls_context: ssl.SSLContext,
+    nursery: trio.Nursery, lab: Lab, postfix_factory: PostfixFactory, mx_tls_context: ssl.SSLContext
 ) -> None:
     """Issue 4's "done": a Postfix configured as the README says delivers a mixed batch, every
     recipient at the right MX from the right address, over TLS where the MX offers it."""
     offering = DOMAINS[:2]
     stack = await make_mail_stack(
         nursery,
-        addresses,
-        haproxy_factory,
-        dnsmasq_factory,
-        mx_factory,
-        sidecar_factory,
+        lab,
         tls_contexts={domain: mx_tls_context for domain in offering},
         tls="opportunistic",
     )

@@ -15,27 +15,21 @@ import trio
 
 from .harness import (
     IPV6_LOOPBACK,
-    Addresses,
-    DnsmasqFactory,
-    Endpoint,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
-    TestMX,
-    free_port,
-    smtp_reply,
-)
-from .stack import (
     MESSAGE,
+    Endpoint,
+    HostRecord,
+    Lab,
+    MXRecord,
     RelayStackFactory,
-    SidecarFactory,
+    TestMX,
     final_status,
+    free_port,
     make_config,
     proxied_binding,
     rcpt_reply,
     refusal,
     send,
+    smtp_reply,
 )
 
 FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "mx_command_timeout": 2}
@@ -49,24 +43,17 @@ def _connections(*servers: TestMX) -> int:
 
 
 @pytest.mark.parametrize("listener", ["ipv6-bind", "ipv4-bind"])
-async def test_ipv6_mx_sees_the_binding_ipv6_source(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    listener: str,
-) -> None:
+async def test_ipv6_mx_sees_the_binding_ipv6_source(lab: Lab, listener: str) -> None:
     port = free_port(IPV6_LOOPBACK)
-    mx = await mx_factory(Endpoint(IPV6_LOOPBACK, port))
-    dns = dnsmasq_factory(
+    mx = await lab.mx(Endpoint(IPV6_LOOPBACK, port))
+    dns = lab.dnsmasq(
         [MXRecord("v6.test", "mx.v6.test"), HostRecord("mx.v6.test", [IPV6_LOOPBACK])]
     )
-    haproxy = haproxy_factory(ipv6=True)
+    haproxy = lab.haproxy(ipv6=True)
     proxy = haproxy.bind_ipv6 if listener == "ipv6-bind" else haproxy.bind
-    sidecar = await sidecar_factory(
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
+            listeners=[(lab.listener(), "b1")],
             bindings={"b1": proxied_binding(proxy, ipv6_source=IPV6_LOOPBACK)},
             nameserver=dns.endpoint,
             port=port,
@@ -90,23 +77,17 @@ async def test_ipv6_mx_sees_the_binding_ipv6_source(
     assert messages[1].rcpt_to == [f"RCPT TO:<{literal}>".encode()]
 
 
-async def test_aaaa_only_mx_and_a_binding_without_ipv6_source_is_refused(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
+async def test_aaaa_only_mx_and_a_binding_without_ipv6_source_is_refused(lab: Lab) -> None:
     port = free_port(IPV6_LOOPBACK)
-    mx6 = await mx_factory(Endpoint(IPV6_LOOPBACK, port))
-    dns = dnsmasq_factory(
+    mx6 = await lab.mx(Endpoint(IPV6_LOOPBACK, port))
+    dns = lab.dnsmasq(
         [MXRecord("v6only.test", "mx.v6only.test"), HostRecord("mx.v6only.test", ["::1"])]
     )
-    haproxy = haproxy_factory(ipv6=True)
-    sidecar = await sidecar_factory(
+    haproxy = lab.haproxy(ipv6=True)
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+            listeners=[(lab.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=lab.addresses.ipv4())},
             nameserver=dns.endpoint,
             port=port,
             delivery=FAST_DELIVERY,
@@ -121,37 +102,30 @@ async def test_aaaa_only_mx_and_a_binding_without_ipv6_source_is_refused(
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-async def test_dual_stack_mx_is_reached_over_the_binding_family_only(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    family: str,
-) -> None:
+async def test_dual_stack_mx_is_reached_over_the_binding_family_only(lab: Lab, family: str) -> None:
     """An MX host with A and AAAA records: a binding with one family's source uses that
     family's address and never the other (DESIGN.md invariant 2)."""
     port = free_port(IPV6_LOOPBACK)
-    mx_address = addresses.ipv4()
-    mx4 = await mx_factory(Endpoint(mx_address, port))
-    mx6 = await mx_factory(Endpoint(IPV6_LOOPBACK, port))
-    dns = dnsmasq_factory(
+    mx_address = lab.addresses.ipv4()
+    mx4 = await lab.mx(Endpoint(mx_address, port))
+    mx6 = await lab.mx(Endpoint(IPV6_LOOPBACK, port))
+    dns = lab.dnsmasq(
         [
             MXRecord("dual.test", "mx.dual.test"),
             HostRecord("mx.dual.test", [mx_address, IPV6_LOOPBACK]),
         ]
     )
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
+    haproxy = lab.haproxy()
+    source = lab.addresses.ipv4()
     if family == "ipv4":
         binding = proxied_binding(haproxy.bind, source=source)
         used, unused, expected_peer = mx4, mx6, source
     else:
         binding = proxied_binding(haproxy.bind, ipv6_source=IPV6_LOOPBACK)
         used, unused, expected_peer = mx6, mx4, IPV6_LOOPBACK
-    sidecar = await sidecar_factory(
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
+            listeners=[(lab.listener(), "b1")],
             bindings={"b1": binding},
             nameserver=dns.endpoint,
             port=port,
@@ -169,23 +143,17 @@ async def test_dual_stack_mx_is_reached_over_the_binding_family_only(
 # -- listeners and bindings -------------------------------------------------------------------
 
 
-async def test_each_listener_uses_its_own_binding_source(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx_address = addresses.ipv4()
+async def test_each_listener_uses_its_own_binding_source(lab: Lab) -> None:
+    mx_address = lab.addresses.ipv4()
     port = free_port(mx_address)
-    mx = await mx_factory(Endpoint(mx_address, port))
-    dns = dnsmasq_factory(
+    mx = await lab.mx(Endpoint(mx_address, port))
+    dns = lab.dnsmasq(
         [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
     )
-    haproxy1, haproxy2 = haproxy_factory(), haproxy_factory()
-    source1, source2 = addresses.ipv4(), addresses.ipv4()
-    listener1, listener2 = sidecar_factory.listener(), sidecar_factory.listener()
-    sidecar = await sidecar_factory(
+    haproxy1, haproxy2 = lab.haproxy(), lab.haproxy()
+    source1, source2 = lab.addresses.ipv4(), lab.addresses.ipv4()
+    listener1, listener2 = lab.listener(), lab.listener()
+    sidecar = await lab.sidecar(
         make_config(
             listeners=[(listener1, "b1"), (listener2, "b2")],
             bindings={
@@ -240,18 +208,12 @@ def _bypass_config(
 
 
 @pytest.mark.parametrize("scope", ["binding", "binding_group", "top-level"])
-async def test_bypass_domain_is_delivered_directly_past_a_dead_proxy(
-    addresses: Addresses,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    scope: str,
-) -> None:
-    bypass_address, proxied_address = addresses.ipv4(), addresses.ipv4()
+async def test_bypass_domain_is_delivered_directly_past_a_dead_proxy(lab: Lab, scope: str) -> None:
+    bypass_address, proxied_address = lab.addresses.ipv4(), lab.addresses.ipv4()
     port = free_port(bypass_address)
-    bypass_mx = await mx_factory(Endpoint(bypass_address, port))
-    proxied_mx = await mx_factory(Endpoint(proxied_address, port))
-    dns = dnsmasq_factory(
+    bypass_mx = await lab.mx(Endpoint(bypass_address, port))
+    proxied_mx = await lab.mx(Endpoint(proxied_address, port))
+    dns = lab.dnsmasq(
         [
             MXRecord("bypass.test", "mx.bypass.test"),
             HostRecord("mx.bypass.test", [bypass_address]),
@@ -259,10 +221,10 @@ async def test_bypass_domain_is_delivered_directly_past_a_dead_proxy(
             HostRecord("mx.proxied.test", [proxied_address]),
         ]
     )
-    dead_proxy = addresses.endpoint()  # nothing listens there
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
-        _bypass_config(scope, sidecar_factory.listener(), dead_proxy, source, dns.endpoint, port)
+    dead_proxy = lab.addresses.endpoint()  # nothing listens there
+    source = lab.addresses.ipv4()
+    sidecar = await lab.sidecar(
+        _bypass_config(scope, lab.listener(), dead_proxy, source, dns.endpoint, port)
     )
     delivered = await send(sidecar.endpoint, "a@client.test", ["rcpt@bypass.test"], MESSAGE)
     assert final_status(delivered) == (250, "2.0.0")
@@ -291,20 +253,13 @@ FALLBACKS: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("behaviour", list(FALLBACKS))
-async def test_failing_first_mx_falls_back_to_the_next_preference(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    behaviour: str,
-) -> None:
-    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
+async def test_failing_first_mx_falls_back_to_the_next_preference(lab: Lab, behaviour: str) -> None:
+    mx1_address, mx2_address = lab.addresses.ipv4(), lab.addresses.ipv4()
     port = free_port(mx1_address)
     options = FALLBACKS[behaviour]
-    mx1 = await mx_factory(Endpoint(mx1_address, port), **options) if options else None
-    mx2 = await mx_factory(Endpoint(mx2_address, port))
-    dns = dnsmasq_factory(
+    mx1 = await lab.mx(Endpoint(mx1_address, port), **options) if options else None
+    mx2 = await lab.mx(Endpoint(mx2_address, port))
+    dns = lab.dnsmasq(
         [
             MXRecord("example.test", "mx1.example.test", 10),
             MXRecord("example.test", "mx2.example.test", 20),
@@ -312,11 +267,11 @@ async def test_failing_first_mx_falls_back_to_the_next_preference(
             HostRecord("mx2.example.test", [mx2_address]),
         ]
     )
-    haproxy = haproxy_factory(retries=0)  # a refused MX port: EOF at once
-    source = addresses.ipv4()
-    sidecar = await sidecar_factory(
+    haproxy = lab.haproxy(retries=0)  # a refused MX port: EOF at once
+    source = lab.addresses.ipv4()
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
+            listeners=[(lab.listener(), "b1")],
             bindings={"b1": proxied_binding(haproxy.bind, source=source)},
             nameserver=dns.endpoint,
             port=port,
@@ -386,28 +341,22 @@ async def test_5xx_banner_from_every_mx_is_a_4xx(relay_stack: RelayStackFactory)
         assert mx.messages == []
 
 
-async def test_at_most_max_mx_addresses_are_tried(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    hosts = [addresses.ipv4() for _ in range(6)]
+async def test_at_most_max_mx_addresses_are_tried(lab: Lab) -> None:
+    hosts = [lab.addresses.ipv4() for _ in range(6)]
     port = free_port(hosts[0])
-    servers = [await mx_factory(Endpoint(host, port), close_at="CONNECT") for host in hosts]
+    servers = [await lab.mx(Endpoint(host, port), close_at="CONNECT") for host in hosts]
     records: list[Any] = []
     for index, host in enumerate(hosts, start=1):
         records += [
             MXRecord("many.test", f"mx{index}.many.test", index * 10),
             HostRecord(f"mx{index}.many.test", [host]),
         ]
-    dns = dnsmasq_factory(records)
-    haproxy = haproxy_factory(retries=0)
-    sidecar = await sidecar_factory(
+    dns = lab.dnsmasq(records)
+    haproxy = lab.haproxy(retries=0)
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+            listeners=[(lab.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=lab.addresses.ipv4())},
             nameserver=dns.endpoint,
             port=port,
             delivery={**FAST_DELIVERY, "max_mx_addresses": 3},
@@ -423,10 +372,10 @@ async def test_at_most_max_mx_addresses_are_tried(
 
 
 @pytest.fixture
-def silent_proxy(addresses: Addresses) -> Iterator[Endpoint]:
+def silent_proxy(lab: Lab) -> Iterator[Endpoint]:
     """An address where TCP connects hang: a listener with a full accept queue that never
     accepts (the kernel drops further SYNs), like a proxy host that is down or filtered."""
-    host = addresses.ipv4()
+    host = lab.addresses.ipv4()
     listener = socket.socket()
     fillers: list[socket.socket] = []
     try:
@@ -447,21 +396,16 @@ def silent_proxy(addresses: Addresses) -> Iterator[Endpoint]:
 
 @pytest.mark.parametrize("proxy", ["refused", "silent"])
 async def test_unreachable_proxy_is_a_prompt_451_and_no_mx_is_tried(
-    addresses: Addresses,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-    silent_proxy: Endpoint,
-    proxy: str,
+    lab: Lab, silent_proxy: Endpoint, proxy: str
 ) -> None:
     """DESIGN.md section 5: a proxy that cannot be reached is the proxy's fault; the next MX
     (through the same proxy) is not tried. With a silent proxy one attempt costs
     delivery.connect_timeout, so trying mx2 as well would double the wait."""
-    mx1_address, mx2_address = addresses.ipv4(), addresses.ipv4()
+    mx1_address, mx2_address = lab.addresses.ipv4(), lab.addresses.ipv4()
     port = free_port(mx1_address)
-    mx1 = await mx_factory(Endpoint(mx1_address, port))
-    mx2 = await mx_factory(Endpoint(mx2_address, port))
-    dns = dnsmasq_factory(
+    mx1 = await lab.mx(Endpoint(mx1_address, port))
+    mx2 = await lab.mx(Endpoint(mx2_address, port))
+    dns = lab.dnsmasq(
         [
             MXRecord("example.test", "mx1.example.test", 10),
             MXRecord("example.test", "mx2.example.test", 20),
@@ -470,12 +414,12 @@ async def test_unreachable_proxy_is_a_prompt_451_and_no_mx_is_tried(
         ]
     )
     # refused: nothing listens there
-    dead_proxy = addresses.endpoint() if proxy == "refused" else silent_proxy
+    dead_proxy = lab.addresses.endpoint() if proxy == "refused" else silent_proxy
     connect_timeout = 0.5
-    sidecar = await sidecar_factory(
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(dead_proxy, source=addresses.ipv4())},
+            listeners=[(lab.listener(), "b1")],
+            bindings={"b1": proxied_binding(dead_proxy, source=lab.addresses.ipv4())},
             nameserver=dns.endpoint,
             port=port,
             delivery={**FAST_DELIVERY, "connect_timeout": connect_timeout},
@@ -498,24 +442,18 @@ async def test_unreachable_proxy_is_a_prompt_451_and_no_mx_is_tried(
 # -- destination policy -----------------------------------------------------------------------
 
 
-async def test_private_mx_address_is_refused_by_default(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx_address = addresses.ipv4()
+async def test_private_mx_address_is_refused_by_default(lab: Lab) -> None:
+    mx_address = lab.addresses.ipv4()
     port = free_port(mx_address)
-    mx = await mx_factory(Endpoint(mx_address, port))
-    dns = dnsmasq_factory(
+    mx = await lab.mx(Endpoint(mx_address, port))
+    dns = lab.dnsmasq(
         [MXRecord("example.test", "mx.example.test"), HostRecord("mx.example.test", [mx_address])]
     )
-    haproxy = haproxy_factory()
-    sidecar = await sidecar_factory(
+    haproxy = lab.haproxy()
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
-            bindings={"b1": proxied_binding(haproxy.bind, source=addresses.ipv4())},
+            listeners=[(lab.listener(), "b1")],
+            bindings={"b1": proxied_binding(haproxy.bind, source=lab.addresses.ipv4())},
             nameserver=dns.endpoint,
             port=port,
             delivery={**FAST_DELIVERY, "allow_private_destinations": False},

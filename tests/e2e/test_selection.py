@@ -12,22 +12,16 @@ import trio
 from sidecar.routing import hash_ranking
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
+    MESSAGE,
     DnsRecord,
     Endpoint,
-    HAProxyFactory,
     HostRecord,
-    MXFactory,
+    Lab,
     MXRecord,
-    TestMX,
-    free_port,
-)
-from .stack import (
-    MESSAGE,
     RunningSidecar,
-    SidecarFactory,
+    TestMX,
     final_status,
+    free_port,
     make_config,
     proxied_binding,
     rcpt_reply,
@@ -44,27 +38,19 @@ HEALTH = {
 FAST_DELIVERY = {"connect_timeout": 2, "banner_timeout": 2, "mx_command_timeout": 2}
 
 
-async def _mx_for_domains(
-    addresses: Addresses,
-    mx_factory: MXFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    domains: list[str],
-) -> tuple[TestMX, Endpoint, int]:
+async def _mx_for_domains(lab: Lab, domains: list[str]) -> tuple[TestMX, Endpoint, int]:
     """One TestMX that is the MX of every domain in ``domains``."""
-    mx_address = addresses.ipv4()
+    mx_address = lab.addresses.ipv4()
     port = free_port(mx_address)
-    mx = await mx_factory(Endpoint(mx_address, port))
+    mx = await lab.mx(Endpoint(mx_address, port))
     zone: list[DnsRecord] = [HostRecord("mx.test", [mx_address])]
     zone += [MXRecord(domain, "mx.test") for domain in domains]
-    dns = dnsmasq_factory(zone)
+    dns = lab.dnsmasq(zone)
     return mx, dns.endpoint, port
 
 
 def _hash_group_config(
-    sidecar_factory: SidecarFactory,
-    bindings: dict[str, dict[str, Any]],
-    nameserver: Endpoint,
-    port: int,
+    lab: Lab, bindings: dict[str, dict[str, Any]], nameserver: Endpoint, port: int
 ) -> dict[str, Any]:
     config = make_config(
         listeners=[],
@@ -74,7 +60,7 @@ def _hash_group_config(
         delivery=FAST_DELIVERY,
         ha_proxy_client=HEALTH,
     )
-    config["listener"] = [{"address": sidecar_factory.listener(), "binding_group": "g1"}]
+    config["listener"] = [{"address": lab.listener(), "binding_group": "g1"}]
     config["binding_group"] = {"g1": {"bindings": list(bindings), "selection": "hash"}}
     return config
 
@@ -93,21 +79,14 @@ async def _deliver_each(sidecar: RunningSidecar, mx: TestMX, domains: list[str])
     return seen
 
 
-async def test_hash_selection_keeps_each_domain_on_one_source(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
+async def test_hash_selection_keeps_each_domain_on_one_source(lab: Lab) -> None:
     domains = [f"d{i}.test" for i in range(8)]
-    mx, nameserver, port = await _mx_for_domains(addresses, mx_factory, dnsmasq_factory, domains)
-    sources = {"b1": addresses.ipv4(), "b2": addresses.ipv4()}
+    mx, nameserver, port = await _mx_for_domains(lab, domains)
+    sources = {"b1": lab.addresses.ipv4(), "b2": lab.addresses.ipv4()}
     bindings = {
-        name: proxied_binding(haproxy_factory().bind, source=source)
-        for name, source in sources.items()
+        name: proxied_binding(lab.haproxy().bind, source=source) for name, source in sources.items()
     }
-    sidecar = await sidecar_factory(_hash_group_config(sidecar_factory, bindings, nameserver, port))
+    sidecar = await lab.sidecar(_hash_group_config(lab, bindings, nameserver, port))
 
     first = await _deliver_each(sidecar, mx, domains)
     # The same again, in the opposite order, then with two recipients per message.
@@ -126,20 +105,14 @@ async def test_hash_selection_keeps_each_domain_on_one_source(
         assert source == sources[hash_ranking(domain, list(sources))[0]]
 
 
-async def test_hash_selection_moves_only_the_unplumbed_members_domains(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
+async def test_hash_selection_moves_only_the_unplumbed_members_domains(lab: Lab) -> None:
     domains = [f"d{i}.test" for i in range(9)]
-    mx, nameserver, port = await _mx_for_domains(addresses, mx_factory, dnsmasq_factory, domains)
+    mx, nameserver, port = await _mx_for_domains(lab, domains)
     names = ["b1", "b2", "b3"]
-    sources = {name: addresses.ipv4() for name in names}
-    proxies = {name: haproxy_factory() for name in names}
+    sources = {name: lab.addresses.ipv4() for name in names}
+    proxies = {name: lab.haproxy() for name in names}
     bindings = {name: proxied_binding(proxies[name].bind, source=sources[name]) for name in names}
-    sidecar = await sidecar_factory(_hash_group_config(sidecar_factory, bindings, nameserver, port))
+    sidecar = await lab.sidecar(_hash_group_config(lab, bindings, nameserver, port))
     by_source = {source: name for name, source in sources.items()}
 
     before = {d: by_source[s] for d, s in (await _deliver_each(sidecar, mx, domains)).items()}
@@ -158,25 +131,17 @@ async def test_hash_selection_moves_only_the_unplumbed_members_domains(
     assert gone not in after.values() and moved_to  # spread according to each domain's ranking
 
 
-async def test_server_list_dead_then_live_delivers_and_unplumbs_the_dead_one(
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
-    mx, nameserver, port = await _mx_for_domains(
-        addresses, mx_factory, dnsmasq_factory, ["example.test"]
-    )
-    dead = addresses.endpoint()  # nothing listens there
-    live = haproxy_factory()
-    source = addresses.ipv4()
+async def test_server_list_dead_then_live_delivers_and_unplumbs_the_dead_one(lab: Lab) -> None:
+    mx, nameserver, port = await _mx_for_domains(lab, ["example.test"])
+    dead = lab.addresses.endpoint()  # nothing listens there
+    live = lab.haproxy()
+    source = lab.addresses.ipv4()
     # Checks run at start-up and then only every minute: at most one of the dead server's
     # failures comes from the checker, the others are counted by deliveries.
     health = {**HEALTH, "health_check_interval": 60}
-    sidecar = await sidecar_factory(
+    sidecar = await lab.sidecar(
         make_config(
-            listeners=[(sidecar_factory.listener(), "b1")],
+            listeners=[(lab.listener(), "b1")],
             bindings={
                 "b1": {"ha_proxy_server": [str(dead), str(live.bind)], "ha_proxy_src_addr": source}
             },

@@ -9,12 +9,16 @@ import pytest
 import trio
 
 from .harness import (
+    MESSAGE,
+    Lab,
     MXConnection,
-    MXFactory,
     RawSMTPClient,
+    RelayStack,
+    RelayStackFactory,
+    final_status,
+    send,
     smtp_reply,
 )
-from .stack import MESSAGE, RelayStack, RelayStackFactory, final_status, send
 
 MAIL = b"MAIL FROM:<sender@client.test>"
 BODY = b"Subject: session test\r\n\r\nHello.\r\n"
@@ -497,7 +501,7 @@ async def test_swaks_delivers_with_pipelining(relay_stack: RelayStackFactory) ->
 
 async def test_smtplib_main_path(relay_stack: RelayStackFactory) -> None:
     """The smtplib client of stack.py against a RelayStack (sanity check of the helper)."""
-    from .stack import send
+    from .harness import send
 
     stack: RelayStack = await relay_stack()
     result = await send(stack.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
@@ -548,7 +552,7 @@ async def test_shutdown_lets_a_transaction_finish_then_421(relay_stack: RelaySta
 
 
 async def test_upstream_closed_by_the_mx_between_transactions_is_reopened(
-    relay_stack: RelayStackFactory, mx_factory: MXFactory
+    relay_stack: RelayStackFactory, lab: Lab
 ) -> None:
     """An MX that drops an idle connection (its own timeout, a restart) must not cost the next
     transaction a 4xx: the sidecar opens a new upstream when the kept one turns out dead."""
@@ -561,7 +565,7 @@ async def test_upstream_closed_by_the_mx_between_transactions_is_reopened(
         with trio.fail_after(5):
             while not (old.connections and old.connections[0].closed):
                 await trio.sleep(0.01)
-        new = await mx_factory(old.endpoint)  # ...and comes back on the same address
+        new = await lab.mx(old.endpoint)  # ...and comes back on the same address
         await trio.sleep(0.1)  # HAProxy passes the close on to the sidecar's side
         second = await deliver(client, [b"b@example.test"], b"second\r\n")
         (message,) = await new.wait_for_messages(1)

@@ -9,19 +9,27 @@ import signal
 import pytest
 import trio
 
-from .harness import Addresses, RawSMTPClient
-from .processes import CliStack, Processes, SidecarProcess, wait_exit, wait_listening
-from .stack import MESSAGE, send
+from .harness import (
+    MESSAGE,
+    CliStack,
+    Lab,
+    Processes,
+    RawSMTPClient,
+    SidecarProcess,
+    send,
+    wait_exit,
+    wait_listening,
+)
 from .test_workers import start_workers, with_workers
 
 BODY = b"Subject: signals\r\n\r\nHello.\r\n"
 
 
 async def start(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses, workers: int
+    cli_stack: CliStack, processes: Processes, lab: Lab, workers: int
 ) -> SidecarProcess:
     if workers > 1:
-        with_workers(cli_stack, addresses, workers)
+        with_workers(cli_stack, lab, workers)
         return await start_workers(cli_stack, processes)
     started = await processes.start(["run", "-c", str(cli_stack.config_path)])
     await wait_listening(cli_stack.listener, started)
@@ -31,12 +39,12 @@ async def start(
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("second", ["SIGHUP", "SIGTERM", "SIGINT"])
 async def test_signals_during_the_grace_never_cost_an_owed_reply(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses, second: str, workers: int
+    cli_stack: CliStack, processes: Processes, lab: Lab, second: str, workers: int
 ) -> None:
     """SIGTERM while the MX holds a message's end of data (and answers after 2 s), then
     ``second`` twice: the process keeps going, the client gets the MX's own reply, exit 0.
     Before, the second signal killed the process and the client, told nothing, resent."""
-    started = await start(cli_stack, processes, addresses, workers)
+    started = await start(cli_stack, processes, lab, workers)
     for mx in cli_stack.mxes:
         mx.delays["END"] = 2
     async with await RawSMTPClient.connect(cli_stack.listener) as client:
@@ -65,10 +73,10 @@ async def test_signals_during_the_grace_never_cost_an_owed_reply(
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sighup_right_after_the_start_is_not_fatal(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses, workers: int
+    cli_stack: CliStack, processes: Processes, lab: Lab, workers: int
 ) -> None:
     if workers > 1:
-        with_workers(cli_stack, addresses, workers)
+        with_workers(cli_stack, lab, workers)
     started = await processes.start(["run", "-c", str(cli_stack.config_path)])
     for _ in range(5):  # through the interpreter's start, the imports and the first bind
         await trio.sleep(0.08)

@@ -10,17 +10,15 @@ from typing import Any
 import pytest
 
 from .harness import (
-    MXConnection,
-    TestMX,
-    smtp_reply,
-)
-from .stack import (
     MESSAGE,
+    MXConnection,
     RelayStackFactory,
     SendResult,
+    TestMX,
     final_status,
     refusal,
     send,
+    smtp_reply,
 )
 
 

@@ -15,77 +15,41 @@ import trustme
 from sidecar import upstream
 
 from .harness import (
-    Addresses,
-    DnsmasqFactory,
-    Endpoint,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
-    TestMX,
-    free_port,
-    server_tls_context,
-)
-from .stack import (
     MESSAGE,
+    Endpoint,
+    Lab,
     SendResult,
-    SidecarFactory,
+    TestMX,
     final_status,
-    make_config,
-    proxied_binding,
     refusal,
     send,
+    server_tls_context,
 )
 
 
 class TlsWorld:
     """Two domains, each with its own MX host (certificates from ``ca`` for ``names``)."""
 
-    def __init__(
-        self,
-        addresses: Addresses,
-        haproxy_factory: HAProxyFactory,
-        dnsmasq_factory: DnsmasqFactory,
-        mx_factory: MXFactory,
-        sidecar_factory: SidecarFactory,
-    ) -> None:
-        self.addresses = addresses
-        self.haproxy_factory = haproxy_factory
-        self.dnsmasq_factory = dnsmasq_factory
-        self.mx_factory = mx_factory
-        self.sidecar_factory = sidecar_factory
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
 
     async def start(
         self, ca: trustme.CA, cert_names: dict[str, str], ca_file: Path | None, **config: Any
     ) -> tuple[Endpoint, dict[str, TestMX]]:
         """``cert_names``: domain -> the name in its MX's certificate (its MX host is
         ``mx.<domain>``)."""
-        first = self.addresses.ipv4()
-        port = free_port(first)
-        records: list[Any] = []
-        mxes: dict[str, TestMX] = {}
-        for index, (domain, cert_name) in enumerate(cert_names.items()):
-            address = first if index == 0 else self.addresses.ipv4()
-            mxes[domain] = await self.mx_factory(
-                Endpoint(address, port), tls_context=server_tls_context(ca, cert_name)
-            )
-            records += [MXRecord(domain, f"mx.{domain}"), HostRecord(f"mx.{domain}", [address])]
-        dns = self.dnsmasq_factory(records)
-        haproxy = self.haproxy_factory()
+        domains = list(cert_names)
         delivery = {"mx_command_timeout": 2, "banner_timeout": 2, **config.pop("delivery", {})}
         if ca_file is not None:
             delivery["tls_ca_file"] = str(ca_file)
-        sidecar = await self.sidecar_factory(
-            make_config(
-                listeners=[(self.sidecar_factory.listener(), "b1")],
-                bindings={"b1": proxied_binding(haproxy.bind, source=self.addresses.ipv4())},
-                nameserver=dns.endpoint,
-                port=port,
-                delivery=delivery,
-                **config,
-            )
+        stack = await self.lab.build(
+            mxes=[{"tls_context": server_tls_context(ca, cert_names[d])} for d in domains],
+            hosts=[f"mx.{domain}" for domain in domains],
+            domains={domain: index for index, domain in enumerate(domains)},
+            delivery=delivery,
+            sections=config,
         )
-        return sidecar.endpoint, mxes
+        return stack.endpoint, dict(zip(domains, stack.mxes, strict=True))
 
 
 def _ca_file(tmp_path: Path, ca: trustme.CA) -> Path:
@@ -99,16 +63,9 @@ async def _one(endpoint: Endpoint, domain: str) -> SendResult:
 
 
 async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
-    caplog: pytest.LogCaptureFixture,
-    tmp_path: Path,
-    tls_ca: trustme.CA,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, tls_ca: trustme.CA, lab: Lab
 ) -> None:
-    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    world = TlsWorld(lab)
     endpoint, mxes = await world.start(
         tls_ca,
         {"good.test": "mx.good.test", "wrongname.test": "elsewhere.test"},
@@ -139,16 +96,9 @@ async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
     )
 
 
-async def test_verify_refuses_a_certificate_from_an_unknown_ca(
-    tmp_path: Path,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
-) -> None:
+async def test_verify_refuses_a_certificate_from_an_unknown_ca(tmp_path: Path, lab: Lab) -> None:
     trusted, other = trustme.CA(), trustme.CA()
-    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    world = TlsWorld(lab)
     endpoint, mxes = await world.start(
         other,
         {"self.test": "mx.self.test"},
@@ -170,15 +120,9 @@ async def test_verify_refuses_a_certificate_from_an_unknown_ca(
 
 
 async def test_per_domain_tls_policy_overrides_delivery_tls(
-    tmp_path: Path,
-    tls_ca: trustme.CA,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    tmp_path: Path, tls_ca: trustme.CA, lab: Lab
 ) -> None:
-    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    world = TlsWorld(lab)
     endpoint, mxes = await world.start(
         tls_ca,
         {"plain.test": "mx.plain.test", "bank.test": "mx.bank.test"},
@@ -193,14 +137,7 @@ async def test_per_domain_tls_policy_overrides_delivery_tls(
 
 
 async def test_a_local_tls_context_error_at_delivery_is_a_clear_4xx(
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    tls_ca: trustme.CA,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-    sidecar_factory: SidecarFactory,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tls_ca: trustme.CA, lab: Lab
 ) -> None:
     """Should the TLS context still fail at delivery time (the configuration loads the CA
     bundle, so only the system store is left to fail), the client gets a 4xx naming the
@@ -210,7 +147,7 @@ async def test_a_local_tls_context_error_at_delivery_is_a_clear_4xx(
         raise PermissionError(13, "Permission denied", "/etc/ssl/certs/ca-certificates.crt")
 
     monkeypatch.setattr(upstream, "_cached_verifying_context", unreadable)
-    world = TlsWorld(addresses, haproxy_factory, dnsmasq_factory, mx_factory, sidecar_factory)
+    world = TlsWorld(lab)
     endpoint, mxes = await world.start(
         tls_ca, {"good.test": "mx.good.test"}, None, delivery={"tls": "verify"}
     )

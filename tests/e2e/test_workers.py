@@ -11,23 +11,25 @@ import socket
 
 import trio
 
-from .harness import Addresses, Endpoint
-from .processes import (
+from .harness import (
+    MESSAGE,
     CliStack,
+    Endpoint,
+    Lab,
     Processes,
     SidecarProcess,
     refuses_connections,
     run_cli,
+    send,
     wait_exit,
     wait_listening,
 )
-from .stack import MESSAGE, send
 from .test_operations import http_get, wait_for_log, with_status, write_config
 
 
-def with_workers(stack: CliStack, addresses: Addresses, workers: int = 2) -> Endpoint:
+def with_workers(stack: CliStack, lab: Lab, workers: int = 2) -> Endpoint:
     """Set ``server.workers`` and a status endpoint (worker i serves it on port + i)."""
-    status = with_status(stack, addresses)
+    status = with_status(stack, lab)
     stack.config = {**stack.config, "server": {**stack.config["server"], "workers": workers}}
     write_config(stack, stack.config)
     return status
@@ -66,9 +68,9 @@ async def send_ok(stack: CliStack, count: int) -> None:
 
 
 async def test_workers_share_the_listener_and_each_serve_status(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
-    status = with_workers(cli_stack, addresses)
+    status = with_workers(cli_stack, lab)
     started = await processes.start(["run", "-c", str(cli_stack.config_path)])
     await wait_listening(cli_stack.listener, started)
     await send_ok(cli_stack, 24)
@@ -95,9 +97,9 @@ async def test_workers_share_the_listener_and_each_serve_status(
 
 
 async def test_a_worker_that_dies_is_restarted(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
-    with_workers(cli_stack, addresses)
+    with_workers(cli_stack, lab)
     started = await start_workers(cli_stack, processes)
     killed = worker_pids(started)[1]
     os.kill(killed, signal.SIGKILL)
@@ -113,9 +115,9 @@ async def test_a_worker_that_dies_is_restarted(
 
 
 async def test_sighup_reaches_every_worker(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
-    with_workers(cli_stack, addresses)
+    with_workers(cli_stack, lab)
     started = await start_workers(cli_stack, processes)
     await trio.sleep(0.5)  # both workers past start-up (their signal handlers installed)
     started.process.send_signal(signal.SIGHUP)
@@ -133,9 +135,9 @@ async def test_sighup_reaches_every_worker(
 
 
 async def test_a_taken_port_is_refused_before_any_worker_starts(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
-    with_workers(cli_stack, addresses)
+    with_workers(cli_stack, lab)
     first = await processes.start(["run", "-c", str(cli_stack.config_path)])
     await wait_listening(cli_stack.listener, first)
     # A second sidecar with the same file must not quietly share the port through
@@ -157,9 +159,9 @@ async def test_a_taken_port_is_refused_before_any_worker_starts(
 
 
 async def test_workers_stop_when_the_supervisor_is_killed(
-    cli_stack: CliStack, processes: Processes, addresses: Addresses
+    cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
-    with_workers(cli_stack, addresses)
+    with_workers(cli_stack, lab)
     started = await start_workers(cli_stack, processes)
     started.process.kill()  # no chance to forward anything: the kernel tells the workers
     await started.process.wait()

@@ -1,12 +1,13 @@
-"""End-to-end test harness: real HAProxy and dnsmasq subprocesses, a trio SMTP server that
-records what reaches it, and helpers for loopback addresses and raw SMTP.
+"""End-to-end test harness: the pytest side of the test equipment in ``testkit/`` (real HAProxy
+and dnsmasq subprocesses, the stub DNS server, TestMX, raw SMTP; shared with ``bench/``), the
+factories that stop what a test started, and :class:`~.stack.Lab`, the one stack builder.
 
-Import from here (``from .harness import HAProxy, TestMX, ...``); fixtures that start and stop
-these live in ``tests/e2e/conftest.py``.
+Import from here (``from .harness import HAProxy, TestMX, Lab, ...``); the fixtures live in
+``tests/e2e/conftest.py``.
 """
 
-from .client import RawSMTPClient, reset_connection
-from .dns import (
+from testkit.client import RawSMTPClient, reset_connection
+from testkit.dns import (
     Dnsmasq,
     DnsRecord,
     ForwardZone,
@@ -14,14 +15,12 @@ from .dns import (
     MXRecord,
     NullMXRecord,
     RawRecord,
-    RcodeDns,
     RefusedZone,
-    SilentDns,
     make_resolver,
 )
-from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory
-from .haproxy import HAProxy, haproxy_config, open_proxied_stream
-from .mx import (
+from testkit.dns_stub import StubDns
+from testkit.haproxy import HAProxy, haproxy_config, open_proxied_stream
+from testkit.mx import (
     DEFAULT_CAPABILITIES,
     DEFAULT_TLS_IDENTITIES,
     PHASES,
@@ -33,15 +32,47 @@ from .mx import (
     server_tls_context,
     smtp_reply,
 )
-from .net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
-from .process import HarnessError, ManagedProcess, wait_until
+from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
+from testkit.process import HarnessError, ManagedProcess, wait_until
+
+from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory
+from .processes import (
+    SIDECAR,
+    Processes,
+    SidecarProcess,
+    refuses_connections,
+    run_cli,
+    wait_exit,
+    wait_listening,
+)
+from .sidecar import (
+    FAST_DELIVERY,
+    FAST_SERVER,
+    MESSAGE,
+    RunningSidecar,
+    SendResult,
+    SidecarFactory,
+    final_status,
+    make_config,
+    proxied_binding,
+    rcpt_reply,
+    refusal,
+    send,
+    send_message,
+)
+from .stack import CliStack, Lab, RelayStack, RelayStackFactory, Stack
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
     "DEFAULT_TLS_IDENTITIES",
+    "FAST_DELIVERY",
+    "FAST_SERVER",
     "IPV6_LOOPBACK",
+    "MESSAGE",
     "PHASES",
+    "SIDECAR",
     "Addresses",
+    "CliStack",
     "DnsRecord",
     "DnsStubFactory",
     "Dnsmasq",
@@ -52,28 +83,47 @@ __all__ = [
     "HAProxyFactory",
     "HarnessError",
     "HostRecord",
+    "Lab",
     "MXConnection",
     "MXFactory",
     "MXMessage",
     "MXRecord",
     "ManagedProcess",
     "NullMXRecord",
+    "Processes",
     "RawRecord",
     "RawSMTPClient",
-    "RcodeDns",
     "RefusedZone",
+    "RelayStack",
+    "RelayStackFactory",
     "ReplySpec",
-    "SilentDns",
+    "RunningSidecar",
+    "SendResult",
+    "SidecarFactory",
+    "SidecarProcess",
+    "Stack",
+    "StubDns",
     "TestMX",
     "allocate_ipv4",
     "client_tls_context",
+    "final_status",
     "fixed_ipv4",
     "free_port",
     "haproxy_config",
+    "make_config",
     "make_resolver",
     "open_proxied_stream",
+    "proxied_binding",
+    "rcpt_reply",
+    "refusal",
+    "refuses_connections",
     "reset_connection",
+    "run_cli",
+    "send",
+    "send_message",
     "server_tls_context",
     "smtp_reply",
+    "wait_exit",
+    "wait_listening",
     "wait_until",
 ]

@@ -11,11 +11,12 @@ from typing import Any
 import dns.rcode
 import trio
 
-from .dns import Dnsmasq, DnsRecord, RcodeDns, SilentDns
-from .haproxy import HAProxy
-from .mx import TestMX
-from .net import IPV6_LOOPBACK, Addresses, Endpoint
-from .process import ManagedProcess
+from testkit.dns import Dnsmasq, DnsRecord
+from testkit.dns_stub import Handler, StubDns, rcode, silent
+from testkit.haproxy import HAProxy
+from testkit.mx import TestMX
+from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint
+from testkit.process import ManagedProcess
 
 __all__ = ["DnsStubFactory", "DnsmasqFactory", "HAProxyFactory", "MXFactory"]
 
@@ -104,26 +105,31 @@ class DnsmasqFactory(_ProcessFactory):
 
 
 class DnsStubFactory:
-    """``dns_stubs.silent()`` / ``dns_stubs.rcode(dns.rcode.SERVFAIL)``: started stub servers
-    on fresh addresses (or the given endpoint)."""
+    """``dns_stubs(handler)``, ``dns_stubs.silent()``, ``dns_stubs.rcode(dns.rcode.SERVFAIL)``:
+    started :class:`StubDns` servers on fresh addresses (or the given endpoint)."""
 
     def __init__(self, addresses: Addresses) -> None:
         self.addresses = addresses
-        self.stubs: list[SilentDns | RcodeDns] = []
+        self.stubs: list[StubDns] = []
 
-    def silent(self, endpoint: Endpoint | None = None) -> SilentDns:
-        stub = SilentDns(endpoint or self.addresses.endpoint(udp=True))
+    def __call__(
+        self, handler: Handler, *, endpoint: Endpoint | None = None, tcp: bool = True
+    ) -> StubDns:
+        """A started :class:`StubDns` answering with ``handler`` (UDP, and TCP with ``tcp``)."""
+        stub = StubDns(endpoint or self.addresses.endpoint(udp=True), handler, tcp=tcp)
         stub.start()
         self.stubs.append(stub)
         return stub
+
+    def silent(self, endpoint: Endpoint | None = None) -> StubDns:
+        """UDP only, never answers."""
+        return self(silent(), endpoint=endpoint, tcp=False)
 
     def rcode(
-        self, rcode: dns.rcode.Rcode = dns.rcode.SERVFAIL, endpoint: Endpoint | None = None
-    ) -> RcodeDns:
-        stub = RcodeDns(endpoint or self.addresses.endpoint(udp=True), rcode)
-        stub.start()
-        self.stubs.append(stub)
-        return stub
+        self, code: dns.rcode.Rcode = dns.rcode.SERVFAIL, endpoint: Endpoint | None = None
+    ) -> StubDns:
+        """UDP only, answers every query with ``code``."""
+        return self(rcode(code), endpoint=endpoint, tcp=False)
 
     def stop_all(self) -> None:
         for stub in reversed(self.stubs):

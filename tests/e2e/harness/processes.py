@@ -1,5 +1,5 @@
-"""Running ``sidecar`` as a real process in e2e tests: the process manager, a ready-made stack
-(HAProxy, dnsmasq, two MX hosts, a config file) and waiting helpers."""
+"""Running ``sidecar`` as a real process in e2e tests: the process manager and waiting helpers
+(the stack it runs in comes from :mod:`.stack`)."""
 
 from __future__ import annotations
 
@@ -11,41 +11,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import tomli_w
 import trio
 
-from .harness import (
-    Addresses,
-    DnsmasqFactory,
-    Endpoint,
-    HAProxy,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
-    RawSMTPClient,
-    TestMX,
-    free_port,
-)
-from .stack import FAST_DELIVERY, FAST_SERVER, make_config
+from testkit.client import RawSMTPClient
+from testkit.net import Endpoint
 
 _ENTRY_POINT = shutil.which("sidecar", path=str(Path(sys.executable).parent))
 SIDECAR = [_ENTRY_POINT] if _ENTRY_POINT else [sys.executable, "-m", "sidecar.cli"]
-
-
-@dataclass
-class CliStack:
-    config_path: Path
-    config: dict[str, Any]
-    listener: Endpoint
-    haproxy: HAProxy
-    mxes: list[TestMX]
-    mx_addresses: list[str]
-    source: str
-    port: int
 
 
 @dataclass
@@ -99,42 +73,6 @@ class Processes:
             with trio.CancelScope(shield=True):
                 await started.process.wait()
             print(f"--- sidecar stderr ---\n{started.stderr}")
-
-
-async def make_cli_stack(
-    tmp_path: Path,
-    addresses: Addresses,
-    haproxy_factory: HAProxyFactory,
-    dnsmasq_factory: DnsmasqFactory,
-    mx_factory: MXFactory,
-) -> CliStack:
-    """Two MX hosts for example.test (mx0.test pref 10, mx1.test pref 20), dnsmasq, HAProxy and
-    a config file naming them; no sidecar yet."""
-    mx_addresses = [addresses.ipv4(), addresses.ipv4()]
-    port = free_port(mx_addresses[0])
-    mxes = [await mx_factory(Endpoint(address, port)) for address in mx_addresses]
-    dns = dnsmasq_factory(
-        [
-            MXRecord("example.test", "mx0.test", 10),
-            MXRecord("example.test", "mx1.test", 20),
-            HostRecord("mx0.test", [mx_addresses[0]]),
-            HostRecord("mx1.test", [mx_addresses[1]]),
-        ]
-    )
-    haproxy = haproxy_factory()
-    source = addresses.ipv4()
-    listener = addresses.endpoint()
-    config = make_config(
-        listeners=[(str(listener), "b1")],
-        bindings={"b1": {"ha_proxy_server": str(haproxy.bind), "ha_proxy_src_addr": source}},
-        nameserver=dns.endpoint,
-        port=port,
-        delivery=FAST_DELIVERY,
-        server=FAST_SERVER,
-    )
-    path = tmp_path / "sidecar.toml"
-    path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    return CliStack(path, config, listener, haproxy, mxes, mx_addresses, source, port)
 
 
 async def wait_listening(endpoint: Endpoint, started: SidecarProcess, timeout: float = 10) -> None:

@@ -1,4 +1,5 @@
-"""DNS for end-to-end tests: dnsmasq serving a small ``.test`` zone, plus two stub servers.
+"""DNS for end-to-end tests: dnsmasq serving a small ``.test`` zone (this module) and the one
+scripted stub server, :class:`~.dns_stub.StubDns` (silent, fixed rcode, zone, garbage...).
 
 Facts checked by ``tests/e2e/test_harness.py`` against dnsmasq 2.90:
 
@@ -14,30 +15,24 @@ Facts checked by ``tests/e2e/test_harness.py`` against dnsmasq 2.90:
 * Forwarding a zone to a dead port (nobody listening) gives *no answer at all* over UDP --
   dnsmasq ignores the ICMP error and never replies, so it is a timeout, not SERVFAIL -- and
   over TCP the connection is closed without a reply. SERVFAIL therefore comes from
-  :class:`ForwardZone` pointing at an :class:`RcodeDns` that answers SERVFAIL; dnsmasq passes
-  that rcode through.
+  :class:`ForwardZone` pointing at a stub answering SERVFAIL (``dns_stub.rcode``); dnsmasq
+  passes that rcode through.
 """
 
 from __future__ import annotations
 
-import contextlib
-import selectors
-import socket
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Protocol
 
 import dns.exception
 import dns.message
 import dns.query
-import dns.rcode
-import dns.rdatatype
 import dns.resolver
 
 from .net import Endpoint
-from .process import HarnessError, ManagedProcess
+from .process import ManagedProcess
 
 __all__ = [
     "DnsRecord",
@@ -47,9 +42,7 @@ __all__ = [
     "MXRecord",
     "NullMXRecord",
     "RawRecord",
-    "RcodeDns",
     "RefusedZone",
-    "SilentDns",
     "make_resolver",
 ]
 
@@ -111,7 +104,7 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class ForwardZone:
-    """Forward every query under ``domain`` to ``server`` (e.g. a SilentDns or RcodeDns)."""
+    """Forward every query under ``domain`` to ``server`` (e.g. a silent or SERVFAIL stub)."""
 
     domain: str
     server: Endpoint
@@ -208,117 +201,3 @@ class Dnsmasq(ManagedProcess):
 
     def resolver(self, *, lifetime: float = 2.0) -> dns.resolver.Resolver:
         return make_resolver(self.endpoint, lifetime=lifetime)
-
-
-class SilentDns:
-    """A UDP socket bound on ``endpoint`` that never answers: every query times out.
-
-    Nothing reads it; datagrams queue in (and overflow from) the kernel buffer, which looks
-    the same to the sender. Usable without an event loop; ``with SilentDns(...)`` or
-    :meth:`start`/:meth:`stop`.
-    """
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        self._socket: socket.socket | None = None
-
-    def start(self) -> None:
-        if self._socket is not None:
-            raise HarnessError("SilentDns already started")
-        sock = socket.socket(self.endpoint.family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(self.endpoint.as_tuple())
-        except OSError:
-            sock.close()
-            raise
-        self._socket = sock
-
-    def stop(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-@dataclass
-class RcodeDns:
-    """A UDP DNS server (in a thread) answering every query with ``rcode`` and no records.
-
-    ``queries`` lists ``(name, type)`` of what it was asked. Typical use: SERVFAIL behind a
-    dnsmasq :class:`ForwardZone`, or asked directly.
-    """
-
-    endpoint: Endpoint
-    rcode: dns.rcode.Rcode = dns.rcode.SERVFAIL
-    queries: list[tuple[str, str]] = field(default_factory=list)
-    _socket: socket.socket | None = field(default=None, init=False, repr=False)
-    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
-    _wake: tuple[socket.socket, socket.socket] | None = field(default=None, init=False, repr=False)
-
-    def start(self) -> None:
-        if self._socket is not None:
-            raise HarnessError("RcodeDns already started")
-        sock = socket.socket(self.endpoint.family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(self.endpoint.as_tuple())
-        except OSError:
-            sock.close()
-            raise
-        self._socket = sock
-        self._wake = socket.socketpair()
-        self._thread = threading.Thread(
-            target=self._serve, args=(sock, self._wake[1]), name=f"RcodeDns {self.endpoint}"
-        )
-        self._thread.daemon = True
-        self._thread.start()
-
-    def _serve(self, sock: socket.socket, wake: socket.socket) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(sock, selectors.EVENT_READ)
-            selector.register(wake, selectors.EVENT_READ)
-            while True:
-                ready = {key.fileobj for key, _ in selector.select()}
-                if wake in ready:
-                    return
-                try:
-                    wire, peer = sock.recvfrom(65535)
-                except OSError:
-                    continue
-                try:
-                    query = dns.message.from_wire(wire)
-                except dns.exception.DNSException:
-                    continue
-                question = query.question[0] if query.question else None
-                if question is not None:
-                    self.queries.append(
-                        (question.name.to_text(), dns.rdatatype.to_text(question.rdtype))
-                    )
-                response = dns.message.make_response(query)
-                response.set_rcode(self.rcode)
-                with contextlib.suppress(OSError):
-                    sock.sendto(response.to_wire(), peer)
-
-    def stop(self) -> None:
-        if self._wake is not None:
-            self._wake[0].send(b"x")
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        for sock in (self._socket, *(self._wake or ())):
-            if sock is not None:
-                sock.close()
-        self._socket = None
-        self._wake = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

@@ -4,7 +4,7 @@ config built from a dict, plus smtplib-based clients run in a thread."""
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,22 +12,8 @@ import trio
 
 from sidecar.config import Config, parse_config
 from sidecar.server import serve
-
-from .harness import (
-    Addresses,
-    Dnsmasq,
-    DnsmasqFactory,
-    DnsRecord,
-    Endpoint,
-    HAProxy,
-    HAProxyFactory,
-    HostRecord,
-    MXFactory,
-    MXRecord,
-    RawSMTPClient,
-    TestMX,
-    free_port,
-)
+from testkit.client import RawSMTPClient
+from testkit.net import Addresses, Endpoint
 
 
 @dataclass
@@ -131,7 +117,7 @@ async def send(
 MESSAGE = b"From: sender@client.test\r\nTo: rcpt@example.test\r\nSubject: e2e\r\n\r\nHello.\r\n"
 
 
-# -- A whole relay stack in one call (session, DATA relay and CLI tests) ----------------------
+# -- timeouts short enough for tests that wait for them ----------------------------------------
 
 FAST_SERVER: dict[str, Any] = {
     "client_command_timeout": 10,
@@ -147,98 +133,6 @@ FAST_DELIVERY: dict[str, Any] = {
     "data_send_timeout": 5,
     "data_done_timeout": 5,
 }
-
-
-@dataclass
-class RelayStack:
-    """A running sidecar with its HAProxy, dnsmasq and MXes (``mx_hosts[i]`` names ``mxes[i]``,
-    all on their own 127.0.0.x and on the one delivery port)."""
-
-    sidecar: RunningSidecar
-    haproxy: HAProxy
-    dns: Dnsmasq
-    mxes: list[TestMX]
-    mx_hosts: list[str]
-    source: str
-    port: int
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.sidecar.endpoint
-
-    @property
-    def mx(self) -> TestMX:
-        return self.mxes[0]
-
-    async def client(self, *, greet: bool = True) -> RawSMTPClient:
-        """A raw client that has read the banner (and, with ``greet``, done EHLO)."""
-        client = await RawSMTPClient.connect(self.endpoint)
-        banner = await client.read_reply()
-        assert banner.startswith(b"220 "), banner
-        if greet:
-            answer = await client.command(b"EHLO client.test")
-            assert answer.startswith(b"250"), answer
-        return client
-
-
-class RelayStackFactory:
-    """``await relay_stack(mxes=[{TestMX options}, ...], domains={"d.test": 0 or [0, 1]},
-    server={...}, delivery={...}, haproxy={HAProxy options})``: MX hosts ``mx0.test``,
-    ``mx1.test``... one per MX, each domain's MX records name the given hosts (preference 10,
-    20, ... in list order)."""
-
-    def __init__(
-        self,
-        addresses: Addresses,
-        haproxy_factory: HAProxyFactory,
-        dnsmasq_factory: DnsmasqFactory,
-        mx_factory: MXFactory,
-        sidecar_factory: SidecarFactory,
-    ) -> None:
-        self.addresses = addresses
-        self.haproxy_factory = haproxy_factory
-        self.dnsmasq_factory = dnsmasq_factory
-        self.mx_factory = mx_factory
-        self.sidecar_factory = sidecar_factory
-
-    async def __call__(
-        self,
-        *,
-        mxes: Sequence[dict[str, Any]] = ({},),
-        domains: Mapping[str, int | Sequence[int]] | None = None,
-        records: Sequence[DnsRecord] = (),
-        server: dict[str, Any] | None = None,
-        delivery: dict[str, Any] | None = None,
-        haproxy: dict[str, Any] | None = None,
-    ) -> RelayStack:
-        mx_addresses = [self.addresses.ipv4() for _ in mxes]
-        port = free_port(mx_addresses[0])
-        servers = [
-            await self.mx_factory(Endpoint(address, port), **options)
-            for address, options in zip(mx_addresses, mxes, strict=True)
-        ]
-        hosts = [f"mx{index}.test" for index in range(len(mxes))]
-        zone: list[DnsRecord] = [
-            HostRecord(host, [address]) for host, address in zip(hosts, mx_addresses, strict=True)
-        ]
-        for domain, indices in (domains or {"example.test": 0}).items():
-            chosen = [indices] if isinstance(indices, int) else list(indices)
-            for rank, index in enumerate(chosen):
-                zone.append(MXRecord(domain, hosts[index], 10 * (rank + 1)))
-        dns = self.dnsmasq_factory([*zone, *records])
-        proxy = self.haproxy_factory(**(haproxy or {}))
-        source = self.addresses.ipv4()
-        sidecar = await self.sidecar_factory(
-            make_config(
-                listeners=[(self.sidecar_factory.listener(), "b1")],
-                bindings={"b1": {"ha_proxy_server": str(proxy.bind), "ha_proxy_src_addr": source}},
-                nameserver=dns.endpoint,
-                port=port,
-                delivery={**FAST_DELIVERY, **(delivery or {})},
-                server={**FAST_SERVER, **(server or {})},
-            )
-        )
-        return RelayStack(sidecar, proxy, dns, servers, hosts, source, port)
 
 
 # -- helpers for the routing / DNS / health / TLS tests ----------------------------------------
@@ -274,8 +168,6 @@ def final_status(result: SendResult) -> tuple[int, str]:
 
 async def rcpt_reply(endpoint: Endpoint, recipient: str, sender: str = "a@client.test") -> bytes:
     """The raw bytes of the sidecar's reply to ``RCPT TO:<recipient>`` (then QUIT)."""
-    from .harness import RawSMTPClient
-
     async with await RawSMTPClient.connect(endpoint) as client:
         assert (await client.read_reply()).startswith(b"220 ")
         assert (await client.command("EHLO client.test")).startswith(b"250")

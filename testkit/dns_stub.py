@@ -1,8 +1,11 @@
-"""Hostile and odd DNS servers for the hardening tests and ``bench/faults.py``.
+"""The one scripted DNS stub of the e2e harness (hardening, DNS-outcome tests, ``bench/faults.py``).
 
 :class:`StubDns` is a UDP + TCP DNS server in a thread (usable with or without an event loop)
 whose answers come from a *handler*: ``handler(query, transport) -> bytes | None`` (the wire
 bytes to send, or ``None`` to stay silent / close the TCP connection). The handlers here:
+
+* :func:`silent`: never answers (every query times out).
+* :func:`rcode`: every query gets ``rcode`` (e.g. SERVFAIL) and no records.
 
 * :func:`zone`: answers from a small record table (NXDOMAIN for unknown names, an empty
   NOERROR for a known name without the asked type). Answers are sent whatever their size,
@@ -41,7 +44,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from .harness import Endpoint
+from .net import Endpoint
 
 __all__ = [
     "Handler",
@@ -50,6 +53,8 @@ __all__ = [
     "by_suffix",
     "forward",
     "garbage",
+    "rcode",
+    "silent",
     "truncating",
     "zone",
 ]
@@ -62,6 +67,27 @@ Records = Mapping[tuple[str, str], Sequence[str]]
 def _key(name: dns.name.Name | str) -> str:
     text = name.to_text() if isinstance(name, dns.name.Name) else name
     return text.rstrip(".").lower()
+
+
+def silent() -> Handler:
+    """Never answers: every query times out (datagrams are read and dropped)."""
+
+    def answer(query: dns.message.Message, transport: Transport) -> bytes | None:
+        return None
+
+    return answer
+
+
+def rcode(code: dns.rcode.Rcode = dns.rcode.SERVFAIL) -> Handler:
+    """Every query gets ``code`` and no records (typical: SERVFAIL behind a dnsmasq
+    :class:`~.dns.ForwardZone`, or asked directly)."""
+
+    def answer(query: dns.message.Message, transport: Transport) -> bytes | None:
+        response = dns.message.make_response(query)
+        response.set_rcode(code)
+        return response.to_wire()
+
+    return answer
 
 
 def zone(records: Records, ttl: int = 1) -> Handler:
