@@ -24,6 +24,9 @@ Run as root from the repository root (HAProxy's usesrc clientip):
         [--latency-messages 1000] [--idle-sessions 1000] [--soak-messages 100000]
         [--no-throughput] [--no-latency] [--no-idle] [--no-soak]
 --quick uses small counts everywhere (latency 100, soak 10 000) unless given explicitly.
+--baseline DIR makes the second sidecar of the throughput table DIR/.venv/bin/sidecar (a
+checkout of an earlier commit with its venv, e.g. from `git worktree add`), one process, in
+place of the workers one: a refactor's cost as a ratio against the previous commit, same run.
 --profile runs the sidecar under py-spy for the throughput loads only (the other parts are
 skipped). Prints a table and writes bench/throughput-results.txt. Everything listens on
 127.0.9.x and stops when the script ends.
@@ -216,9 +219,10 @@ RCPT = f"RCPT TO:<{RECIPIENT}>\r\n".encode()
 ISSUE_RSS_TARGET_MIB = 40
 
 
-def workers_path(workers: int) -> str:
-    """The name (and column) of the second sidecar, the one with server.workers."""
-    return f"sidecar x{workers}"
+def workers_path(workers: int, baseline: Path | None = None) -> str:
+    """The name (and column) of the second sidecar: the one with server.workers, or the
+    baseline checkout's."""
+    return "baseline" if baseline is not None else f"sidecar x{workers}"
 
 
 class SmtpError(RuntimeError):
@@ -427,6 +431,7 @@ class Plan:
     soak_interval: float
     profile: str | None
     workers: int  # of the second sidecar (server.workers); 1: no second sidecar
+    baseline: Path | None = None  # the second sidecar is this checkout's, one process
 
 
 def throughput_loads(messages: int, big: int) -> list[Load]:
@@ -464,6 +469,12 @@ def parse_args() -> argparse.Namespace:
         default=2,
         help="server.workers of a second sidecar in the throughput table (1: none; default 2)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        type=Path,
+        help="second sidecar: DIR/.venv/bin/sidecar, one process (a checkout to compare with)",
+    )
     for part in ("throughput", "latency", "idle", "soak"):
         parser.add_argument(f"--no-{part}", action="store_true", help=f"skip the {part} part")
     return parser.parse_args()
@@ -493,7 +504,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         soak_messages=count(args.soak_messages, args.no_soak, 10_000, 100_000),
         soak_interval=0.5 if quick else 2.0,
         profile=args.profile,
-        workers=1 if args.profile else args.workers,
+        workers=1 if args.profile else (2 if args.baseline else args.workers),
+        baseline=args.baseline,
     )
 
 
@@ -507,13 +519,15 @@ def missing_prerequisite() -> str | None:
 
 
 @contextmanager
-def services(workdir: Path, profile: str | None, workers: int) -> Iterator[dict[str, int]]:
+def services(
+    workdir: Path, profile: str | None, workers: int, baseline: Path | None = None
+) -> Iterator[dict[str, int]]:
     """smtp-sink, dnsmasq, both HAProxies and the sidecars; yields their pids by path."""
     profiler: list[str] = []
     if profile:
         py_spy = ROOT / ".venv" / "bin" / "py-spy"
         profiler = [str(py_spy), "record", "-r", "250", "-f", "raw", "-o", profile, "--"]
-    write_configs(workdir, workers)
+    write_configs(workdir, 1 if baseline is not None else workers)
     dnsmasq = [
         "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
         "--bind-interfaces", f"--listen-address={DNS}", f"--port={DNS_PORT}",
@@ -537,10 +551,11 @@ def services(workdir: Path, profile: str | None, workers: int) -> Iterator[dict[
         if workers == 1:
             yield {"sidecar": sidecar_pid}
             return
-        argv = [str(SIDECAR), "run", "-c", "sidecar-workers.toml", "--log-level", "warning"]
+        second = SIDECAR if baseline is None else baseline / ".venv" / "bin" / "sidecar"
+        argv = [str(second), "run", "-c", "sidecar-workers.toml", "--log-level", "warning"]
         ready = (WORKERS_ADDRESS, SIDECAR_PORT)
         with started(argv, "sidecar-workers", workdir, ready) as workers_pid:
-            yield {"sidecar": sidecar_pid, workers_path(workers): workers_pid}
+            yield {"sidecar": sidecar_pid, workers_path(workers, baseline): workers_pid}
 
 
 @dataclass
@@ -617,12 +632,12 @@ def main() -> int:
         "direct": (MX, MX_PORT),
     }
     if plan.workers > 1:
-        paths[workers_path(plan.workers)] = (WORKERS_ADDRESS, SIDECAR_PORT)
+        paths[workers_path(plan.workers, plan.baseline)] = (WORKERS_ADDRESS, SIDECAR_PORT)
     if plan.profile:
         paths = {"sidecar": paths["sidecar"]}
     with (
         tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp,
-        services(Path(tmp), plan.profile, plan.workers) as pids,
+        services(Path(tmp), plan.profile, plan.workers, plan.baseline) as pids,
     ):
         results = run_plan(plan, paths, pids)
     if plan.profile:
@@ -641,7 +656,7 @@ def report(plan: Plan, results: Results) -> list[str]:
         f"{os.cpu_count()} cores, python {platform.python_version()}{rounds}",
     ]
     if plan.loads:
-        lines += report_throughput(plan.loads, results, plan.workers)
+        lines += report_throughput(plan.loads, results, plan.workers, plan.baseline)
     if results.latency is not None:
         lines += report_latency(results.latency, "one command at a time")
     if results.latency_pipelined is not None:
@@ -653,10 +668,12 @@ def report(plan: Plan, results: Results) -> list[str]:
     return lines
 
 
-def report_throughput(loads: list[Load], results: Results, workers: int) -> list[str]:
+def report_throughput(
+    loads: list[Load], results: Results, workers: int, baseline: Path | None = None
+) -> list[str]:
     """One row per load: each path's rate, and for each sidecar its ratio to the chain and
     its CPU seconds per 1000 messages (all its processes)."""
-    sidecars = ["sidecar"] + ([workers_path(workers)] if workers > 1 else [])
+    sidecars = ["sidecar"] + ([workers_path(workers, baseline)] if workers > 1 else [])
     header = f"{'load':48} {'direct':>8} {'chain':>8}"
     for path in sidecars:
         header += f" | {path:>12} {'vs chain':>8} {'CPU/1000':>8}"
