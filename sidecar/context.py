@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from sidecar import replies
 from sidecar.config import Config
 from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.pool import UpstreamPool
 from sidecar.routing import Router
-from sidecar.smtp import replies
 from sidecar.tcp import DeadlineStream
 
 if TYPE_CHECKING:

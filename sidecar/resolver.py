@@ -22,10 +22,10 @@ import dns.rdatatype
 import dns.resolver
 import trio
 
+from sidecar import replies
 from sidecar.config import DnsConfig
 from sidecar.errors import LocalResourceError, ResolutionError, describe_error
 from sidecar.limits import DNS_IN_FLIGHT, local_resource_errno
-from sidecar.smtp import replies
 
 IPAddress = IPv4Address | IPv6Address
 

@@ -10,11 +10,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from sidecar import replies
 from sidecar.config import Binding, Config, DomainPolicy, HostPort, Listener, TlsPolicy
 from sidecar.errors import RouteError
 from sidecar.health import HealthRegistry
 from sidecar.resolver import MXHost, MXResult, Resolver
-from sidecar.smtp import replies
 from sidecar.smtp.replies import Reply
 
 IPAddress = IPv4Address | IPv6Address

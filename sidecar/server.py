@@ -16,6 +16,7 @@ from ipaddress import IPv6Address, ip_address
 
 import trio
 
+from sidecar import replies
 from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
 from sidecar.context import ServerContext
 from sidecar.errors import describe_error
@@ -25,7 +26,6 @@ from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
 from sidecar.session import LAST_WORD_TIMEOUT, Session
-from sidecar.smtp import replies
 from sidecar.status import StatusSource, serve_status
 from sidecar.status_view import StatusSnapshot, take_snapshot
 from sidecar.tcp import TcpStream, accept_all, listen

@@ -20,13 +20,13 @@ from typing import Any, NoReturn
 
 import trio
 
+from sidecar import replies
 from sidecar.config import Listener, ServerConfig
 from sidecar.context import ServerContext
 from sidecar.errors import RouteError, UpstreamError, UpstreamLost, UpstreamTimedOut
 from sidecar.logs import log_transaction, transaction_logging
 from sidecar.metrics import RECIPIENT_OUTCOMES, outcome_of, recipient_outcome
 from sidecar.routing import Route
-from sidecar.smtp import replies
 from sidecar.smtp.commands import MailFrom, RcptTo
 from sidecar.smtp.replies import Reply
 from sidecar.smtp.server import (

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sidecar import proxy_v2
+from sidecar import proxy_v2, replies
 from sidecar.config import DeliveryConfig, HostPort, TlsPolicy, verifying_context
 from sidecar.errors import (
     LocalResourceError,
@@ -30,7 +30,6 @@ from sidecar.health import HealthRegistry
 from sidecar.limits import local_resource_errno
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
-from sidecar.smtp import replies
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities
 from sidecar.tcp import (
     DeadlineStream,

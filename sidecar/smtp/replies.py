@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 __all__ = [
-    "ACCESS_DENIED",
     "BAD_BODY",
     "BAD_RECIPIENT_SYNTAX",
     "BAD_SENDER_SYNTAX",
@@ -24,7 +23,6 @@ __all__ = [
     "HELO_NEEDS_DOMAIN",
     "HELP",
     "LINE_TOO_LONG",
-    "LOCAL_ERROR_CLOSING",
     "MAX_REPLY_LINE",
     "MAX_REPLY_LINES",
     "MAX_REPLY_SIZE",
@@ -39,17 +37,11 @@ __all__ = [
     "NOT_IMPLEMENTED",
     "NO_VALID_RECIPIENTS",
     "OK",
-    "OTHER_ROUTE",
     "PARAM_SYNTAX",
     "RECIPIENT_NEEDS_DOMAIN",
     "SENDER_OK",
-    "SHUTTING_DOWN",
     "SIZE_NOT_A_NUMBER",
-    "SMTPUTF8_NOT_SUPPORTED_RECIPIENT",
-    "SMTPUTF8_NOT_SUPPORTED_SENDER",
     "SYNTAX_ERROR",
-    "TIMEOUT",
-    "TOO_MANY_CONNECTIONS",
     "TOO_MANY_ERRORS",
     "TOO_MANY_RECIPIENTS",
     "UNKNOWN_COMMAND",
@@ -57,27 +49,11 @@ __all__ = [
     "Reply",
     "ReplyError",
     "ReplyParser",
-    "binding_unplumbed",
-    "dns_temporary",
     "ehlo_reply",
-    "group_unplumbed",
     "helo_reply",
-    "local_resource_shortage",
-    "local_tls_error",
-    "mx_bad_reply",
-    "mx_connection_lost",
-    "mx_timed_out",
-    "no_mail_domain",
-    "no_mx_address",
-    "no_mx_reachable",
-    "no_such_domain",
-    "no_usable_mx_address",
-    "null_mx",
     "parse_ehlo_capabilities",
-    "proxy_unreachable",
     "reply",
     "service_ready",
-    "setup_timed_out",
     "unsupported_parameter",
 ]
 
@@ -342,9 +318,10 @@ def parse_ehlo_capabilities(reply: Reply) -> dict[str, str]:
     return capabilities
 
 
-# --- The sidecar's own replies ---------------------------------------------------------
-# Every reply the sidecar itself gives a client is made here (DESIGN.md rule 4); the MX's
-# replies are passed through as parsed.
+# --- The SMTP server's own replies --------------------------------------------------------
+# What the protocol itself answers (syntax, sequence, limits, the DATA rules): made here and
+# used by sidecar.smtp. The application's replies (routes, HAProxy, the MX, DNS, shutdown)
+# are in sidecar.replies, which also re-exports these (DESIGN.md rule 4).
 
 # Positive
 OK = reply(250, "2.0.0", "OK")
@@ -385,7 +362,6 @@ def unsupported_parameter(command: str, keyword: str) -> Reply:
 # Transaction limits and refusals
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
-OTHER_ROUTE = reply(452, "4.5.3", "Recipient on another route, send it in a new transaction")
 RECIPIENT_NEEDS_DOMAIN = reply(550, "5.1.1", "This relay needs a recipient with a domain")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 # SMTPUTF8 (RFC 6531). A non-ASCII local part has no ASCII form; a non-ASCII domain does (its
@@ -393,12 +369,6 @@ MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 # section 3.5's reply to a non-ASCII address that cannot be taken.
 NON_ASCII_ADDRESS = reply(
     553, "5.6.7", "Non-ASCII local part needs the SMTPUTF8 parameter on MAIL (RFC 6531)"
-)
-SMTPUTF8_NOT_SUPPORTED_SENDER = reply(
-    553, "5.6.7", "The MX does not support SMTPUTF8, which the sender address needs"
-)
-SMTPUTF8_NOT_SUPPORTED_RECIPIENT = reply(
-    553, "5.6.7", "The MX does not support SMTPUTF8, which this recipient address needs"
 )
 # Found at the end of data: the message as a whole fails, hence 554 ("transaction failed",
 # RFC 5321 section 4.2.3), and X.6.9, which RFC 6531 registered for exactly this: "UTF-8
@@ -412,96 +382,10 @@ BARE_NEWLINE = reply(
     "5.6.0",
     "Message contains a bare CR or LF, refused (RFC 5321 section 2.3.8)",
 )
-ACCESS_DENIED = reply(554, "5.7.1", "Access denied")
-
-
-# Routing and delivery failures (DESIGN.md sections 4 and 5)
-def no_such_domain(domain: str) -> Reply:
-    return reply(550, "5.1.2", f"Domain {domain} does not exist")
-
-
-def no_mail_domain(domain: str) -> Reply:
-    return reply(550, "5.1.2", f"Domain {domain} has no mail exchanger and no address")
-
-
-def null_mx(domain: str) -> Reply:
-    return reply(556, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
-
-
-def dns_temporary(domain: str, why: str) -> Reply:
-    return reply(451, "4.4.3", f"DNS lookup for {domain} failed temporarily ({why}), try later")
-
-
-def no_mx_address(domain: str) -> Reply:
-    return reply(451, "4.4.3", f"No MX host of {domain} has an address, try later")
-
-
-def binding_unplumbed(binding: str, servers: str) -> Reply:
-    return reply(451, "4.4.1", f"No HAProxy server of binding {binding} is up ({servers})")
-
-
-def group_unplumbed(group: str) -> Reply:
-    return reply(451, "4.4.1", f"No binding of group {group} has an HAProxy server up")
-
-
-def no_usable_mx_address(domain: str, binding: str, detail: str) -> Reply:
-    return reply(451, "4.4.4", f"No usable MX address for {domain} via {binding}: {detail}")
-
-
-def proxy_unreachable(binding: str, errors: str) -> Reply:
-    return reply(451, "4.4.1", f"Cannot reach HAProxy for binding {binding}: {errors}")
-
-
-def no_mx_reachable(domain: str, problems: str) -> Reply:
-    return reply(451, "4.4.1", f"No MX of {domain} reachable: {problems}")
-
-
-def setup_timed_out(seconds: float) -> Reply:
-    """The whole upstream set-up (``delivery.setup_timeout``) ran out before the RCPT reply."""
-    return reply(
-        451, "4.4.1", f"Timed out after {seconds:g}s setting up delivery to the MX, try later"
-    )
-
-
-def local_tls_error(why: str) -> Reply:
-    """The sidecar's own TLS set-up failed (e.g. its CA bundle): no MX is to blame."""
-    return reply(451, "4.3.0", f"Local error setting up TLS towards the MX ({why}), try later")
-
-
-def local_resource_shortage(what: str) -> Reply:
-    """The sidecar itself ran short (``what`` names the errno, e.g. "EMFILE: Too many open
-    files"): neither HAProxy's nor the MX's fault (DESIGN.md invariant 5)."""
-    return reply(451, "4.3.0", f"Local resource shortage in the sidecar ({what}), try later")
-
-
-def mx_bad_reply(why: str) -> Reply:
-    """The MX answered with something that is not a usable SMTP reply (``why``: e.g. "reply
-    longer than 16384 bytes"); the sidecar closed the connection and passes none of it on."""
-    return reply(451, "4.5.0", f"The MX sent an unusable reply ({why}), try later")
-
-
-def mx_connection_lost(when: str) -> Reply:
-    return reply(
-        451, "4.4.2", f"Connection to the MX lost {when}; message not delivered, try later"
-    )
-
-
-def mx_timed_out(when: str, detail: str) -> Reply:
-    """The MX did not answer (or read) within its step's time limit; ``detail`` says which
-    wait, e.g. "no reply within 300s"."""
-    return reply(
-        451,
-        "4.4.2",
-        f"Timed out waiting for the MX {when} ({detail}); message not delivered, try later",
-    )
 
 
 # Connection-level
 TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection")
-TIMEOUT = reply(421, "4.4.2", "Timeout, closing connection")
-SHUTTING_DOWN = reply(421, "4.3.0", "Service shutting down")
-TOO_MANY_CONNECTIONS = reply(421, "4.3.2", "Too many connections, try again later")
-LOCAL_ERROR_CLOSING = reply(421, "4.3.0", "Local error in processing, closing connection")
 
 
 def service_ready(hostname: str) -> Reply:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.smtp import replies
+from sidecar import replies
+from sidecar.smtp import replies as smtp_replies
 from sidecar.smtp.replies import (
     Reply,
     ReplyError,
@@ -338,12 +339,12 @@ def test_too_many_lines() -> None:
 
 def test_reply_size_is_bounded() -> None:
     """Issue 10: 200 lines of 4 KiB per reply made every session hold over a MiB."""
-    line = b"250-" + b"x" * (replies.MAX_REPLY_LINE - 6) + b"\r\n"  # the longest line allowed
+    line = b"250-" + b"x" * (smtp_replies.MAX_REPLY_LINE - 6) + b"\r\n"  # the longest line allowed
     assert parse_all(b"250 " + line[4:])
-    whole = line * (replies.MAX_REPLY_SIZE // len(line) - 1)
-    last = b"250 " + b"y" * (replies.MAX_REPLY_SIZE - len(whole) - 6) + b"\r\n"
-    assert len(whole + last) == replies.MAX_REPLY_SIZE
-    assert len(parse_all(whole + last)[0].raw or b"") == replies.MAX_REPLY_SIZE
+    whole = line * (smtp_replies.MAX_REPLY_SIZE // len(line) - 1)
+    last = b"250 " + b"y" * (smtp_replies.MAX_REPLY_SIZE - len(whole) - 6) + b"\r\n"
+    assert len(whole + last) == smtp_replies.MAX_REPLY_SIZE
+    assert len(parse_all(whole + last)[0].raw or b"") == smtp_replies.MAX_REPLY_SIZE
     with pytest.raises(ReplyError, match="reply longer than 16384 bytes"):
         parse_all(whole + b"250-z\r\n" + last)
 
@@ -357,8 +358,8 @@ def test_reply_size_bound_holds_without_a_final_line() -> None:
         for _ in range(100):
             parser.feed(chunk)
             assert parser.next_reply() is None
-            assert parser.buffered <= replies.MAX_REPLY_SIZE
-    assert parser.buffered <= replies.MAX_REPLY_SIZE + len(chunk)
+            assert parser.buffered <= smtp_replies.MAX_REPLY_SIZE
+    assert parser.buffered <= smtp_replies.MAX_REPLY_SIZE + len(chunk)
 
 
 def test_bounds_apply_per_reply_not_per_stream() -> None:
@@ -368,8 +369,8 @@ def test_bounds_apply_per_reply_not_per_stream() -> None:
 
 @given(
     st.lists(
-        st.sampled_from([replies.MAX_REPLY_LINE - 6, 1000])
-        | st.integers(min_value=0, max_value=replies.MAX_REPLY_LINE - 6),
+        st.sampled_from([smtp_replies.MAX_REPLY_LINE - 6, 1000])
+        | st.integers(min_value=0, max_value=smtp_replies.MAX_REPLY_LINE - 6),
         max_size=20,
     ),
     st.integers(min_value=1, max_value=9000),
@@ -381,12 +382,12 @@ def test_reply_refused_exactly_when_over_the_bound(lengths: list[int], chunk: in
     try:
         for start in range(0, len(wire), chunk):
             parser.feed(wire[start : start + chunk])
-            assert parser.buffered <= replies.MAX_REPLY_SIZE + chunk
+            assert parser.buffered <= smtp_replies.MAX_REPLY_SIZE + chunk
             result = parser.next_reply() or result
     except ReplyError:
-        assert len(wire) > replies.MAX_REPLY_SIZE
+        assert len(wire) > smtp_replies.MAX_REPLY_SIZE
         return
-    assert len(wire) <= replies.MAX_REPLY_SIZE
+    assert len(wire) <= smtp_replies.MAX_REPLY_SIZE
     assert result is not None and result.raw == wire
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.smtp import replies
+from sidecar import replies
 from sidecar.smtp.replies import Reply, ReplyParser, reply
 from sidecar.smtp.server import (
     MAX_QUEUED_REPLIES,
