@@ -18,6 +18,7 @@ from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.pool import UpstreamPool
 from sidecar.routing import Router
+from sidecar.smtp.server import Limits
 from sidecar.tcp import DeadlineStream
 
 if TYPE_CHECKING:
@@ -39,6 +40,18 @@ class ServerContext:
     idle_sessions: set[DeadlineStream] = field(default_factory=set)
     # Every running session (shared by the contexts of all configurations, like the above).
     sessions: set[Session] = field(default_factory=set)
+    # What the SMTP server core of each session enforces, made once per configuration.
+    limits: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        server = self.config.server
+        self.limits = Limits(
+            server.hostname,
+            server.max_line_length,
+            server.max_message_size,
+            server.max_recipients,
+            server.max_errors,
+        )
 
     def begin_shutdown(self) -> None:
         """Idle sessions get 421 and close now; a transaction in progress may finish, and no

@@ -11,7 +11,6 @@ is the MX's own, byte for byte.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from typing import Any, NoReturn
 import trio
 
 from sidecar import replies
-from sidecar.config import Listener, ServerConfig
+from sidecar.config import Listener
 from sidecar.context import ServerContext
 from sidecar.errors import RouteError, UpstreamError, UpstreamLost, UpstreamTimedOut
 from sidecar.logs import log_transaction, transaction_logging
@@ -37,7 +36,6 @@ from sidecar.smtp.server import (
     DataCommand,
     EndOfData,
     Event,
-    Limits,
     MailOpened,
     Quit,
     RcptRefused,
@@ -102,17 +100,6 @@ class _CloseSession(Exception):
     pass
 
 
-@functools.lru_cache(maxsize=16)
-def _limits(server: ServerConfig) -> Limits:
-    return Limits(
-        server.hostname,
-        server.max_line_length,
-        server.max_message_size,
-        server.max_recipients,
-        server.max_errors,
-    )
-
-
 class Session:
     # A thousand idle sessions should cost little memory (issue 6: <= 40 MiB in all).
     __slots__ = (
@@ -140,7 +127,7 @@ class Session:
         self.context = context
         self.config = context.config
         self.id = f"{next(_session_ids):x}"
-        self.smtp = SmtpServer(_limits(self.config.server))
+        self.smtp = SmtpServer(context.limits)
         if context.shutting_down.is_set():
             self.smtp.closing = replies.SHUTTING_DOWN
         self.txn: Transaction | None = None
