@@ -136,6 +136,7 @@ class Shaper:
         self._primary = backend
         self._fallback = fallback if fallback is not None else MemoryBackend()
         self.degraded = False
+        self._went_down = trio.Event()
         self.stats = ShapingStats()
         self._live: dict[str, Grant] = {}
         self._queues: dict[str, deque[_Waiter]] = {}
@@ -292,11 +293,14 @@ class Shaper:
         next_renewal = trio.current_time() + RENEW_EVERY
         while True:
             now = trio.current_time()
+            pause = max(0.0, next_renewal - now)
             if self.degraded:
-                await trio.sleep(min(PROBE_EVERY, max(0.0, next_renewal - now)))
+                await trio.sleep(min(PROBE_EVERY, pause))
                 await self._probe()
             else:
-                await trio.sleep(max(0.0, next_renewal - now))
+                with trio.move_on_after(pause):
+                    await self._went_down.wait()  # probe from now on
+                self._went_down = trio.Event()
             if trio.current_time() >= next_renewal:
                 await self._renew()
                 next_renewal = trio.current_time() + RENEW_EVERY
@@ -328,6 +332,7 @@ class Shaper:
     def _enter_degraded(self, error: BackendUnavailable) -> None:
         if not self.degraded:
             self.degraded = True
+            self._went_down.set()
             log.warning(
                 "shaping: the shared backend is unavailable (%s); limits hold per process "
                 "until it answers again",
