@@ -109,6 +109,8 @@ __all__ = [
     "reply",
     "service_ready",
     "setup_timed_out",
+    "shaping_limit_reached",
+    "shaping_suspended",
     "unsupported_parameter",
 ]
 
@@ -203,6 +205,43 @@ def mx_timed_out(when: str, detail: str) -> Reply:
         451,
         "4.4.2",
         f"Timed out waiting for the MX {when} ({detail}); message not delivered, try later",
+    )
+
+
+# Traffic shaping (issue 12). 451 (transient, the session stays open for the MTA's other
+# recipients; 421 would close it) with RFC 3463 X.4.5 "mail system congestion": the path to
+# the site is congested, by its configured limits or because the receiver asked us to slow
+# down. Not X.7.x: that is a security/policy refusal, which bounce classifiers read as a block.
+def _show_site(site: str) -> str:
+    """A site in a reply: an unnamed site (every MX host name) cut to a readable length."""
+    return site if len(site) <= 80 else site[:77] + "..."
+
+
+def _plain(text: str, most: int = 120) -> str:
+    """Text from elsewhere (a reason, an MX's reply) made safe for a reply line: printable
+    ASCII, at most ``most`` characters."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return clean if len(clean) <= most else clean[: most - 3] + "..."
+
+
+def shaping_limit_reached(source: str, site: str, limit: str, value: str) -> Reply:
+    """``limit`` (e.g. "connection_limit") of the egress path (``source`` x ``site``) is
+    reached and the expected wait is over shaping.max_wait."""
+    return reply(
+        451,
+        "4.4.5",
+        f"Egress {source} to site {_show_site(site)}: {limit} {value} reached, try later",
+    )
+
+
+def shaping_suspended(source: str, site: str, seconds: float, reason: str) -> Reply:
+    """The egress path is suspended (a rule matched the MX's reply, or by hand) for
+    ``seconds`` more."""
+    return reply(
+        451,
+        "4.4.5",
+        f"Egress {source} to site {_show_site(site)} suspended for {seconds:.0f}s "
+        f"({_plain(reason)}), try later",
     )
 
 

@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from sidecar.config.schema import Binding, Config, HostPort, toml_fields
+from sidecar.shaping.model import Rate
 
 
 def config_to_dict(config: Config) -> dict[str, object]:
@@ -41,8 +42,8 @@ def _table(section: Any) -> dict[str, object]:
 
 def _plain(value: object) -> object:
     """A field's value as TOML holds it."""
-    if isinstance(value, HostPort | IPv4Address | IPv6Address | IPv4Network | IPv6Network):
-        return str(value)
+    if isinstance(value, HostPort | IPv4Address | IPv6Address | IPv4Network | IPv6Network | Rate):
+        return str(value)  # a Rate as "100/min", which the loader reads back
     if isinstance(value, tuple | list):
         return [_plain(item) for item in value]
     if isinstance(value, Mapping):

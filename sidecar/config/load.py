@@ -25,10 +25,13 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from sidecar.config.schema import (
     DEFAULT_DNS_PORT,
+    RULE_ACTIONS,
     SELECTIONS,
+    SHAPING_BACKENDS,
     TLS_POLICIES,
     Binding,
     BindingGroup,
+    BindingShaping,
     Config,
     ConfigError,
     DeliveryConfig,
@@ -37,14 +40,21 @@ from sidecar.config.schema import (
     HealthConfig,
     HostPort,
     Listener,
+    RuleAction,
     Selection,
     ServerConfig,
+    ShapingBackendKind,
+    ShapingConfig,
+    ShapingLimits,
+    ShapingRule,
+    ShapingSite,
     StatusConfig,
     TlsPolicy,
     section_classes,
     toml_fields,
 )
 from sidecar.errors import describe_error
+from sidecar.shaping.model import Rate, parse_duration, parse_rate
 
 log = logging.getLogger("sidecar.config")
 
@@ -93,6 +103,8 @@ def parse_config(data: Mapping[str, object]) -> Config:
         HealthConfig, root.get("ha_proxy_client", {}), "ha_proxy_client", warnings
     )
 
+    shaping = _parse_shaping(root.get("shaping", {}), "shaping", warnings)
+
     if "binding" not in root:
         raise ConfigError("binding", "at least one [binding.NAME] table is required")
     bindings_table = _table(root["binding"], "binding")
@@ -102,7 +114,7 @@ def parse_config(data: Mapping[str, object]) -> Config:
     for name, value in bindings_table.items():
         bpath = _key("binding", name)
         _check_name(name, bpath, "binding")
-        bindings[name] = _parse_binding(name, value, bpath, warnings)
+        bindings[name] = _parse_binding(name, value, bpath, shaping.sites, warnings)
 
     groups: dict[str, BindingGroup] = {}
     for name, value in _table(root.get("binding_group", {}), "binding_group").items():
@@ -128,6 +140,7 @@ def parse_config(data: Mapping[str, object]) -> Config:
         binding_groups=groups,
         domains=domains,
         status=status,
+        shaping=shaping,
         warnings=tuple(warnings),
     )
 
@@ -212,6 +225,8 @@ def _parser(cls: type[Any], f: Field[Any]) -> _Parser:
         return _positive_int
     if kind is float:
         return _positive_float
+    if kind is Rate:
+        return _rate
     raise TypeError(f"no parser for {cls.__name__}.{f.name}")  # a schema programming error
 
 
@@ -275,11 +290,31 @@ def load_ca_file(name: str, path: str) -> ssl.SSLContext:
         ) from None
 
 
-def _parse_binding(name: str, value: object, path: str, warnings: list[str]) -> Binding:
+def _parse_binding(
+    name: str,
+    value: object,
+    path: str,
+    sites: Mapping[str, ShapingSite],
+    warnings: list[str],
+) -> Binding:
     def domains(raw: object, dpath: str) -> dict[str, DomainPolicy]:
         return _parse_domains(raw, dpath, warnings)
 
-    kwargs = _table_kwargs(Binding, value, path, warnings, {"domains": domains})
+    def shaping(raw: object, spath: str) -> BindingShaping:
+        def per_site(raw_sites: object, sites_path: str) -> dict[str, ShapingLimits]:
+            limits: dict[str, ShapingLimits] = {}
+            for site, raw_limits in _table(raw_sites, sites_path).items():
+                site_path = _key(sites_path, site)
+                if site not in sites:
+                    raise ConfigError(site_path, f"no [shaping.site.{_show(site)}] is configured")
+                limits[site] = _parse_section(ShapingLimits, raw_limits, site_path, warnings)
+            return limits
+
+        return BindingShaping(
+            **_table_kwargs(BindingShaping, raw, spath, warnings, {"sites": per_site})
+        )
+
+    kwargs = _table_kwargs(Binding, value, path, warnings, {"domains": domains, "shaping": shaping})
     if kwargs.get("ha_proxy_src_addr") is None and kwargs.get("ha_proxy_ipv6_src_addr") is None:
         raise ConfigError(
             path, "set ha_proxy_src_addr (IPv4), ha_proxy_ipv6_src_addr (IPv6) or both"
@@ -360,6 +395,68 @@ def _parse_domains(value: object, path: str, warnings: list[str]) -> dict[str, D
             raise ConfigError(dpath, f"{_show(domain)} is configured twice")
         domains[domain] = _parse_section(DomainPolicy, raw_policy, dpath, warnings)
     return domains
+
+
+def _parse_shaping(value: object, path: str, warnings: list[str]) -> ShapingConfig:
+    def sites(raw: object, sites_path: str) -> dict[str, ShapingSite]:
+        parsed: dict[str, ShapingSite] = {}
+        for name, raw_site in _table(raw, sites_path).items():
+            site_path = _key(sites_path, name)
+            _check_name(name, site_path, "site")
+            kwargs = _table_kwargs(ShapingSite, raw_site, site_path, warnings)
+            parsed[name] = ShapingSite(name=name, **kwargs)
+        return parsed
+
+    found_sites: dict[str, ShapingSite] = {}
+
+    def rules(raw: object, rules_path: str) -> tuple[ShapingRule, ...]:
+        if isinstance(raw, Mapping):
+            raise ConfigError(rules_path, "must be an array of tables: write [[shaping.rule]]")
+        parsed: list[ShapingRule] = []
+        for i, item in enumerate(_list(raw, rules_path)):
+            parsed.append(_parse_rule(item, f"{rules_path}[{i}]", found_sites, warnings))
+        return tuple(parsed)
+
+    table = _table(value, path)
+    # Sites first: the rules name them (whatever order the TOML file has).
+    found_sites.update(sites(table.get("site", {}), _key(path, "site")))
+    kwargs = _table_kwargs(
+        ShapingConfig,
+        table,
+        path,
+        warnings,
+        {"sites": lambda _raw, _path: dict(found_sites), "rules": rules},
+    )
+    if kwargs.get("backend") == "redis" and kwargs.get("redis_url") is None:
+        raise ConfigError(_key(path, "redis_url"), 'missing (backend = "redis" needs it)')
+    return ShapingConfig(**kwargs)
+
+
+def _parse_rule(
+    value: object, path: str, sites: Mapping[str, ShapingSite], warnings: list[str]
+) -> ShapingRule:
+    kwargs = _table_kwargs(ShapingRule, value, path, warnings)
+    site = kwargs.get("site")
+    if site is not None and site not in sites:
+        raise ConfigError(_key(path, "site"), f"no [shaping.site.{_show(site)}] is configured")
+    if all(kwargs.get(k) is None for k in ("match", "code", "enhanced")):
+        raise ConfigError(path, "set match (a regular expression), code or enhanced")
+    limit_keys = [key for key, _ in toml_fields(ShapingLimits) if key in kwargs]
+    if kwargs["action"] == "set" and not limit_keys:
+        raise ConfigError(
+            path, 'action = "set" needs the limits to use meanwhile (e.g. connection_limit)'
+        )
+    if kwargs["action"] == "suspend" and limit_keys:
+        raise ConfigError(_key(path, limit_keys[0]), 'only a rule with action = "set" takes limits')
+    match = kwargs.get("match")
+    if match is not None:
+        try:
+            kwargs["pattern"] = re.compile(match, re.MULTILINE)
+        except re.error as e:
+            raise ConfigError(
+                _key(path, "match"), f"{_show(match)} is not a regular expression: {e}"
+            ) from None
+    return ShapingRule(**kwargs)
 
 
 # -- values -----------------------------------------------------------------------------------
@@ -654,6 +751,82 @@ def _show(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+def _rate(value: object, path: str) -> Rate:
+    try:
+        return parse_rate(_str(value, path))
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from None
+
+
+def _duration(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(path, f'must be a duration like "90s" or "2h", got {_show(value)}')
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from None
+    if not math.isfinite(seconds):
+        raise ConfigError(path, f"must be a finite duration, got {_show(value)}")
+    return seconds
+
+
+def _non_negative_float(value: object, path: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(path, f"must be a number of seconds, 0 or more, got {_show(value)}")
+    return float(value)
+
+
+def _parse_shaping_backend(value: object, path: str) -> ShapingBackendKind:
+    return _choice(value, path, SHAPING_BACKENDS)
+
+
+def _parse_rule_action(value: object, path: str) -> RuleAction:
+    return _choice(value, path, RULE_ACTIONS)
+
+
+def _redis_url(value: object, path: str) -> str:
+    text = _str(value, path)
+    scheme = text.partition("://")[0].lower()
+    if not text.partition("://")[2] or scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(path, f"{_show(text)} is not a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _mx_patterns(value: object, path: str) -> tuple[str, ...]:
+    items = _list(value, path, 'an array of MX host patterns like "*.google.com"')
+    if not items:
+        raise ConfigError(path, "must list at least one MX host pattern")
+    patterns: list[str] = []
+    for i, item in enumerate(items):
+        ipath = f"{path}[{i}]"
+        text = _str(item, ipath).strip().lower().rstrip(".")
+        if not text or not text.isascii() or any(c.isspace() for c in text):
+            raise ConfigError(ipath, f"{_show(item)} is not an MX host name pattern")
+        patterns.append(text)
+    return tuple(patterns)
+
+
+def _reply_code(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 200 <= value <= 599:
+        raise ConfigError(path, f"must be an SMTP reply code (200-599), got {_show(value)}")
+    return value
+
+
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def _enhanced_code(value: object, path: str) -> str:
+    text = _str(value, path)
+    if not _ENHANCED.fullmatch(text):
+        raise ConfigError(path, f'{_show(text)} is not an enhanced status code like "4.7.28"')
+    return text
+
+
 def _status_address(value: object, path: str) -> HostPort:
     return parse_host_port(_str(value, path), path, ip_only=True, default_port=None)
 
@@ -675,12 +848,26 @@ _BY_NAME: dict[tuple[type[Any], str], _Parser] = {
     (Binding, "ha_proxy_ipv6_src_addr"): _ipv6_source,
     (Binding, "ehlo_hostname"): _parse_hostname,
     (BindingGroup, "selection"): _parse_selection,
+    (ShapingConfig, "backend"): _parse_shaping_backend,
+    (ShapingConfig, "redis_url"): _redis_url,
+    (ShapingConfig, "max_wait"): _non_negative_float,
+    (ShapingSite, "mx"): _mx_patterns,
+    (ShapingRule, "site"): _str,
+    (ShapingRule, "match"): _str,
+    (ShapingRule, "code"): _reply_code,
+    (ShapingRule, "enhanced"): _enhanced_code,
+    (ShapingRule, "action"): _parse_rule_action,
+    (ShapingRule, "duration"): _duration,
     (Listener, "binding"): _str,
     (Listener, "binding_group"): _str,
 }
 # Given per call, with what they need of the rest of the configuration.
 _IN_CONTEXT = {
     (Binding, "domains"),
+    (Binding, "shaping"),
+    (BindingShaping, "sites"),
+    (ShapingConfig, "sites"),
+    (ShapingConfig, "rules"),
     (BindingGroup, "bindings"),
     (BindingGroup, "domains"),
     (Listener, "address"),

@@ -17,11 +17,14 @@ recognise them.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import Field, dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Literal
+
+from sidecar.shaping.model import PathLimits, Rate
 
 TlsPolicy = Literal["disabled", "opportunistic", "required", "verify"]
 TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required", "verify")
@@ -29,6 +32,19 @@ TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required", 
 # domain keeps one member, so one source address, while that member is usable).
 Selection = Literal["round-robin", "hash"]
 SELECTIONS: tuple[Selection, ...] = ("round-robin", "hash")
+# Where shaping state lives: this process, or a Redis/Valkey shared by every sidecar.
+ShapingBackendKind = Literal["memory", "redis"]
+SHAPING_BACKENDS: tuple[ShapingBackendKind, ...] = ("memory", "redis")
+# What a [[shaping.rule]] does to the path when it matches an MX reply.
+RuleAction = Literal["suspend", "set"]
+RULE_ACTIONS: tuple[RuleAction, ...] = ("suspend", "set")
+# Seconds a session may wait for a connection slot or a rate token. Each waiting session
+# holds one of the MTA's delivery processes (Postfix: default_process_limit 100, shared by
+# every destination), so a throttled site can delay other sites' mail by about this much:
+# 2 s keeps that within "a few seconds", smooths bursts of every rate of 30/min or more (one
+# admission per 2 s), and is far under the MTA's RCPT wait (Postfix smtp_rcpt_timeout 300 s)
+# and delivery.setup_timeout.
+DEFAULT_MAX_WAIT = 2.0
 
 DEFAULT_DNS_PORT = 53
 
@@ -63,6 +79,11 @@ def section_classes() -> tuple[type[Any], ...]:
         BindingGroup,
         DomainPolicy,
         StatusConfig,
+        ShapingConfig,
+        ShapingSite,
+        ShapingRule,
+        BindingShaping,
+        ShapingLimits,
     )
 
 
@@ -100,6 +121,120 @@ class DomainPolicy:
 
 
 @dataclass(frozen=True)
+class ShapingLimits:
+    """The limits of one shaping scope (``[binding.NAME.shaping.site."NAME"]``; also the
+    limit keys of ``[shaping]``, ``[shaping.site."NAME"]``, ``[binding.NAME.shaping]`` and a
+    "set" rule). ``None``: not set here, ask the wider scope; unset everywhere: no limit."""
+
+    connection_limit: int | None = field(
+        default=None,
+        metadata=doc("concurrent upstream connections per egress path (idle cached ones count)"),
+    )
+    max_connection_rate: Rate | None = field(
+        default=None, metadata=doc('new upstream connections per egress path, e.g. "60/min"')
+    )
+    max_message_rate: Rate | None = field(
+        default=None, metadata=doc('transactions per egress path, e.g. "20000/h"')
+    )
+    max_deliveries_per_connection: int | None = field(
+        default=None,
+        metadata=doc(
+            "most transactions on one upstream connection, a count "
+            "(default: delivery.connection_reuse_limit)"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class BindingShaping(ShapingLimits):
+    """``[binding.NAME.shaping]``: the binding's limits, and per named site."""
+
+    sites: dict[str, ShapingLimits] = field(
+        default_factory=dict,
+        metadata=doc("limits of this binding per named site", key="site"),
+    )
+
+
+@dataclass(frozen=True)
+class ShapingSite(ShapingLimits):
+    """``[shaping.site."NAME"]``: a named site (MX host patterns) and its limits."""
+
+    name: str = field(default="", metadata=NOT_TOML)  # the table's name
+    mx: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            'MX host name patterns ("*.google.com"; fnmatch, case-insensitive)',
+            missing='the MX host patterns, e.g. ["*.google.com"]',
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ShapingRule(ShapingLimits):
+    """``[[shaping.rule]]``: a reaction to an MX reply: suspend the egress path, or use other
+    limits on it ("set", with the limit keys), for ``duration`` seconds."""
+
+    site: str | None = field(
+        default=None, metadata=doc("named site the rule applies to (default: every site)")
+    )
+    match: str | None = field(
+        default=None,
+        metadata=doc(
+            "regular expression searched in the MX reply as sent, one line per line "
+            '("421-4.7.28 ..."; ^ and $ match at each line)'
+        ),
+    )
+    code: int | None = field(default=None, metadata=doc("the MX reply code it needs, e.g. 421"))
+    enhanced: str | None = field(
+        default=None, metadata=doc('the enhanced status code it needs, e.g. "4.7.28"')
+    )
+    action: RuleAction = field(
+        default="suspend",
+        metadata=doc('"suspend" or "set" (the limit keys)', missing='"suspend" or "set"'),
+    )
+    duration: float = field(
+        default=0.0,
+        metadata=doc('seconds the action lasts ("90s", "2h" or a number)', missing='e.g. "2h"'),
+    )
+    # `match` compiled when the configuration was loaded (a bad regex is a config error).
+    pattern: re.Pattern[str] | None = field(
+        default=None, compare=False, repr=False, metadata=NOT_TOML
+    )
+
+    @property
+    def limits(self) -> PathLimits:
+        """The limits a "set" rule uses meanwhile (its limit keys)."""
+        return PathLimits(
+            self.connection_limit,
+            self.max_connection_rate,
+            self.max_message_rate,
+            self.max_deliveries_per_connection,
+        )
+
+
+@dataclass(frozen=True)
+class ShapingConfig(ShapingLimits):
+    """``[shaping]``: traffic shaping per egress path (source address x site), the limits
+    every path gets unless a narrower scope sets them. Default: no limit."""
+
+    backend: ShapingBackendKind = field(
+        default="memory",
+        metadata=doc('"memory" (limits per sidecar process) or "redis" (shared through redis_url)'),
+    )
+    redis_url: str | None = field(
+        default=None, metadata=doc('Redis/Valkey URL for backend = "redis", e.g. redis://host')
+    )
+    max_wait: float = field(
+        default=DEFAULT_MAX_WAIT,
+        metadata=doc("seconds a session may wait for a connection slot or a rate token"),
+    )
+    sites: dict[str, ShapingSite] = field(
+        default_factory=dict, metadata=doc('[shaping.site."NAME"]', key="site")
+    )
+    rules: tuple[ShapingRule, ...] = field(default=(), metadata=doc("[[shaping.rule]]", key="rule"))
+
+
+@dataclass(frozen=True)
 class Binding:
     """``[binding.NAME]``: an HAProxy egress and the source addresses it writes."""
 
@@ -120,6 +255,10 @@ class Binding:
     )
     domains: dict[str, DomainPolicy] = field(
         default_factory=dict, metadata=doc("per-domain settings for this binding", key="domain")
+    )
+    shaping: BindingShaping = field(
+        default_factory=BindingShaping,
+        metadata=doc("[binding.NAME.shaping]: this binding's traffic shaping limits"),
     )
 
 
@@ -359,5 +498,6 @@ class Config:
         default_factory=dict, metadata=doc('[domain."NAME"]', key="domain")
     )
     status: StatusConfig = field(default_factory=StatusConfig, metadata=doc("[status]"))
+    shaping: ShapingConfig = field(default_factory=ShapingConfig, metadata=doc("[shaping]"))
     # What the loader warned about (deprecated key names), for `sidecar check` to show.
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False, metadata=NOT_TOML)

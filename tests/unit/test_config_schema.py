@@ -32,7 +32,15 @@ from sidecar.config import (
     config_to_dict,
     parse_config,
 )
-from sidecar.config.schema import section_classes, toml_fields
+from sidecar.config.schema import (
+    BindingShaping,
+    ShapingConfig,
+    ShapingLimits,
+    ShapingRule,
+    ShapingSite,
+    section_classes,
+    toml_fields,
+)
 
 # Every key of every table, each set to a value other than its default (a key the dump
 # dropped would come back as the default and fail the round trip).
@@ -93,6 +101,20 @@ EVERY_KEY: dict[str, Any] = {
             "ha_proxy_ipv6_src_addr": "2001:db8::10",
             "ehlo_hostname": "out1.example.com",
             "domain": {"internal.example": {"ha_proxy_bypass": True, "tls": "disabled"}},
+            "shaping": {
+                "connection_limit": 5,
+                "max_connection_rate": "30/min",
+                "max_message_rate": "1000/h",
+                "max_deliveries_per_connection": 50,
+                "site": {
+                    "google": {
+                        "connection_limit": 3,
+                        "max_connection_rate": "10/min",
+                        "max_message_rate": "500/h",
+                        "max_deliveries_per_connection": 20,
+                    }
+                },
+            },
         },
     },
     "binding_group": {
@@ -104,6 +126,38 @@ EVERY_KEY: dict[str, Any] = {
     },
     "domain": {"y.example": {"ha_proxy_bypass": False, "tls": "opportunistic"}},
     "status": {"address": "127.0.0.1:9925"},
+    "shaping": {
+        "backend": "redis",
+        "redis_url": "redis://127.0.0.1:6379",
+        "max_wait": 4.5,
+        "connection_limit": 10,
+        "max_connection_rate": "60/min",
+        "max_message_rate": "20000/h",
+        "max_deliveries_per_connection": 100,
+        "site": {
+            "google": {
+                "mx": ["*.google.com", "*.googlemail.com"],
+                "connection_limit": 20,
+                "max_connection_rate": "2/s",
+                "max_message_rate": "10/30s",
+                "max_deliveries_per_connection": 10,
+            }
+        },
+        "rule": [
+            {
+                "site": "google",
+                "match": "^421[ -]4\\.7\\.28 ",
+                "code": 421,
+                "enhanced": "4.7.28",
+                "action": "set",
+                "duration": "2h",
+                "connection_limit": 1,
+                "max_connection_rate": "1/min",
+                "max_message_rate": "100/h",
+                "max_deliveries_per_connection": 5,
+            }
+        ],
+    },
 }
 
 MINIMAL: dict[str, Any] = {
@@ -128,6 +182,14 @@ def _place(cls: type[Any]) -> _Place:
         BindingGroup: (data["binding_group"]["pool"], "binding_group.pool"),
         DomainPolicy: (data["domain"]["y.example"], 'domain."y.example"'),
         StatusConfig: (data["status"], "status"),
+        ShapingConfig: (data["shaping"], "shaping"),
+        ShapingSite: (data["shaping"]["site"]["google"], "shaping.site.google"),
+        ShapingRule: (data["shaping"]["rule"][0], "shaping.rule[0]"),
+        BindingShaping: (data["binding"]["b1"]["shaping"], "binding.b1.shaping"),
+        ShapingLimits: (
+            data["binding"]["b1"]["shaping"]["site"]["google"],
+            "binding.b1.shaping.site.google",
+        ),
     }
     table, path = tables[cls]
     return data, table, path
@@ -174,6 +236,11 @@ def test_the_tables_cover_every_schema_class() -> None:
                 BindingGroup,
                 DomainPolicy,
                 StatusConfig,
+                ShapingConfig,
+                ShapingSite,
+                ShapingRule,
+                BindingShaping,
+                ShapingLimits,
             ):
                 if other.__name__ in str(f.type):
                     assert other in classes
@@ -194,13 +261,21 @@ def _keys_by_class(dump: dict[str, Any]) -> dict[type[Any], set[str]]:
         ("delivery", DeliveryConfig),
         ("ha_proxy_client", HealthConfig),
         ("status", StatusConfig),
+        ("shaping", ShapingConfig),
     ):
         seen[cls] |= set(dump[key])
+    for site in dump["shaping"]["site"].values():
+        seen[ShapingSite] |= set(site)
+    for rule in dump["shaping"]["rule"]:
+        seen[ShapingRule] |= set(rule)
     for listener in dump["listener"]:
         seen[Listener] |= set(listener)
     for binding in dump["binding"].values():
         seen[Binding] |= set(binding)
         domains(binding)
+        seen[BindingShaping] |= set(binding["shaping"])
+        for limits in binding["shaping"]["site"].values():
+            seen[ShapingLimits] |= set(limits)
     for group in dump["binding_group"].values():
         seen[BindingGroup] |= set(group)
         domains(group)
@@ -343,7 +418,11 @@ def test_the_starter_config_shows_every_key() -> None:
         if cls is Config:
             continue
         for key, f in toml_fields(cls):
-            if not str(f.type).startswith("dict"):  # tables: [dns.static], [domain."NAME"]
+            # tables: [dns.static], [domain."NAME"], [binding.b1.shaping], [[shaping.rule]]
+            if not str(f.type).startswith(("dict", "BindingShaping", "tuple[ShapingRule")):
                 assert key in written, f"{cls.__name__}: {key} not in starter.toml"
     assert "[dns.static]" in STARTER_CONFIG and '[domain."' in STARTER_CONFIG
+    for table in ('[shaping.site."', "[[shaping.rule]]", "[binding.b1.shaping]"):
+        assert table in STARTER_CONFIG
+    assert '[binding.b1.shaping.site."' in STARTER_CONFIG
     assert "command_timeout" not in written

@@ -1,0 +1,447 @@
+"""The shaping runtime a session asks before it opens an upstream connection or starts a
+transaction, and tells about the MX's replies.
+
+- :meth:`Shaper.open_connection`: a connection slot (``connection_limit``) and a
+  ``max_connection_rate`` token, or a 4xx at once, or ``None`` when a pooled connection of the
+  path turned up meanwhile (``wake``). Waiters of one path queue FIFO in this process.
+- :meth:`Shaper.start_transaction`: a ``max_message_rate`` token, or a 4xx.
+- :meth:`Shaper.observe`: the ``[[shaping.rule]]`` reactions to the MX's replies.
+- :meth:`Shaper.run`: renews the leases of live slots, and switches to the fallback backend
+  (per-process limits) while the shared one is unavailable, and back.
+
+A session never waits longer than ``max_wait`` seconds (shaping.max_wait): when the expected
+wait is longer (more waiters ahead than the limit; a rate's next admission further off) the
+MTA gets "451 4.4.5" at once, so the sidecar never holds one of the MTA's delivery processes
+long for a throttled site.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import socket
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import trio
+
+from sidecar.replies import Reply, shaping_limit_reached, shaping_suspended
+from sidecar.shaping.backend import BackendUnavailable, ShapingBackend
+from sidecar.shaping.memory import MemoryBackend
+from sidecar.shaping.model import DIRECT, EgressPath, PathLimits
+from sidecar.shaping.policy import ShapingPolicy, merge
+
+__all__ = ["LEASE", "Grant", "PathUsage", "Shaper"]
+
+log = logging.getLogger("sidecar.shaping")
+
+LEASE: Final = 30.0  # seconds a connection slot is held without renewal (a dead sidecar's)
+RENEW_EVERY: Final = LEASE / 3  # seconds between two renewals of the live slots
+PROBE_EVERY: Final = 1.0  # seconds between two probes of an unavailable backend
+POLL_EVERY: Final = 0.25  # seconds between two tries of the first waiter for a slot (another
+# sidecar's release is not announced here; this process's releases wake it at once)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class PathUsage:
+    """What a path uses now (for ``sidecar route`` and /status)."""
+
+    connections: int  # unexpired slots (all sidecars sharing the backend)
+    waiting: int  # sessions of this process waiting for a slot
+    suspended_for: float | None  # seconds
+    suspension_reason: str | None
+    override: PathLimits | None  # limits set by a rule, in force instead of the configured
+    override_for: float | None  # seconds
+    override_reason: str | None
+
+
+@dataclass
+class ShapingStats:
+    """Counters for /metrics: waits that ended in a grant, their seconds, and the 4xx given
+    by kind ("suspended", "connection_limit", "max_connection_rate", "max_message_rate")."""
+
+    waits: int = 0
+    wait_seconds: float = 0.0
+    deferrals: Counter[str] = field(default_factory=Counter)
+
+
+class Grant:
+    """One upstream connection's slot: ``release()`` it when the connection is closed.
+    ``deliveries_left``: transactions still allowed on the connection (None: no limit);
+    :meth:`delivered` counts one."""
+
+    def __init__(
+        self,
+        shaper: Shaper,
+        path: EgressPath,
+        holder: str,
+        backend: ShapingBackend | None,
+        deliveries_left: int | None,
+    ) -> None:
+        self.path = path
+        self.holder = holder
+        self.deliveries_left = deliveries_left
+        self._shaper = shaper
+        self._backend = backend  # where the slot is held (None: no connection_limit)
+        self.released = False
+
+    def delivered(self) -> int | None:
+        """Count one transaction; returns the deliveries left (None: no limit)."""
+        if self.deliveries_left is not None:
+            self.deliveries_left = max(0, self.deliveries_left - 1)
+        return self.deliveries_left
+
+    async def release(self) -> None:
+        """Give the slot back (once; later calls do nothing). Never raises for an
+        unavailable backend: the lease then runs out on its own."""
+        if self.released:
+            return
+        self.released = True
+        await self._shaper._release(self)
+
+
+class _Waiter:
+    __slots__ = ("poke",)
+
+    def __init__(self) -> None:
+        self.poke = trio.Event()
+
+    def wake(self) -> None:
+        self.poke.set()
+
+    async def wait(self) -> None:
+        await self.poke.wait()
+        self.poke = trio.Event()
+
+
+class Shaper:
+    """Traffic shaping per egress path (see the module), on ``backend``; while it raises
+    :class:`BackendUnavailable`, on ``fallback`` (default: a new :class:`MemoryBackend`)."""
+
+    def __init__(
+        self,
+        policy: ShapingPolicy,
+        backend: ShapingBackend,
+        max_wait: float,
+        fallback: ShapingBackend | None = None,
+    ) -> None:
+        self.policy = policy
+        self.max_wait = max_wait
+        self._primary = backend
+        self._fallback = fallback if fallback is not None else MemoryBackend()
+        self.degraded = False
+        self._went_down = trio.Event()
+        self.stats = ShapingStats()
+        self._live: dict[str, Grant] = {}
+        self._queues: dict[str, deque[_Waiter]] = {}
+        tag = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        self._holders = (f"{tag}/{n}" for n in itertools.count(1))
+
+    # -- paths and limits ---------------------------------------------------------------------
+
+    def path(self, source: str | None, mx_hosts: Iterable[str]) -> EgressPath:
+        """The egress path from ``source`` (the PROXY header's source address; None: a bypass
+        delivery, :data:`DIRECT`) to the site of ``mx_hosts``."""
+        return EgressPath(DIRECT if source is None else source, self.policy.site_of(mx_hosts))
+
+    async def limits(self, binding: str, path: EgressPath) -> PathLimits:
+        """The limits in force: a rule's override (its non-None keys) over the configured."""
+        configured = self.policy.limits(binding, path.site)
+        found = await self._call(lambda b: b.overrides(path.key))
+        return configured if found is None else merge(found[0], configured)
+
+    # -- the session's questions ------------------------------------------------------------
+
+    async def open_connection(
+        self, binding: str, path: EgressPath, wake: trio.Event | None = None
+    ) -> Grant | Reply | None:
+        """May ``binding`` open a new upstream connection on ``path``? A :class:`Grant` (keep
+        it while the connection lives, release it after); a 4xx :class:`Reply` (suspended, or
+        the limit's expected wait is over max_wait); ``None`` when ``wake`` was set while
+        waiting (a pooled connection of the path is free: take it instead)."""
+        refusal = await self._suspended(path)
+        if refusal is not None:
+            return refusal
+        limits = await self.limits(binding, path)
+        deliveries = limits.max_deliveries_per_connection
+        if limits.connection_limit is None and limits.max_connection_rate is None:
+            return Grant(self, path, next(self._holders), None, deliveries)
+        start = trio.current_time()
+        deadline = start + self.max_wait
+        holder = next(self._holders)
+        grant: Grant | None = None
+        try:
+            if limits.connection_limit is not None:
+                got = await self._take_slot(path, holder, limits.connection_limit, deadline, wake)
+                if got is None:
+                    return None
+                if isinstance(got, bool):
+                    return self._defer(path, "connection_limit", str(limits.connection_limit))
+                grant = Grant(self, path, holder, got, deliveries)
+                self._live[holder] = grant
+            else:
+                grant = Grant(self, path, holder, None, deliveries)
+            if limits.max_connection_rate is not None:
+                rate = limits.max_connection_rate
+                left = max(0.0, deadline - trio.current_time())
+                wait = await self._call(lambda b: b.reserve(path.key + "|connections", rate, left))
+                if wait is None:
+                    await grant.release()
+                    return self._defer(path, "max_connection_rate", str(rate))
+                if wait > 0 and not await self._sleep(wait, wake):
+                    await grant.release()
+                    return None
+            waited = trio.current_time() - start
+            if waited > 0:
+                self.stats.waits += 1
+                self.stats.wait_seconds += waited
+            result, grant = grant, None
+            return result
+        finally:
+            if grant is not None:  # cancelled, or an error: give the slot back
+                with trio.CancelScope(shield=True):
+                    await grant.release()
+
+    async def start_transaction(self, binding: str, path: EgressPath) -> Reply | None:
+        """May a transaction start on ``path``? ``None`` (go; after a wait of at most
+        max_wait for a ``max_message_rate`` token), or a 4xx :class:`Reply`."""
+        refusal = await self._suspended(path)
+        if refusal is not None:
+            return refusal
+        rate = (await self.limits(binding, path)).max_message_rate
+        if rate is None:
+            return None
+        wait = await self._call(lambda b: b.reserve(path.key + "|messages", rate, self.max_wait))
+        if wait is None:
+            return self._defer(path, "max_message_rate", str(rate))
+        if wait > 0:
+            await trio.sleep(wait)
+            self.stats.waits += 1
+            self.stats.wait_seconds += wait
+        return None
+
+    async def observe(self, binding: str, path: EgressPath, reply: Reply) -> None:
+        """Apply the first ``[[shaping.rule]]`` of the path's site that matches the MX's
+        ``reply``: suspend the path, or override its limits, for the rule's duration."""
+        rule = next((r for r in self.policy.rules_for(path.site) if r.match(reply)), None)
+        if rule is None:
+            return
+        reason = f"{rule.name}: {reply.code} {reply.text}"[:200]
+        what = "suspends" if rule.action == "suspend" else "sets the limits of"
+        log.warning(
+            "shaping: %s %s egress %s to site %s for %gs (binding %s): %d %s",
+            rule.name,
+            what,
+            path.source,
+            path.site,
+            rule.duration,
+            binding,
+            reply.code,
+            reply.text[:200],
+        )
+        if rule.action == "suspend":
+            await self._call(lambda b: b.suspend(path.key, rule.duration, reason))
+        else:
+            await self._call(lambda b: b.override(path.key, rule.limits, rule.duration, reason))
+
+    # -- by hand ------------------------------------------------------------------------------
+
+    async def suspend(self, path: EgressPath, duration: float, reason: str) -> None:
+        """Suspend ``path`` for ``duration`` seconds (``sidecar suspend``)."""
+        log.warning(
+            "shaping: egress %s to site %s suspended for %gs: %s",
+            path.source,
+            path.site,
+            duration,
+            reason,
+        )
+        await self._call(lambda b: b.suspend(path.key, duration, reason))
+
+    async def resume(self, path: EgressPath) -> None:
+        """End the path's suspension and limit override now (``sidecar resume``)."""
+        log.warning("shaping: egress %s to site %s resumed", path.source, path.site)
+        await self._call(lambda b: b.resume(path.key))
+
+    async def usage(self, path: EgressPath) -> PathUsage:
+        """Slots in use, local waiters, suspension and override of ``path``."""
+        connections = await self._call(lambda b: b.slots_in_use(path.key))
+        suspension = await self._call(lambda b: b.suspension(path.key))
+        override = await self._call(lambda b: b.overrides(path.key))
+        return PathUsage(
+            connections=connections,
+            waiting=len(self._queues.get(path.key, ())),
+            suspended_for=None if suspension is None else suspension[0],
+            suspension_reason=None if suspension is None else suspension[1],
+            override=None if override is None else override[0],
+            override_for=None if override is None else override[1],
+            override_reason=None if override is None else override[2],
+        )
+
+    # -- background ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew the leases of the live slots every :data:`RENEW_EVERY` seconds; while
+        degraded, probe the shared backend every :data:`PROBE_EVERY` seconds and go back to
+        it when it answers. Runs until cancelled."""
+        task_status.started()
+        next_renewal = trio.current_time() + RENEW_EVERY
+        while True:
+            now = trio.current_time()
+            pause = max(0.0, next_renewal - now)
+            if self.degraded:
+                await trio.sleep(min(PROBE_EVERY, pause))
+                await self._probe()
+            else:
+                with trio.move_on_after(pause):
+                    await self._went_down.wait()  # probe from now on
+                self._went_down = trio.Event()
+            if trio.current_time() >= next_renewal:
+                await self._renew()
+                next_renewal = trio.current_time() + RENEW_EVERY
+            if isinstance(self._fallback, MemoryBackend):
+                self._fallback.prune()
+            if isinstance(self._primary, MemoryBackend):
+                self._primary.prune()
+
+    async def _renew(self) -> None:
+        for backend in (self._primary, self._fallback):
+            slots = [(g.path.key, g.holder) for g in self._live.values() if g._backend is backend]
+            if not slots:
+                continue
+            try:
+                await backend.renew_slots(slots, LEASE)
+            except BackendUnavailable as e:
+                self._enter_degraded(e)
+
+    async def _probe(self) -> None:
+        try:
+            await self._primary.suspension("probe")
+        except BackendUnavailable:
+            return
+        self.degraded = False
+        log.warning("shaping: the shared backend answers again; limits are shared again")
+
+    # -- inside -------------------------------------------------------------------------------
+
+    def _enter_degraded(self, error: BackendUnavailable) -> None:
+        if not self.degraded:
+            self.degraded = True
+            self._went_down.set()
+            log.warning(
+                "shaping: the shared backend is unavailable (%s); limits hold per process "
+                "until it answers again",
+                error,
+            )
+
+    async def _call(self, op: Callable[[ShapingBackend], Awaitable[_T]]) -> _T:
+        """``op`` on the shared backend, or on the fallback while it is unavailable."""
+        result, _backend = await self._call_on(op)
+        return result
+
+    async def _call_on(
+        self, op: Callable[[ShapingBackend], Awaitable[_T]]
+    ) -> tuple[_T, ShapingBackend]:
+        if not self.degraded:
+            try:
+                return await op(self._primary), self._primary
+            except BackendUnavailable as e:
+                self._enter_degraded(e)
+        return await op(self._fallback), self._fallback
+
+    async def _suspended(self, path: EgressPath) -> Reply | None:
+        found = await self._call(lambda b: b.suspension(path.key))
+        if found is None:
+            return None
+        self.stats.deferrals["suspended"] += 1
+        return shaping_suspended(path.source, path.site, found[0], found[1])
+
+    def _defer(self, path: EgressPath, limit: str, value: str) -> Reply:
+        self.stats.deferrals[limit] += 1
+        return shaping_limit_reached(path.source, path.site, limit, value)
+
+    async def _sleep(self, seconds: float, wake: trio.Event | None) -> bool:
+        """Sleep ``seconds``; False (at once) if ``wake`` is set meanwhile."""
+        if wake is None:
+            await trio.sleep(seconds)
+            return True
+        with trio.move_on_after(seconds):
+            await wake.wait()
+            return False
+        return True
+
+    async def _take_slot(
+        self,
+        path: EgressPath,
+        holder: str,
+        limit: int,
+        deadline: float,
+        wake: trio.Event | None,
+    ) -> ShapingBackend | bool | None:
+        """A slot of ``path``: the backend holding it; False when none came by ``deadline``
+        (or the waiters ahead already fill the limit: refused at once); None when ``wake``
+        was set while waiting."""
+        queue = self._queues.setdefault(path.key, deque())
+        if not queue:
+            got, backend = await self._call_on(
+                lambda b: b.acquire_slot(path.key, holder, limit, LEASE)
+            )
+            if got:
+                return backend
+        if len(queue) >= limit or trio.current_time() >= deadline:
+            if not queue:
+                del self._queues[path.key]
+            return False
+        me = _Waiter()
+        queue.append(me)
+        try:
+            async with trio.open_nursery() as nursery:
+                if wake is not None:
+
+                    async def watch(wake: trio.Event = wake) -> None:
+                        await wake.wait()
+                        me.wake()
+
+                    nursery.start_soon(watch)
+                try:
+                    with trio.move_on_at(deadline):
+                        while True:
+                            if wake is not None and wake.is_set():
+                                return None
+                            if queue[0] is me:
+                                got, backend = await self._call_on(
+                                    lambda b: b.acquire_slot(path.key, holder, limit, LEASE)
+                                )
+                                if got:
+                                    return backend
+                                with trio.move_on_after(POLL_EVERY):
+                                    await me.wait()
+                            else:
+                                await me.wait()
+                    return False
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            head = queue[0] is me
+            queue.remove(me)
+            if not queue:
+                self._queues.pop(path.key, None)
+            elif head:
+                queue[0].wake()  # the next in line tries now
+
+    async def _release(self, grant: Grant) -> None:
+        self._live.pop(grant.holder, None)
+        backend = grant._backend
+        if backend is not None:
+            try:
+                await backend.release_slot(grant.path.key, grant.holder)
+            except BackendUnavailable as e:
+                self._enter_degraded(e)  # the lease runs out on its own
+        queue = self._queues.get(grant.path.key)
+        if queue:
+            queue[0].wake()
