@@ -18,6 +18,7 @@ from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
 from sidecar.pool import UpstreamPool
 from sidecar.routing import Router
+from sidecar.shaping.shaper import Shaper
 from sidecar.smtp.server import Limits
 from sidecar.tcp import DeadlineStream
 
@@ -34,6 +35,7 @@ class ServerContext:
     health: HealthRegistry
     metrics: Metrics = field(default_factory=Metrics)
     pool: UpstreamPool | None = None  # idle upstreams shared by sessions (None: no reuse)
+    shaper: Shaper | None = None  # traffic shaping (None: nothing is shaped)
     shutting_down: trio.Event = field(default_factory=trio.Event)
     # The streams of sessions waiting for a command between transactions: a shutdown
     # interrupts those waits at once.

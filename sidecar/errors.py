@@ -6,7 +6,8 @@ reply (DESIGN.md rule 4: errors that reach a client are ``Reply`` values, built 
 - :class:`CommandError`: the client's command cannot be accepted (sans-IO parsing);
 - :class:`RouteError`: no route for the recipient now or ever (binding unplumbed, no usable
   MX address, ...), and its kind :class:`ResolutionError` (DNS: NXDOMAIN, null MX, SERVFAIL);
-- :class:`UpstreamError`: no usable MX connection for the route.
+- :class:`UpstreamError`: no usable MX connection for the route;
+- :class:`Deferred`: traffic shaping says not now on this egress path.
 
 An MX connection that fails half-way is :class:`UpstreamLost` (:class:`UpstreamTimedOut` when
 a wait ran out): the session words its 4xx after what was lost when. A shortage of the
@@ -24,6 +25,7 @@ import errno
 import os
 import re
 import ssl
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # smtp.commands imports this module: no import of sidecar.smt
 
 __all__ = [
     "CommandError",
+    "Deferred",
     "LocalResourceError",
     "Refusal",
     "ResolutionError",
@@ -72,11 +75,20 @@ class ResolutionError(RouteError):
 
 class UpstreamError(Refusal):
     """No usable MX connection for the route. ``proxy_fault``: no HAProxy server of the
-    binding could be reached (another binding of a group may do)."""
+    binding could be reached (another binding of a group may do). ``mx_replies``: the MXes'
+    own refusals met on the way (greetings, EHLO replies), for traffic shaping's rules."""
 
-    def __init__(self, reply: Reply, proxy_fault: bool = False) -> None:
+    def __init__(
+        self, reply: Reply, proxy_fault: bool = False, mx_replies: Sequence[Reply] = ()
+    ) -> None:
         super().__init__(reply)
         self.proxy_fault = proxy_fault
+        self.mx_replies = tuple(mx_replies)
+
+
+class Deferred(Refusal):
+    """Traffic shaping says not now on this egress path (a limit's wait is over max_wait, or
+    the path is suspended): a 4xx; another binding of a group may have room."""
 
 
 class UpstreamLost(Exception):

@@ -28,6 +28,8 @@ class UpstreamPool:
         self._closing: list[Upstream] = []
         self.closed = False  # once its reaper has stopped, nothing more is parked
         self.reused = 0
+        # Sessions waiting for a shaping slot of a route: set when a connection of it is parked.
+        self._wakers: dict[RouteKey, trio.Event] = {}
 
     def __len__(self) -> int:
         return self._size
@@ -54,7 +56,8 @@ class UpstreamPool:
             and key is not None
             and not upstream.closed
             and not upstream.parser.buffered
-            and upstream.transactions < self.delivery.connection_reuse_limit
+            and upstream.transactions
+            < (upstream.max_transactions or self.delivery.connection_reuse_limit)
             and self._size < self.delivery.connection_cache_size
         )
         if not keep or key is None:
@@ -62,6 +65,17 @@ class UpstreamPool:
             return
         self._idle.setdefault(key, []).append((trio.current_time(), upstream))
         self._size += 1
+        waker = self._wakers.pop(key, None)
+        if waker is not None:
+            waker.set()
+
+    def parked_event(self, key: RouteKey) -> trio.Event:
+        """An event set when a connection for ``key`` is next parked: a session waiting for a
+        traffic-shaping slot takes that connection rather than opening a new one."""
+        waker = self._wakers.get(key)
+        if waker is None:
+            waker = self._wakers[key] = trio.Event()
+        return waker
 
     def _expired(self) -> list[Upstream]:
         now = trio.current_time()

@@ -26,6 +26,7 @@ from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
 from sidecar.session import LAST_WORD_TIMEOUT, Session
+from sidecar.shaping.shaper import shaper_for
 from sidecar.status import StatusSource, serve_status
 from sidecar.status_view import StatusSnapshot, take_snapshot
 from sidecar.tcp import TcpStream, accept_all, listen
@@ -33,10 +34,13 @@ from sidecar.tcp import TcpStream, accept_all, listen
 log = logging.getLogger("sidecar.server")
 
 
-def build_context(config: Config) -> ServerContext:
+def build_context(config: Config, previous: ServerContext | None = None) -> ServerContext:
+    """The context of ``config``; on a reload, ``previous`` is the running one (its traffic
+    shaper goes on with the new policy when its backend settings did not change)."""
     health = registry_for(config)
     router = Router(config, Resolver(config.dns), health)
-    return ServerContext(config, router, health, pool=UpstreamPool(config.delivery))
+    shaper = shaper_for(config, previous.shaper if previous is not None else None)
+    return ServerContext(config, router, health, pool=UpstreamPool(config.delivery), shaper=shaper)
 
 
 def client_allowed(config: Config, client: str) -> bool:
@@ -145,7 +149,7 @@ class Runtime:
 
     def reload(self, config: Config) -> ServerContext:
         old = self.context
-        new = build_context(config)
+        new = build_context(config, old)
         for server, health in old.health.servers.items():
             if server in new.health.servers:
                 health.config = config.ha_proxy_client
@@ -207,6 +211,10 @@ async def _generation(
             nursery.start_soon(run_health_checks, context.health)
             if context.pool is not None:
                 nursery.start_soon(context.pool.reap_forever)
+            if context.shaper is not None:
+                nursery.start_soon(context.shaper.run)
+            if context.shaper is not None:
+                nursery.start_soon(context.shaper.run)
 
 
 async def serve(

@@ -22,10 +22,12 @@ import trio
 from sidecar import replies
 from sidecar.config import Listener
 from sidecar.context import ServerContext
-from sidecar.errors import RouteError, UpstreamError, UpstreamLost, UpstreamTimedOut
+from sidecar.errors import Deferred, RouteError, UpstreamError, UpstreamLost, UpstreamTimedOut
 from sidecar.logs import log_transaction, transaction_logging
 from sidecar.metrics import RECIPIENT_OUTCOMES, outcome_of, recipient_outcome
 from sidecar.routing import Route
+from sidecar.shaping.model import EgressPath
+from sidecar.shaping.shaper import Grant
 from sidecar.smtp.commands import MailFrom, RcptTo
 from sidecar.smtp.replies import Reply
 from sidecar.smtp.server import (
@@ -83,6 +85,10 @@ class Transaction:
         default_factory=lambda: dict.fromkeys(RECIPIENT_OUTCOMES, 0)
     )
     via: UpstreamDescription | None = None  # the upstream of accepted RCPTs
+    # Traffic shaping: the egress path whose message rate this transaction counted, and the
+    # seconds it waited for shaping (a rate token, a connection slot).
+    path: EgressPath | None = None
+    shaping_wait: float = 0.0
     size: int = 0
     logged: bool = False
 
@@ -352,6 +358,18 @@ class Session:
             return replies.OTHER_ROUTE
         if txn.broken:
             return replies.mx_connection_lost("earlier in this transaction")
+        shaper = self.context.shaper
+        path = None
+        if shaper is not None:
+            first = route.candidates[0]
+            path = shaper.path(None if first.source is None else str(first.source), route.mx.site)
+            if txn.path is None:  # the transaction's message counts once, on its first path
+                began = trio.current_time()
+                refusal = await shaper.start_transaction(route.binding.name, path)
+                txn.shaping_wait += trio.current_time() - began
+                if refusal is not None:
+                    return self._another_binding_or(txn, route, refusal)
+                txn.path = path
         for attempt in (1, 2):
             upstream = self.upstream
             if upstream is not None and (upstream.closed or upstream.route_key != route.key):
@@ -367,8 +385,13 @@ class Session:
             # be replaced once, while nothing of this transaction depends on it.
             stale_ok = upstream is not None and not txn.accepted and attempt == 1
             try:
-                answer = await self._replay(txn, route, upstream, rcpt, by)
+                answer = await self._replay(txn, route, upstream, rcpt, path, by)
+            except Deferred as error:
+                return self._another_binding_or(txn, route, error.reply)
             except UpstreamError as error:
+                if shaper is not None and path is not None:
+                    for mx_reply in error.mx_replies:  # e.g. a throttling 421 greeting
+                        await shaper.observe(route.binding.name, path, mx_reply)
                 if error.proxy_fault and self.listener.binding_group and txn.route is None:
                     self._last_proxy_error = error.reply
                     return _TryAnotherBinding(route.binding.name)
@@ -387,6 +410,8 @@ class Session:
                 await self._drop_upstream(polite=False)
                 continue
             break
+        if shaper is not None and path is not None and answer.code >= 400 and answer.raw:
+            await shaper.observe(route.binding.name, path, answer)  # the MX's own reply
         if answer.code == 421:
             # The MX is closing the connection: pass its reply on, never reuse the upstream.
             await self._drop_upstream(polite=False)
@@ -399,12 +424,61 @@ class Session:
                 txn.via = self.upstream.description
         return answer
 
+    def _another_binding_or(
+        self, txn: Transaction, route: Route, refusal: Reply
+    ) -> Reply | _TryAnotherBinding:
+        """Traffic shaping said not now on this route's path: a group member whose path has
+        room may take the transaction while it has no route yet; else ``refusal``."""
+        if self.listener.binding_group and txn.route is None:
+            self._last_proxy_error = refusal
+            return _TryAnotherBinding(route.binding.name)
+        return refusal
+
+    async def _new_upstream(
+        self, txn: Transaction, route: Route, path: EgressPath | None, by: float
+    ) -> Upstream:
+        """A connection for ``route``: a new one once traffic shaping grants a slot on
+        ``path`` (raises :class:`Deferred` when it will not within max_wait), or the one
+        another session parks for the route meanwhile."""
+        context = self.context
+        shaper, pool = context.shaper, context.pool
+        grant: Grant | None = None
+        if shaper is not None and path is not None:
+            while True:
+                wake = pool.parked_event(route.key) if pool is not None else None
+                began = trio.current_time()
+                got = await shaper.open_connection(route.binding.name, path, wake)
+                txn.shaping_wait += trio.current_time() - began
+                if isinstance(got, Reply):
+                    raise Deferred(got)
+                if got is not None:
+                    grant = got
+                    break
+                parked = pool.take(route.key) if pool is not None else None
+                if parked is not None:
+                    return parked
+        ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
+        try:
+            upstream = await open_upstream(
+                route, ehlo_name, self.config.delivery, context.health, context.metrics, by=by
+            )
+        except BaseException:
+            if grant is not None:
+                with trio.CancelScope(shield=True):
+                    await grant.release()
+            raise
+        if grant is not None:
+            upstream.grant = grant
+            upstream.max_transactions = grant.deliveries_left
+        return upstream
+
     async def _replay(
         self,
         txn: Transaction,
         route: Route,
         upstream: Upstream | None,
         rcpt: RcptTo,
+        path: EgressPath | None,
         by: float,
     ) -> Reply:
         """Open the upstream if needed, replay MAIL if not done on it yet, then send the RCPT.
@@ -414,12 +488,7 @@ class Session:
         the parameter is dropped, domains go as A-labels, and an address whose local part is
         not ASCII is refused here with 553 5.6.7, before anything is sent for it."""
         if upstream is None:
-            ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
-            context = self.context
-            upstream = await open_upstream(
-                route, ehlo_name, self.config.delivery, context.health, context.metrics, by=by
-            )
-            self.upstream = upstream
+            upstream = self.upstream = await self._new_upstream(txn, route, path, by)
             txn.mail_sent = False
         txn.data_reply = None
         mail_line = None
@@ -492,6 +561,7 @@ class Session:
             self.txn = None
             return
         if answer.code != 354:
+            await self._observe(txn, answer)
             self._refuse_data(txn, answer)
             await self._reset()
             return
@@ -510,11 +580,21 @@ class Session:
         final = await self._relay_data(upstream, txn)
         upstream.transactions += 1
         smtp.answer_final(final)
+        await self._observe(txn, final)
         self._end_transaction(txn, final)
         self.owes_final_reply = False  # queued: a stop still sends it before its 421
         self.txn = None
         if final.code == 421 and self.upstream is not None:
             await self._drop_upstream(polite=False)
+
+    async def _observe(self, txn: Transaction, answer: Reply) -> None:
+        """Let traffic shaping's rules see a refusal the MX itself sent for this transaction."""
+        shaper = self.context.shaper
+        if shaper is None or txn.path is None or answer.code < 400 or answer.raw is None:
+            return
+        binding = txn.route.binding.name if txn.route is not None else None
+        if binding is not None:
+            await shaper.observe(binding, txn.path, answer)
 
     def _refuse_data(self, txn: Transaction, answer: Reply) -> None:
         """``answer`` (not 354) to DATA ends the transaction."""
@@ -596,6 +676,8 @@ class Session:
                 "mx": None if via is None else via.mx,
                 "mx_address": None if via is None else via.mx_address,
                 "tls": None if via is None else via.tls,
+                "site": None if txn.path is None else txn.path.site,
+                "shaping_wait": round(txn.shaping_wait, 3),
                 "rcpt": f"{counts['accepted']}/{counts['deferred']}/{counts['rejected']}",
                 "outcome": outcome,
                 "reply": "-" if final is None else f"{final.code} {final.text}"[:200],

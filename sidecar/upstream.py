@@ -30,6 +30,7 @@ from sidecar.health import HealthRegistry
 from sidecar.limits import local_resource_errno
 from sidecar.metrics import Metrics
 from sidecar.routing import Candidate, Route, RouteKey
+from sidecar.shaping.shaper import Grant
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities
 from sidecar.tcp import (
     DeadlineStream,
@@ -52,7 +53,12 @@ RECEIVE_SIZE = 16_384
 
 
 class _CandidateFailed(Exception):
-    """This MX address did not work out; try the next one."""
+    """This MX address did not work out; try the next one. ``reply``: the MX's own refusal
+    (a banner, an EHLO reply), for traffic shaping's rules."""
+
+    def __init__(self, problem: str, reply: Reply | None = None) -> None:
+        super().__init__(problem)
+        self.reply = reply
 
 
 class _MxRefused(_CandidateFailed):
@@ -129,6 +135,12 @@ class Upstream:
     closed: bool = False
     metrics: Metrics | None = None
     transactions: int = 0  # final replies received: how often it was used
+    # Transactions allowed on this connection (shaping's max_deliveries_per_connection);
+    # None: delivery.connection_reuse_limit.
+    max_transactions: int | None = None
+    # The traffic-shaping slot this connection holds (connection_limit), released when it
+    # is closed, however that happens.
+    grant: Grant | None = None
     _description: UpstreamDescription | None = None
 
     @property
@@ -275,9 +287,14 @@ class Upstream:
         await self.abort()
 
     async def abort(self) -> None:
-        """Close without QUIT; mid-DATA this makes the MX discard the partial message."""
+        """Close without QUIT; mid-DATA this makes the MX discard the partial message. Gives
+        back the connection's shaping slot."""
         self.closed = True
         await close_now(self.stream)
+        grant, self.grant = self.grant, None
+        if grant is not None:
+            with trio.CancelScope(shield=True):
+                await grant.release()
 
 
 async def _connect_via_proxy(
@@ -353,9 +370,9 @@ async def _greet(upstream: Upstream, ehlo_name: str, by: float) -> None:
         if helo.is_permanent:
             # A HELO that is merely not implemented leaves the EHLO reply as the refusal.
             refusal = answer if helo.code in (500, 502) else helo
-            raise _MxRefused(f"EHLO refused: {_quote(refusal)}")
+            raise _MxRefused(f"EHLO refused: {_quote(refusal)}", refusal)
         answer = helo
-    raise _CandidateFailed(f"EHLO refused: {_quote(answer)}")
+    raise _CandidateFailed(f"EHLO refused: {_quote(answer)}", answer)
 
 
 async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
@@ -434,8 +451,8 @@ async def _open_one(
             # refusing us, not the domain refusing the mail; the next MX is tried and, when
             # none takes it, the client gets a 4xx (DESIGN.md section 5).
             if banner.is_permanent:
-                raise _MxRefused(f"banner {_quote(banner)}")
-            raise _CandidateFailed(f"banner {_quote(banner)}")
+                raise _MxRefused(f"banner {_quote(banner)}", banner)
+            raise _CandidateFailed(f"banner {_quote(banner)}", banner)
         await _greet(upstream, ehlo_name, by)
         if use_tls:
             if upstream.supports("STARTTLS"):
@@ -464,6 +481,7 @@ async def open_upstream(
     Every step (connect, banner, EHLO, STARTTLS) has its own time limit from ``delivery``,
     and all of them end by ``by`` (an absolute trio time: the RCPT set-up budget)."""
     problems: list[str] = []
+    refusals: list[Reply] = []  # the MXes' own (banners, EHLO replies)
     for candidate in route.candidates:
         use_tls = route.tls != "disabled"
         while True:
@@ -473,11 +491,17 @@ async def open_upstream(
                 )
             except _TlsFailed as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
+                if error.reply is not None:
+                    refusals.append(error.reply)
                 if route.tls == "opportunistic" and use_tls:
                     use_tls = False  # as MTAs do: the same MX again, in plaintext
                     continue
             except (UpstreamLost, _CandidateFailed) as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
+                if isinstance(error, _CandidateFailed) and error.reply is not None:
+                    refusals.append(error.reply)
             break
         log.info("MX attempt failed for %s: %r", route.domain, problems[-1])
-    raise UpstreamError(replies.no_mx_reachable(route.domain, "; ".join(problems[-3:])))
+    raise UpstreamError(
+        replies.no_mx_reachable(route.domain, "; ".join(problems[-3:])), mx_replies=refusals
+    )

@@ -29,19 +29,22 @@ from typing import Final, TypeVar
 
 import trio
 
+from sidecar.config import Config
 from sidecar.replies import Reply, shaping_limit_reached, shaping_suspended
 from sidecar.shaping.backend import BackendUnavailable, ShapingBackend
 from sidecar.shaping.memory import MemoryBackend
 from sidecar.shaping.model import DIRECT, EgressPath, PathLimits
 from sidecar.shaping.policy import ShapingPolicy, merge
 
-__all__ = ["LEASE", "Grant", "PathUsage", "Shaper"]
+__all__ = ["LEASE", "Grant", "PathUsage", "Shaper", "shaper_for", "shaping_configured"]
 
 log = logging.getLogger("sidecar.shaping")
 
 LEASE: Final = 30.0  # seconds a connection slot is held without renewal (a dead sidecar's)
 RENEW_EVERY: Final = LEASE / 3  # seconds between two renewals of the live slots
 PROBE_EVERY: Final = 1.0  # seconds between two probes of an unavailable backend
+SERVED_WEIGHT: Final = 0.3  # weight of the newest gap in the mean time per queue place
+SITE_CACHE: Final = 10_000  # MX sets whose site is remembered (cleared when full)
 POLL_EVERY: Final = 0.25  # seconds between two tries of the first waiter for a slot (another
 # sidecar's release is not announced here; this process's releases wake it at once)
 
@@ -140,6 +143,11 @@ class Shaper:
         self.stats = ShapingStats()
         self._live: dict[str, Grant] = {}
         self._queues: dict[str, deque[_Waiter]] = {}
+        # (shaping.backend, shaping.redis_url) it was built for (see shaper_for).
+        self.backend_settings: tuple[str, str | None] = ("memory", None)
+        self._sites: dict[frozenset[str], str] = {}
+        self._served_gap: dict[str, float] = {}  # per path: seconds between two servings
+        self._last_served: dict[str, float] = {}
         tag = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self._holders = (f"{tag}/{n}" for n in itertools.count(1))
 
@@ -148,7 +156,15 @@ class Shaper:
     def path(self, source: str | None, mx_hosts: Iterable[str]) -> EgressPath:
         """The egress path from ``source`` (the PROXY header's source address; None: a bypass
         delivery, :data:`DIRECT`) to the site of ``mx_hosts``."""
-        return EgressPath(DIRECT if source is None else source, self.policy.site_of(mx_hosts))
+        if isinstance(mx_hosts, frozenset):  # a route's MX set: the same one, message after message
+            site = self._sites.get(mx_hosts)
+            if site is None:
+                if len(self._sites) >= SITE_CACHE:
+                    self._sites.clear()
+                site = self._sites[mx_hosts] = self.policy.site_of(mx_hosts)
+        else:
+            site = self.policy.site_of(mx_hosts)
+        return EgressPath(DIRECT if source is None else source, site)
 
     async def limits(self, binding: str, path: EgressPath) -> PathLimits:
         """The limits in force: a rule's override (its non-None keys) over the configured."""
@@ -384,8 +400,10 @@ class Shaper:
         wake: trio.Event | None,
     ) -> ShapingBackend | bool | None:
         """A slot of ``path``: the backend holding it; False when none came by ``deadline``
-        (or the waiters ahead already fill the limit: refused at once); None when ``wake``
-        was set while waiting."""
+        (or the expected wait, from the place in the queue and how fast the waiters of this
+        path were served lately, is past ``deadline``: refused at once); None when ``wake``
+        was set while this waiter was first in line (a parked connection of the path is
+        free: the caller takes it)."""
         queue = self._queues.setdefault(path.key, deque())
         if not queue:
             got, backend = await self._call_on(
@@ -393,7 +411,10 @@ class Shaper:
             )
             if got:
                 return backend
-        if len(queue) >= limit or trio.current_time() >= deadline:
+        now = trio.current_time()
+        gap = self._served_gap.get(path.key)
+        expected = now + (len(queue) + 1) * gap if gap is not None else now
+        if expected > deadline or now >= deadline:
             if not queue:
                 del self._queues[path.key]
             return False
@@ -411,13 +432,15 @@ class Shaper:
                 try:
                     with trio.move_on_at(deadline):
                         while True:
-                            if wake is not None and wake.is_set():
+                            if queue[0] is me and wake is not None and wake.is_set():
+                                self._served(path)
                                 return None
                             if queue[0] is me:
                                 got, backend = await self._call_on(
                                     lambda b: b.acquire_slot(path.key, holder, limit, LEASE)
                                 )
                                 if got:
+                                    self._served(path)
                                     return backend
                                 with trio.move_on_after(POLL_EVERY):
                                     await me.wait()
@@ -434,6 +457,21 @@ class Shaper:
             elif head:
                 queue[0].wake()  # the next in line tries now
 
+    def _served(self, path: EgressPath) -> None:
+        """A waiter of ``path`` was served: the gap since the one before feeds the estimate
+        of how long a place in its queue takes (an exponentially weighted mean)."""
+        now = trio.current_time()
+        last = self._last_served.get(path.key)
+        self._last_served[path.key] = now
+        if last is None or now - last > self.max_wait:
+            return  # the queue had emptied meanwhile: no gap between two servings
+        gap = now - last
+        mean = self._served_gap.get(path.key)
+        self._served_gap[path.key] = gap if mean is None else mean + SERVED_WEIGHT * (gap - mean)
+        if len(self._served_gap) > SITE_CACHE:
+            self._served_gap.clear()
+            self._last_served.clear()
+
     async def _release(self, grant: Grant) -> None:
         self._live.pop(grant.holder, None)
         backend = grant._backend
@@ -445,3 +483,51 @@ class Shaper:
         queue = self._queues.get(grant.path.key)
         if queue:
             queue[0].wake()
+
+
+def _sets_a_limit(scope: object) -> bool:
+    return any(
+        getattr(scope, name) is not None
+        for name in (
+            "connection_limit",
+            "max_connection_rate",
+            "max_message_rate",
+            "max_deliveries_per_connection",
+        )
+    )
+
+
+def shaping_configured(config: Config) -> bool:
+    """Whether the configuration shapes anything: a limit in any scope, a rule, or the Redis
+    backend (whose suspensions other sidecars or an operator may set). Without, sessions skip
+    shaping altogether."""
+    shaping = config.shaping
+    scopes: list[object] = [shaping, *shaping.sites.values()]
+    for binding in config.bindings.values():
+        scopes += [binding.shaping, *binding.shaping.sites.values()]
+    return shaping.backend == "redis" or bool(shaping.rules) or any(map(_sets_a_limit, scopes))
+
+
+def shaper_for(config: Config, previous: Shaper | None = None) -> Shaper | None:
+    """The Shaper of ``config`` (None when nothing is shaped). On a reload whose backend
+    settings did not change, ``previous`` is kept with the new policy, so that its slots,
+    rates and suspensions (in memory) go on counting."""
+    if not shaping_configured(config):
+        return None
+    policy = ShapingPolicy(config)
+    shaping = config.shaping
+    if previous is not None and previous.backend_settings == (shaping.backend, shaping.redis_url):
+        previous.policy = policy
+        previous.max_wait = policy.max_wait
+        return previous
+    backend: ShapingBackend
+    if shaping.backend == "redis":
+        from sidecar.shaping.redis import RedisBackend  # type: ignore[import-not-found]
+
+        assert shaping.redis_url is not None  # the config loader requires it
+        backend = RedisBackend(shaping.redis_url)
+    else:
+        backend = MemoryBackend()
+    shaper = Shaper(policy, backend, policy.max_wait)
+    shaper.backend_settings = (shaping.backend, shaping.redis_url)
+    return shaper

@@ -20,11 +20,13 @@ class FakeParser:
 
 @dataclasses.dataclass(eq=False)
 class FakeUpstream:
-    """What the pool looks at: route_key, closed, parser.buffered, transactions; quit()."""
+    """What the pool looks at: route_key, closed, parser.buffered, transactions,
+    max_transactions; quit()."""
 
     route_key: Any = "route-a"
     closed: bool = False
     transactions: int = 1
+    max_transactions: int | None = None
     parser: FakeParser = dataclasses.field(default_factory=FakeParser)
     quits: int = 0
 
@@ -149,3 +151,21 @@ async def test_stopping_the_reaper_quits_everything_and_parks_nothing_more(
     late = FakeUpstream()
     await park(pool, late)
     assert len(pool) == 0 and late.quits == 1
+
+
+async def test_a_connection_with_its_own_reuse_limit_is_closed_at_it() -> None:
+    """Traffic shaping's max_deliveries_per_connection (Upstream.max_transactions) wins over
+    delivery.connection_reuse_limit."""
+    pool = make_pool(connection_reuse_limit=100)
+    upstream = FakeUpstream(transactions=3, max_transactions=3)
+    await pool.put(upstream)  # type: ignore[arg-type]
+    assert upstream.quits == 1 and len(pool) == 0
+
+
+async def test_a_parked_connection_wakes_a_waiter_of_its_route() -> None:
+    pool = make_pool()
+    woken = pool.parked_event("route-a")
+    other = pool.parked_event("route-b")
+    await pool.put(FakeUpstream())  # type: ignore[arg-type]
+    assert woken.is_set() and not other.is_set()
+    assert pool.parked_event("route-a") is not woken  # a new event for the next waiters

@@ -86,21 +86,52 @@ async def test_waiters_are_served_first_in_first_out(
         order.append(name)
 
     async with trio.open_nursery() as n:
-        for name in "abc":
+        for name in "abcd":
             n.start_soon(waiter, name)
             await trio.sleep(0.1)
-        assert (await s.usage(p)).waiting == 3
-        # A newcomer does not jump the queue: 3 waiters ahead fill the limit -> refused now.
-        refused = await s.open_connection("b1", p)
-        assert isinstance(refused, Reply) and refused.code == 451
-        assert refused.lines == (
-            "4.4.5 Egress 192.0.2.10 to site google: connection_limit 3 reached, try later",
-        )
+        assert (await s.usage(p)).waiting == 4
         for grant in held:
             assert isinstance(grant, Grant)
             await grant.release()
             await trio.sleep(0.1)
-    assert order == ["a", "b", "c"]
+        await trio.sleep(0.1)
+        assert order == ["a", "b", "c"]  # "d" waits on, nobody jumped the queue
+        n.cancel_scope.cancel()
+
+
+async def test_refused_at_once_when_the_expected_wait_is_over_max_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The place in the queue times how fast its waiters were served lately: with one slot
+    freed every second and two waiters ahead, a newcomer would wait ~3 s > max_wait 2 s."""
+    s = make({"connection_limit": 1}, max_wait=2.0)
+    p = gpath(s)
+    grant = await s.open_connection("b1", p)
+    assert isinstance(grant, Grant)
+
+    async def serve_and_hold() -> None:
+        got = await s.open_connection("b1", p)
+        assert isinstance(got, Grant)
+        await trio.sleep(1)
+        await got.release()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(serve_and_hold)  # served at 1 s (when `grant` goes), holds until 2 s
+        await trio.sleep(0.5)
+        n.start_soon(serve_and_hold)  # served at 2 s: one place per second
+        await trio.sleep(0.5)
+        await grant.release()
+        await trio.sleep(1.5)
+        n.start_soon(serve_and_hold)  # two waiters ahead of the newcomer
+        n.start_soon(serve_and_hold)
+        await trio.sleep(0.1)
+        start = trio.current_time()
+        refused = await s.open_connection("b1", p)
+        assert isinstance(refused, Reply) and refused.code == 451
+        assert trio.current_time() == start  # at once, not after max_wait
+        assert refused.lines == (
+            "4.4.5 Egress 192.0.2.10 to site google: connection_limit 1 reached, try later",
+        )
     assert s.stats.deferrals["connection_limit"] == 1
 
 
