@@ -228,6 +228,13 @@ class ShapingConfig(ShapingLimits):
         default=DEFAULT_MAX_WAIT,
         metadata=doc("seconds a session may wait for a connection slot or a rate token"),
     )
+    slot_lease: float = field(
+        default=30.0,
+        metadata=doc(
+            "seconds a connection slot stays taken without renewal: how soon the slots of a "
+            "sidecar that died (SIGKILL) are free again (renewed every third of it)"
+        ),
+    )
     sites: dict[str, ShapingSite] = field(
         default_factory=dict, metadata=doc('[shaping.site."NAME"]', key="site")
     )

@@ -82,6 +82,7 @@ class ShapingPolicy:
     def __init__(self, config: Config) -> None:
         shaping = config.shaping
         self.max_wait = shaping.max_wait
+        self.slot_lease = shaping.slot_lease
         self._sites: Mapping[str, tuple[str, ...]] = {
             name: site.mx for name, site in shaping.sites.items()
         }

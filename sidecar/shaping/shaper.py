@@ -40,8 +40,7 @@ __all__ = ["LEASE", "Grant", "PathUsage", "Shaper", "shaper_for", "shaping_confi
 
 log = logging.getLogger("sidecar.shaping")
 
-LEASE: Final = 30.0  # seconds a connection slot is held without renewal (a dead sidecar's)
-RENEW_EVERY: Final = LEASE / 3  # seconds between two renewals of the live slots
+LEASE: Final = 30.0  # seconds a slot is held without renewal: shaping.slot_lease's default
 PROBE_EVERY: Final = 1.0  # seconds between two probes of an unavailable backend
 SERVED_WEIGHT: Final = 0.3  # weight of the newest gap in the mean time per queue place
 SITE_CACHE: Final = 10_000  # MX sets whose site is remembered (cleared when full)
@@ -136,6 +135,7 @@ class Shaper:
     ) -> None:
         self.policy = policy
         self.max_wait = max_wait
+        self.lease = policy.slot_lease  # seconds (shaping.slot_lease)
         self._primary = backend
         self._fallback = fallback if fallback is not None else MemoryBackend()
         self.degraded = False
@@ -302,11 +302,11 @@ class Shaper:
     # -- background ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Renew the leases of the live slots every :data:`RENEW_EVERY` seconds; while
+        """Renew the leases of the live slots every third of the lease; while
         degraded, probe the shared backend every :data:`PROBE_EVERY` seconds and go back to
         it when it answers. Runs until cancelled."""
         task_status.started()
-        next_renewal = trio.current_time() + RENEW_EVERY
+        next_renewal = trio.current_time() + self.lease / 3
         while True:
             now = trio.current_time()
             pause = max(0.0, next_renewal - now)
@@ -319,7 +319,7 @@ class Shaper:
                 self._went_down = trio.Event()
             if trio.current_time() >= next_renewal:
                 await self._renew()
-                next_renewal = trio.current_time() + RENEW_EVERY
+                next_renewal = trio.current_time() + self.lease / 3
             if isinstance(self._fallback, MemoryBackend):
                 self._fallback.prune()
             if isinstance(self._primary, MemoryBackend):
@@ -331,7 +331,7 @@ class Shaper:
             if not slots:
                 continue
             try:
-                await backend.renew_slots(slots, LEASE)
+                await backend.renew_slots(slots, self.lease)
             except BackendUnavailable as e:
                 self._enter_degraded(e)
 
@@ -407,7 +407,7 @@ class Shaper:
         queue = self._queues.setdefault(path.key, deque())
         if not queue:
             got, backend = await self._call_on(
-                lambda b: b.acquire_slot(path.key, holder, limit, LEASE)
+                lambda b: b.acquire_slot(path.key, holder, limit, self.lease)
             )
             if got:
                 return backend
@@ -437,7 +437,7 @@ class Shaper:
                                 return None
                             if queue[0] is me:
                                 got, backend = await self._call_on(
-                                    lambda b: b.acquire_slot(path.key, holder, limit, LEASE)
+                                    lambda b: b.acquire_slot(path.key, holder, limit, self.lease)
                                 )
                                 if got:
                                     self._served(path)
@@ -519,6 +519,7 @@ def shaper_for(config: Config, previous: Shaper | None = None) -> Shaper | None:
     if previous is not None and previous.backend_settings == (shaping.backend, shaping.redis_url):
         previous.policy = policy
         previous.max_wait = policy.max_wait
+        previous.lease = policy.slot_lease
         return previous
     backend: ShapingBackend
     if shaping.backend == "redis":
