@@ -17,8 +17,9 @@ from testkit.haproxy import HAProxy
 from testkit.mx import TestMX
 from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint
 from testkit.process import ManagedProcess
+from testkit.redis import RedisServer
 
-__all__ = ["DnsStubFactory", "DnsmasqFactory", "HAProxyFactory", "MXFactory"]
+__all__ = ["DnsStubFactory", "DnsmasqFactory", "HAProxyFactory", "MXFactory", "RedisFactory"]
 
 
 class _ProcessFactory:
@@ -102,6 +103,18 @@ class DnsmasqFactory(_ProcessFactory):
         if start:
             dnsmasq.start()
         return dnsmasq
+
+
+class RedisFactory(_ProcessFactory):
+    """``redis_factory()`` -> a started :class:`RedisServer` on a fresh address (or ``listen``);
+    ``start=False`` returns it unstarted. Stop/restart it to make an outage."""
+
+    def __call__(self, *, listen: Endpoint | None = None, start: bool = True) -> RedisServer:
+        redis = RedisServer(self._new_workdir("redis"), listen or self.addresses.endpoint())
+        self.processes.append(redis)
+        if start:
+            redis.start()
+        return redis
 
 
 class DnsStubFactory:
