@@ -1,6 +1,6 @@
 """Test equipment shared by the e2e tests (``tests/e2e``) and the benchmarks (``bench/``): real
-HAProxy, dnsmasq and redis-server subprocesses, the scripted stub DNS server, a trio SMTP server that records
-what reaches it (TestMX), a raw SMTP client, and loopback address helpers.
+HAProxy, dnsmasq and redis-server subprocesses, the scripted stub DNS server, a trio SMTP
+server that records what reaches it (TestMX), a raw SMTP client, and loopback address helpers.
 
 Nothing here knows pytest: the fixtures, the factories that stop everything at a test's end
 and the one stack builder live in ``tests/e2e/harness`` (which re-exports these names). Not
