@@ -36,7 +36,7 @@ from .mx import (
 )
 from .net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from .process import HarnessError, ManagedProcess, wait_until
-from .redis import RedisServer
+from .redis import RedisSentinel, RedisServer
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -58,6 +58,7 @@ __all__ = [
     "NullMXRecord",
     "RawRecord",
     "RawSMTPClient",
+    "RedisSentinel",
     "RedisServer",
     "RefusedZone",
     "ReplySpec",

@@ -311,3 +311,45 @@ async def test_entering_does_not_need_redis(redis_factory: RedisFactory) -> None
             await backend.slots_in_use(PATH)
         redis.start()
         assert await backend.slots_in_use(PATH) == 0
+
+
+# -- Cluster and Sentinel -----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+def deployment_url(request: pytest.FixtureRequest, redis_factory: RedisFactory) -> str:
+    """The URL of a one-node Redis Cluster, or of a Sentinel naming a primary."""
+    if request.param == "cluster":
+        return redis_factory(cluster=True).url
+    return redis_factory.sentinel(redis_factory()).url
+
+
+@pytest.mark.filterwarnings("ignore:Use coredis.connection.TCPLocation:DeprecationWarning")
+async def test_cluster_and_sentinel_urls(deployment_url: str) -> None:
+    prefix = f"deployed{next(_prefixes)}:"
+    async with (
+        RedisBackend(deployment_url, key_prefix=prefix) as one,
+        RedisBackend(deployment_url, key_prefix=prefix) as two,
+    ):
+        taken = [
+            await backend.acquire_slot(PATH, f"h{n}-{i}", 3, 30)
+            for n in range(4)
+            for i, backend in enumerate((one, two))
+        ]
+        assert taken.count(True) == 3
+        await one.renew_slots([(PATH, "h0-0"), (OTHER, "x")], 30)
+        await two.release_slot(PATH, "h0-0")
+        assert await one.slots_in_use(PATH) == 2
+        rate = Rate(2, 1.0)
+        assert [await b.reserve(f"{PATH}|messages", rate, 0.0) for b in (one, two, one)] == [
+            0.0,
+            0.0,
+            None,
+        ]
+        await one.suspend(PATH, 30, "421 4.7.28")
+        await one.override(PATH, PathLimits(connection_limit=1), 30, "set")
+        assert (await two.suspension(PATH) or (0, ""))[1] == "421 4.7.28"
+        assert (await two.overrides(PATH) or (None,))[0] == PathLimits(connection_limit=1)
+        await two.resume(PATH)
+        assert await one.suspension(PATH) is None
+        assert await one.overrides(PATH) is None

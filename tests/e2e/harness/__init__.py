@@ -34,7 +34,7 @@ from testkit.mx import (
 )
 from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from testkit.process import HarnessError, ManagedProcess, wait_until
-from testkit.redis import RedisServer
+from testkit.redis import RedisSentinel, RedisServer
 
 from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory, RedisFactory
 from .processes import (
@@ -95,6 +95,7 @@ __all__ = [
     "RawRecord",
     "RawSMTPClient",
     "RedisFactory",
+    "RedisSentinel",
     "RedisServer",
     "RefusedZone",
     "RelayStack",
