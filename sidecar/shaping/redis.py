@@ -45,7 +45,7 @@ import trio
 from coredis.connection import TCPLocation
 from coredis.retry import ConstantRetryPolicy
 
-from sidecar.shaping.backend import BackendUnavailable
+from sidecar.shaping.backend import BackendUnavailable, ShapingBackend
 from sidecar.shaping.model import PathLimits, Rate
 
 __all__ = ["DEFAULT_KEY_PREFIX", "DEFAULT_TIMEOUT", "RedisBackend"]
@@ -238,34 +238,41 @@ def make_client(url: str, timeout: float) -> tuple[Any, list[Any]]:
 class RedisBackend:
     """A :class:`~sidecar.shaping.backend.ShapingBackend` in Redis or Valkey at ``url``.
 
-    Use as ``async with RedisBackend(url) as backend:`` (the client's connection pool lives
-    in that block; entering does not need Redis to be up). ``timeout`` (seconds) bounds every
-    call; past it, or on any Redis error, a call raises BackendUnavailable."""
+    Use as ``async with RedisBackend(url) as backend:``. Inside, a task keeps the client
+    connected: it enters the client (coredis runs its connection pool in a task group of that
+    task), and when that fails (a Cluster with no reachable node) or the client's tasks fail,
+    it tries again every ``reconnect_delay`` seconds; meanwhile calls raise
+    BackendUnavailable. So entering never needs Redis up, and no error of the client escapes
+    into the caller's nursery. Entering waits up to ``timeout`` for the first connection.
+    ``timeout`` (seconds) bounds every call; past it, or on any Redis error, a call raises
+    BackendUnavailable. ValueError at once for a URL that is not one of the forms above."""
 
     def __init__(
-        self, url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX, timeout: float = DEFAULT_TIMEOUT
+        self,
+        url: str,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        reconnect_delay: float = 1.0,
     ) -> None:
+        make_client(url, timeout)  # the URL's errors now, not in the background task
         self.url = url
         self.key_prefix = key_prefix
         self.timeout = timeout
-        self._client, self._contexts = make_client(url, timeout)
+        self.reconnect_delay = reconnect_delay
+        self._client: Any = None  # set while connected (by _keep_connected)
+        self._last_error = "not connected yet"
         self._stack: AsyncExitStack | None = None
-        register = self._client.register_script
-        self._reserve = register(_RESERVE)
-        self._acquire = register(_ACQUIRE)
-        self._renew = register(_RENEW)
-        self._in_use = register(_IN_USE)
-        self._get_with_ttl_script = register(_GET_WITH_TTL)
+        self._nursery: trio.Nursery | None = None
 
     async def __aenter__(self) -> Self:
         stack = AsyncExitStack()
-        try:
-            for context in self._contexts:
-                await stack.enter_async_context(context)
-        except BaseException:
-            await stack.aclose()
-            raise
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        first_attempt = trio.Event()
+        self._nursery.start_soon(self._keep_connected, first_attempt)
         self._stack = stack
+        with trio.move_on_after(self.timeout):
+            await first_attempt.wait()
         return self
 
     async def __aexit__(
@@ -275,8 +282,36 @@ class RedisBackend:
         traceback: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+            self._nursery = None
+        self._client = None
         if stack is not None:
-            await stack.aclose()
+            await stack.__aexit__(exc_type, exc, traceback)
+
+    async def _keep_connected(self, first_attempt: trio.Event) -> None:
+        """Enter a client and hold it; on failure forget it, wait, and enter a new one."""
+        while True:
+            client, contexts = make_client(self.url, self.timeout)
+            try:
+                async with AsyncExitStack() as stack:
+                    for context in contexts:
+                        await stack.enter_async_context(context)
+                    register = client.register_script
+                    self._reserve = register(_RESERVE)
+                    self._acquire = register(_ACQUIRE)
+                    self._renew = register(_RENEW)
+                    self._in_use = register(_IN_USE)
+                    self._get_with_ttl_script = register(_GET_WITH_TTL)
+                    self._client = client
+                    first_attempt.set()
+                    await trio.sleep_forever()
+            except Exception as error:  # any failure of the client: connect again later
+                self._last_error = f"{type(error).__name__}: {error}"
+            finally:
+                self._client = None
+            first_attempt.set()
+            await trio.sleep(self.reconnect_delay)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -287,6 +322,10 @@ class RedisBackend:
         """Run one Redis operation within ``timeout`` seconds; BackendUnavailable otherwise."""
         if self._stack is None:
             raise RuntimeError("RedisBackend used outside its 'async with' block")
+        if self._client is None:
+            raise BackendUnavailable(
+                f"Redis {self.url_for_logs}: not connected ({self._last_error})"
+            )
         try:
             with trio.fail_after(self.timeout):
                 return await operation()
@@ -412,3 +451,8 @@ class RedisBackend:
         except (ValueError, TypeError):
             return None
         return limits, remaining, str(data.get("reason", ""))
+
+
+def _keeps_the_contract(backend: RedisBackend) -> ShapingBackend:
+    """(For mypy: RedisBackend is a ShapingBackend.)"""
+    return backend

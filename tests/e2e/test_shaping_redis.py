@@ -353,3 +353,24 @@ async def test_cluster_and_sentinel_urls(deployment_url: str) -> None:
         await two.resume(PATH)
         assert await one.suspension(PATH) is None
         assert await one.overrides(PATH) is None
+
+
+@pytest.mark.filterwarnings("ignore:Use coredis.connection.TCPLocation:DeprecationWarning")
+async def test_a_cluster_unreachable_at_start_is_connected_later(
+    redis_factory: RedisFactory,
+) -> None:
+    """coredis cannot enter a Cluster client with no node reachable: the backend still
+    enters, answers BackendUnavailable, and connects once the cluster is up."""
+    redis = redis_factory(cluster=True, start=False)
+    async with RedisBackend(redis.url, key_prefix="late:", reconnect_delay=0.2) as backend:
+        with pytest.raises(BackendUnavailable, match="not connected"):
+            await backend.slots_in_use(PATH)
+        redis.start()
+        with trio.fail_after(3):
+            while True:
+                try:
+                    assert await backend.acquire_slot(PATH, "h", 1, 30)
+                    break
+                except BackendUnavailable:
+                    await trio.sleep(0.1)
+        assert await backend.slots_in_use(PATH) == 1
