@@ -10,11 +10,12 @@ need_root() {
 }
 
 # Debian packages: HAProxy (the egress), dnsmasq (a real DNS server for tests and the demo),
-# swaks (an SMTP client), iproute2, Python's venv support when the system Python lacks it, and
-# two real MTAs for the end-to-end tests (Postfix, and Exim unpacked beside it: see
+# swaks (an SMTP client), iproute2, Python's venv support when the system Python lacks it,
+# redis-server (the shared shaping backend's tests start private instances of it), and two real
+# MTAs for the end-to-end tests (Postfix, and Exim unpacked beside it: see
 # install_exim_for_tests).
 install_system_packages() {
-    local wanted=(haproxy dnsmasq-base swaks iproute2 ca-certificates postfix)
+    local wanted=(haproxy dnsmasq-base swaks iproute2 ca-certificates postfix redis-server)
     local missing=()
     for package in "${wanted[@]}"; do
         is_installed "$package" || missing+=("$package")
@@ -33,6 +34,7 @@ install_system_packages() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             "${missing[@]}" >/dev/null
         case " ${missing[*]} " in *" postfix "*) stop_system_postfix ;; esac
+        case " ${missing[*]} " in *" redis-server "*) stop_system_redis ;; esac
     fi
     install_exim_for_tests
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
@@ -60,6 +62,17 @@ stop_system_postfix() {
     fi
     if postfix status >/dev/null 2>&1; then
         postfix stop >/dev/null 2>&1 || true
+    fi
+}
+
+# Nor Redis's (it would listen on 127.0.0.1:6379): the tests run their own redis-server on
+# test addresses, and a sidecar with backend = "redis" names the Redis it uses.
+stop_system_redis() {
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now redis-server.service >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/redis-server ]; then
+        /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+        update-rc.d redis-server disable >/dev/null 2>&1 || true
     fi
 }
 

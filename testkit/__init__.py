@@ -1,6 +1,6 @@
 """Test equipment shared by the e2e tests (``tests/e2e``) and the benchmarks (``bench/``): real
-HAProxy and dnsmasq subprocesses, the scripted stub DNS server, a trio SMTP server that records
-what reaches it (TestMX), a raw SMTP client, and loopback address helpers.
+HAProxy, dnsmasq and redis-server subprocesses, the scripted stub DNS server, a trio SMTP
+server that records what reaches it (TestMX), a raw SMTP client, and loopback address helpers.
 
 Nothing here knows pytest: the fixtures, the factories that stop everything at a test's end
 and the one stack builder live in ``tests/e2e/harness`` (which re-exports these names). Not
@@ -36,6 +36,7 @@ from .mx import (
 )
 from .net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from .process import HarnessError, ManagedProcess, wait_until
+from .redis import RedisSentinel, RedisServer
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -57,6 +58,8 @@ __all__ = [
     "NullMXRecord",
     "RawRecord",
     "RawSMTPClient",
+    "RedisSentinel",
+    "RedisServer",
     "RefusedZone",
     "ReplySpec",
     "StubDns",

@@ -25,6 +25,7 @@ from .harness import (
     Lab,
     MXFactory,
     Processes,
+    RedisFactory,
     RelayStackFactory,
     SidecarFactory,
     TestMX,
@@ -72,6 +73,18 @@ def haproxy_factory(tmp_path: Path, addresses: Addresses) -> Iterator[HAProxyFac
 def dnsmasq_factory(tmp_path: Path, addresses: Addresses) -> Iterator[DnsmasqFactory]:
     """``dnsmasq_factory([MXRecord(...), HostRecord(...), ...], ttl=...)`` -> started dnsmasq."""
     factory = DnsmasqFactory(tmp_path, addresses)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+        if factory.processes:
+            print(factory.logs())
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path, addresses: Addresses) -> Iterator[RedisFactory]:
+    """``redis_factory()`` -> a started private redis-server (``.url``, ``.stop()``, ...)."""
+    factory = RedisFactory(tmp_path, addresses)
     try:
         yield factory
     finally:

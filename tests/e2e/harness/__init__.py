@@ -34,8 +34,9 @@ from testkit.mx import (
 )
 from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from testkit.process import HarnessError, ManagedProcess, wait_until
+from testkit.redis import RedisSentinel, RedisServer
 
-from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory
+from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory, RedisFactory
 from .processes import (
     SIDECAR,
     Processes,
@@ -93,6 +94,9 @@ __all__ = [
     "Processes",
     "RawRecord",
     "RawSMTPClient",
+    "RedisFactory",
+    "RedisSentinel",
+    "RedisServer",
     "RefusedZone",
     "RelayStack",
     "RelayStackFactory",

@@ -17,8 +17,9 @@ from testkit.haproxy import HAProxy
 from testkit.mx import TestMX
 from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint
 from testkit.process import ManagedProcess
+from testkit.redis import RedisSentinel, RedisServer
 
-__all__ = ["DnsStubFactory", "DnsmasqFactory", "HAProxyFactory", "MXFactory"]
+__all__ = ["DnsStubFactory", "DnsmasqFactory", "HAProxyFactory", "MXFactory", "RedisFactory"]
 
 
 class _ProcessFactory:
@@ -102,6 +103,32 @@ class DnsmasqFactory(_ProcessFactory):
         if start:
             dnsmasq.start()
         return dnsmasq
+
+
+class RedisFactory(_ProcessFactory):
+    """``redis_factory()`` -> a started :class:`RedisServer` on a fresh address (or ``listen``);
+    ``cluster=True``: a one-node Redis Cluster; ``start=False`` returns it unstarted. Stop or
+    restart it to make an outage. ``redis_factory.sentinel(primary)``: a started Sentinel."""
+
+    def __call__(
+        self, *, listen: Endpoint | None = None, cluster: bool = False, start: bool = True
+    ) -> RedisServer:
+        redis = RedisServer(
+            self._new_workdir("redis"), listen or self.addresses.endpoint(), cluster=cluster
+        )
+        self.processes.append(redis)
+        if start:
+            redis.start()
+        return redis
+
+    def sentinel(self, primary: RedisServer, *, service: str = "sidecar") -> RedisSentinel:
+        """A started :class:`RedisSentinel` monitoring ``primary`` as ``service``."""
+        sentinel = RedisSentinel(
+            self._new_workdir("sentinel"), self.addresses.endpoint(), primary, service=service
+        )
+        self.processes.append(sentinel)
+        sentinel.start()
+        return sentinel
 
 
 class DnsStubFactory:
