@@ -26,7 +26,7 @@ from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
 from sidecar.session import LAST_WORD_TIMEOUT, Session
-from sidecar.shaping.shaper import shaper_for
+from sidecar.shaping.shaper import Shaper, shaper_for
 from sidecar.status import StatusSource, serve_status
 from sidecar.status_view import StatusSnapshot, take_snapshot
 from sidecar.tcp import TcpStream, accept_all, listen
@@ -211,10 +211,19 @@ async def _generation(
             nursery.start_soon(run_health_checks, context.health)
             if context.pool is not None:
                 nursery.start_soon(context.pool.reap_forever)
-            if context.shaper is not None:
-                nursery.start_soon(context.shaper.run)
-            if context.shaper is not None:
-                nursery.start_soon(context.shaper.run)
+
+
+async def _shaping(
+    shaper: Shaper | None, *, task_status: trio.TaskStatus[trio.CancelScope | None]
+) -> None:
+    """A traffic shaper's background work (lease renewal, the backend's connection and its
+    fall-back). It outlives a reload that keeps the shaper (same backend settings)."""
+    if shaper is None:
+        task_status.started(None)
+        return
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await shaper.run()
 
 
 async def serve(
@@ -244,19 +253,25 @@ async def serve(
     bound = [sock.getsockname()[:2] for _, sockets in opened for sock in sockets]
     async with trio.open_nursery() as nursery:
         generation = await nursery.start(_generation, runtime.context)
+        shaping = await nursery.start(_shaping, runtime.context.shaper)
         if status_sockets:
             await nursery.start(serve_status, runtime.status_source(), status_sockets)
 
         async def apply_reloads(channel: trio.MemoryReceiveChannel[Config]) -> None:
-            nonlocal generation
+            nonlocal generation, shaping
             async for new_config in channel:
                 problem = reload_problem(runtime.context.config, new_config)
                 if problem is not None:
                     log.error("reload refused, keeping the running configuration: %s", problem)
                     continue
+                old_shaper = runtime.context.shaper
                 context = runtime.reload(new_config)
                 generation.cancel()
                 generation = await nursery.start(_generation, context)
+                if context.shaper is not old_shaper:
+                    if shaping is not None:
+                        shaping.cancel()
+                    shaping = await nursery.start(_shaping, context.shaper)
                 log.warning("configuration reloaded: new sessions use it")
 
         if reloads is not None:

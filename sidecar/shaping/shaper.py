@@ -17,6 +17,7 @@ long for a throttled site.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -302,9 +303,18 @@ class Shaper:
     # -- background ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Renew the leases of the live slots every third of the lease; while
-        degraded, probe the shared backend every :data:`PROBE_EVERY` seconds and go back to
-        it when it answers. Runs until cancelled."""
+        """Keep the shared backend's client connected (a backend that is an async context
+        manager, as the Redis one, is entered here); renew the leases of the live slots
+        every third of the lease; while degraded, probe the shared backend every
+        :data:`PROBE_EVERY` seconds and go back to it when it answers. Runs until cancelled."""
+        primary = self._primary
+        if isinstance(primary, contextlib.AbstractAsyncContextManager):
+            async with primary:
+                await self._maintain(task_status)
+        else:
+            await self._maintain(task_status)
+
+    async def _maintain(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
         next_renewal = trio.current_time() + self.lease / 3
         while True:
@@ -523,7 +533,7 @@ def shaper_for(config: Config, previous: Shaper | None = None) -> Shaper | None:
         return previous
     backend: ShapingBackend
     if shaping.backend == "redis":
-        from sidecar.shaping.redis import RedisBackend  # type: ignore[import-not-found]
+        from sidecar.shaping.redis import RedisBackend  # only with backend = "redis"
 
         assert shaping.redis_url is not None  # the config loader requires it
         backend = RedisBackend(shaping.redis_url)
