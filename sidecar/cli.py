@@ -29,7 +29,7 @@ import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.errors import describe_error
-from sidecar.explain import explain_route
+from sidecar.explain import explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
@@ -197,7 +197,8 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
 def route(config_path: str, listener_address: str | None, address: str) -> None:
     """Explain how mail to ADDRESS would go, without sending anything: binding, proxy or
     bypass, the proxy server and whether it answers now, and each MX address with the source
-    address written for it."""
+    address written for it. With traffic shaping on: the site, each egress path's limits
+    and their scope, and its usage now (asked of the running sidecar's status endpoint)."""
     config = _load(config_path)
     listener = config.listeners[0]
     if listener_address is not None:
@@ -212,7 +213,14 @@ def route(config_path: str, listener_address: str | None, address: str) -> None:
     except CommandError as e:
         click.echo(f"error: {address}: {e.reply.text}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
-    lines, ok = trio.run(explain_route, config, listener, recipient)
+
+    def fetch(url: str) -> bytes:
+        with _urlopen(url, 3) as response:
+            data: bytes = response.read()
+            return data
+
+    reader = status_reader(status_urls(config, "/status"), fetch)
+    lines, ok = trio.run(explain_route, config, listener, recipient, reader)
     for line in lines:
         click.echo(line)
     sys.exit(0 if ok else 1)
