@@ -238,16 +238,19 @@ def latencies_of(metrics: Metrics) -> tuple[LatencyHistogram, ...]:
     )
 
 
+LIMIT_NAMES = (
+    "connection_limit",
+    "max_connection_rate",
+    "max_message_rate",
+    "max_deliveries_per_connection",
+)
+
+
 def limit_items(limits: PathLimits) -> tuple[tuple[str, str | None], ...]:
     """(name, value as written: "60/min", "10"; None: no limit) of each limit, in order."""
     return tuple(
         (name, None if (value := getattr(limits, name)) is None else str(value))
-        for name in (
-            "connection_limit",
-            "max_connection_rate",
-            "max_message_rate",
-            "max_deliveries_per_connection",
-        )
+        for name in LIMIT_NAMES
     )
 
 
@@ -446,7 +449,7 @@ def _shaping_from_json(data: Any) -> ShapingState | None:
                 suspension_reason=path.get("suspension_reason"),
                 override_for=path.get("override_for"),
                 override_reason=path.get("override_reason"),
-                limits=tuple((str(k), v) for k, v in path.get("limits", {}).items()),
+                limits=tuple((name, path.get("limits", {}).get(name)) for name in LIMIT_NAMES),
             )
             for path in data.get("paths", [])
         ),
