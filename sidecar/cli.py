@@ -1,4 +1,5 @@
-"""Command line: ``sidecar run``, ``check``, ``init`` and ``route``.
+"""Command line: ``sidecar run``, ``check``, ``init``, ``route``, ``probe``, ``status``,
+``suspend`` and ``resume``.
 
 Exit codes: 0 success, 1 an operational failure (e.g. ``init`` would overwrite a file),
 2 a configuration or usage error.
@@ -28,7 +29,7 @@ import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.errors import describe_error
-from sidecar.explain import explain_route
+from sidecar.explain import explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
@@ -43,12 +44,27 @@ EXIT_CONFIG_ERROR = 2
 _F = TypeVar("_F", bound=Callable[..., object])
 
 
-def _urlopen(url: str, timeout: float) -> Any:
+def _urlopen(url: str, timeout: float, data: bytes | None = None) -> Any:
     # Imported here: urllib.request pulls in the email and http packages, RSS that a
     # running sidecar (which never makes an HTTP request) should not carry.
     import urllib.request
 
-    return urllib.request.urlopen(url, timeout=timeout)
+    if data is None:
+        return urllib.request.urlopen(url, timeout=timeout)
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"content-type": "application/json"}
+    )
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def status_urls(config: Config, path: str) -> list[str]:
+    """``path`` on the status endpoint of every worker (worker i serves on port + i); [] when
+    [status] address is not set."""
+    address = config.status.address
+    if address is None:
+        return []
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return [f"http://{host}:{address.port + index}{path}" for index in range(config.server.workers)]
 
 
 def config_option(f: _F) -> _F:
@@ -181,7 +197,8 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
 def route(config_path: str, listener_address: str | None, address: str) -> None:
     """Explain how mail to ADDRESS would go, without sending anything: binding, proxy or
     bypass, the proxy server and whether it answers now, and each MX address with the source
-    address written for it."""
+    address written for it. With traffic shaping on: the site, each egress path's limits
+    and their scope, and its usage now (asked of the running sidecar's status endpoint)."""
     config = _load(config_path)
     listener = config.listeners[0]
     if listener_address is not None:
@@ -196,7 +213,14 @@ def route(config_path: str, listener_address: str | None, address: str) -> None:
     except CommandError as e:
         click.echo(f"error: {address}: {e.reply.text}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
-    lines, ok = trio.run(explain_route, config, listener, recipient)
+
+    def fetch(url: str) -> bytes:
+        with _urlopen(url, 3) as response:
+            data: bytes = response.read()
+            return data
+
+    reader = status_reader(status_urls(config, "/status"), fetch)
+    lines, ok = trio.run(explain_route, config, listener, recipient, reader)
     for line in lines:
         click.echo(line)
     sys.exit(0 if ok else 1)
@@ -257,6 +281,102 @@ def status(config_path: str, as_json: bool) -> None:
         return
     for line in render_table(snapshot_from_json(data)):
         click.echo(line)
+
+
+def _control(config: Config, action: str, request: dict[str, object]) -> None:
+    """POST ``request`` to /shaping/``action`` of every worker; print what each answered.
+    Exits 2 when [status] address is unset, 1 when a worker did not answer or refused."""
+    urls = status_urls(config, f"/shaping/{action}")
+    if not urls:
+        click.echo(
+            f"error: status.address is not set in the configuration: {action} talks to the"
+            " running sidecar through its status endpoint",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG_ERROR)
+    import urllib.error
+
+    body = json.dumps(request).encode()
+    failures = 0
+    for url in urls:
+        try:
+            with _urlopen(url, 5, body) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as e:
+            try:
+                reason = json.loads(e.read()).get("error", e.reason)
+            except (ValueError, AttributeError):
+                reason = e.reason
+            click.echo(f"error: {url}: {e.code} {reason}", err=True)
+            failures += 1
+            continue
+        except (OSError, ValueError) as e:
+            click.echo(
+                f"error: no answer from {url} (is the sidecar running?): {describe_error(e)}",
+                err=True,
+            )
+            failures += 1
+            continue
+        for path in answer.get("paths", []):
+            what = "suspended" if action == "suspend" else "resumed"
+            more = (
+                f" for {answer['duration']:g}s: {answer['reason']}" if action == "suspend" else ""
+            )
+            where = f" ({url})" if len(urls) > 1 else ""
+            click.echo(f"{what} egress {path['source']} to site {path['site']}{more}{where}")
+    sys.exit(1 if failures else 0)
+
+
+def _binding_checked(config: Config, binding: str) -> None:
+    if binding not in config.bindings:
+        known = ", ".join(sorted(config.bindings))
+        click.echo(f"error: no binding {binding!r} in the configuration (have: {known})", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+@main.command()
+@config_option
+@click.option("--binding", required=True, help="The binding whose egress paths to suspend.")
+@click.option(
+    "--site",
+    required=True,
+    help='A named site, or an MX host set like "mx1.example.com,mx2.example.com".',
+)
+@click.option("--duration", required=True, help='How long: "90s", "30min", "2h".')
+@click.option("--reason", default="suspended by hand", show_default=True, help="Why (logged).")
+def suspend(config_path: str, binding: str, site: str, duration: str, reason: str) -> None:
+    """Suspend a binding's egress paths (its IPv4 and IPv6 source) to a site on the running
+    sidecar: no new connection or transaction there, the MTA gets 451 4.4.5 at once. Sent
+    to every worker's status endpoint (needs [status] address; a loopback caller by
+    default, see status.allow_control_from)."""
+    config = _load(config_path)
+    _binding_checked(config, binding)
+    from sidecar.shaping.model import parse_duration
+
+    try:
+        parse_duration(duration)
+    except ValueError as e:
+        click.echo(f"error: --duration: {e}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    request: dict[str, object] = {
+        "binding": binding,
+        "site": site,
+        "duration": duration,
+        "reason": reason,
+    }
+    _control(config, "suspend", request)
+
+
+@main.command()
+@config_option
+@click.option("--binding", required=True, help="The binding whose egress paths to resume.")
+@click.option("--site", required=True, help="A named site, or an MX host set.")
+def resume(config_path: str, binding: str, site: str) -> None:
+    """End the suspension (and any limits a rule set) of a binding's egress paths to a site
+    on the running sidecar, now. Sent to every worker's status endpoint."""
+    config = _load(config_path)
+    _binding_checked(config, binding)
+    _control(config, "resume", {"binding": binding, "site": site})
 
 
 if __name__ == "__main__":  # pragma: no cover

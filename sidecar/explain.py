@@ -3,18 +3,158 @@ server uses, without sending any mail."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+
 from sidecar.config import Config, Listener
-from sidecar.errors import RouteError
+from sidecar.errors import RouteError, describe_error
 from sidecar.health import registry_for, run_check
 from sidecar.resolver import Resolver
-from sidecar.routing import Router
+from sidecar.routing import Route, Router
+from sidecar.shaping.model import DIRECT
+from sidecar.shaping.policy import ShapingPolicy
+from sidecar.shaping.shaper import shaping_configured
 from sidecar.smtp.commands import Address
+
+LIMIT_NAMES = (
+    "connection_limit",
+    "max_connection_rate",
+    "max_message_rate",
+    "max_deliveries_per_connection",
+)
+
+# Reads a running sidecar's /status documents (one per worker), or says why it cannot: the
+# CLI passes one that asks the status endpoint; None: none is asked.
+StatusReader = Callable[[], tuple[list[Mapping[str, Any]], str | None]]
+
+
+def limit_scopes(config: Config, binding: str, site: str) -> list[tuple[str, str, str]]:
+    """(limit, value, the scope that sets it) of each configured limit of ``binding``'s
+    path to ``site``: the most specific scope wins (binding x site, binding, site,
+    [shaping]; max_deliveries_per_connection falls back to delivery.connection_reuse_limit),
+    as :meth:`ShapingPolicy.limits` merges them."""
+    shaping = config.shaping
+    own = config.bindings[binding].shaping
+    scopes: list[tuple[str, object]] = []
+    if site in shaping.sites:
+        if site in own.sites:
+            scopes.append((f'binding.{binding}.shaping.site."{site}"', own.sites[site]))
+        scopes.append((f"binding.{binding}.shaping", own))
+        scopes.append((f'shaping.site."{site}"', shaping.sites[site]))
+    else:
+        scopes.append((f"binding.{binding}.shaping", own))
+    scopes.append(("shaping", shaping))
+    found = []
+    for name in LIMIT_NAMES:
+        for scope, table in scopes:
+            value = getattr(table, name)
+            if value is not None:
+                found.append((name, str(value), scope))
+                break
+        else:
+            if name == "max_deliveries_per_connection":
+                reuse = config.delivery.connection_reuse_limit
+                found.append((name, str(reuse), "delivery.connection_reuse_limit"))
+    return found
+
+
+def _running_usage(
+    documents: list[Mapping[str, Any]], binding: str, source: str, site: str
+) -> list[str]:
+    """What the running sidecar's workers say of the path, as lines."""
+    lines = []
+    for document in documents:
+        worker = document.get("worker")
+        who = "" if worker is None else f"worker {worker}: "
+        shaping = document.get("shaping")
+        if not isinstance(shaping, Mapping):
+            lines.append(f"      {who}traffic shaping is off in the running sidecar")
+            continue
+        degraded = " (backend DEGRADED: per-process limits)" if shaping.get("degraded") else ""
+        match = [
+            p
+            for p in shaping.get("paths", [])
+            if p.get("binding") == binding and p.get("source") == source and p.get("site") == site
+        ]
+        if not match:
+            lines.append(f"      {who}no recent use of this path{degraded}")
+            continue
+        path = match[0]
+        state = f"{path.get('connections', 0)} connections, {path.get('waiting', 0)} waiting"
+        if path.get("suspended_for") is not None:
+            state += (
+                f", SUSPENDED for {path['suspended_for']:.0f}s: {path.get('suspension_reason')}"
+            )
+        if path.get("override_for") is not None:
+            limits = ", ".join(
+                f"{k} {v}" for k, v in (path.get("limits") or {}).items() if v is not None
+            )
+            state += (
+                f", limits set for {path['override_for']:.0f}s ({path.get('override_reason')}):"
+                f" {limits}"
+            )
+        lines.append(f"      {who}{state}{degraded}")
+    return lines
+
+
+def explain_shaping(config: Config, route: Route, read_status: StatusReader | None) -> list[str]:
+    """The shaping lines of ``sidecar route``: the site, each egress path (source x site)
+    with its configured limits and their scope, and its usage now as the running sidecar
+    reports it (or why it cannot be asked)."""
+    policy = ShapingPolicy(config)
+    site = policy.site_of(route.mx.site)
+    kind = "named site" if site in policy.sites else "MX host set"
+    lines = [f"shaping:   site {site} ({kind}), backend {config.shaping.backend}"]
+    sources = sorted({DIRECT if c.source is None else str(c.source) for c in route.candidates})
+    documents: list[Mapping[str, Any]] = []
+    problem: str | None = "not asked"
+    if read_status is not None:
+        documents, problem = read_status()
+    binding = route.binding.name
+    for source in sources:
+        lines.append(f"  egress {source} -> {site}:")
+        scopes = limit_scopes(config, binding, site)
+        for name in LIMIT_NAMES:
+            found = [(v, s) for n, v, s in scopes if n == name]
+            shown = f"{found[0][0]} ({found[0][1]})" if found else "no limit"
+            lines.append(f"    {name}: {shown}")
+        if documents:
+            lines.append("    now:")
+            lines += _running_usage(documents, binding, source, site)
+        else:
+            lines.append(f"    now: {problem} (configured values only)")
+    return lines
+
+
+def status_reader(urls: list[str], fetch: Callable[[str], bytes]) -> StatusReader:
+    """A :data:`StatusReader` over ``urls`` (each worker's /status) with ``fetch``."""
+
+    def read() -> tuple[list[Mapping[str, Any]], str | None]:
+        if not urls:
+            return [], "status.address is not set, so the running sidecar cannot be asked"
+        documents = []
+        for url in urls:
+            try:
+                documents.append(json.loads(fetch(url)))
+            except (OSError, ValueError) as error:
+                return [], f"not running (no answer from {url}: {describe_error(error)})"
+        return documents, None
+
+    return read
 
 
 async def explain_route(
-    config: Config, listener: Listener, recipient: Address
+    config: Config,
+    listener: Listener,
+    recipient: Address,
+    read_status: StatusReader | None = None,
 ) -> tuple[list[str], bool]:
-    """Readable lines, and whether the address is deliverable now."""
+    """Readable lines, and whether the address is deliverable now. With traffic shaping on,
+    ``read_status`` (run in a thread) gives the running sidecar's /status documents for the
+    paths' usage now."""
     health = registry_for(config)
     lines = [f"recipient: {recipient.text}"]
     target = "binding" if listener.binding is not None else "binding_group"
@@ -69,4 +209,10 @@ async def explain_route(
         lines.append(f"  {candidate.mx} [{candidate.address}]: {source}")
     for reason in route.skipped:
         lines.append(f"  skipped {reason}")
+    if shaping_configured(config) and route.candidates:
+        reader = read_status
+        if reader is not None:
+            documents = await trio.to_thread.run_sync(reader)
+            reader = lambda: documents  # noqa: E731
+        lines += explain_shaping(config, route, reader)
     return lines, True

@@ -26,12 +26,15 @@ from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
 from sidecar.session import LAST_WORD_TIMEOUT, Session
+from sidecar.shaping.control import control
 from sidecar.shaping.shaper import Shaper, shaper_for
 from sidecar.status import StatusSource, serve_status
-from sidecar.status_view import StatusSnapshot, take_snapshot
+from sidecar.status_view import ShapingState, StatusSnapshot, shaping_state, take_snapshot
 from sidecar.tcp import TcpStream, accept_all, listen
 
 log = logging.getLogger("sidecar.server")
+
+SHAPING_REFRESH_TIMEOUT = 2.0  # seconds a status request waits for the shaping backend
 
 
 def build_context(config: Config, previous: ServerContext | None = None) -> ServerContext:
@@ -124,6 +127,7 @@ class Runtime:
         # Descriptors open before any session: listeners, status socket, the event loop's.
         self.open_at_start = open_descriptors()
         self.budget = self.plan_descriptors(config)
+        self.shaping: ShapingState | None = None  # read by refresh_shaping
 
     def plan_descriptors(self, config: Config) -> DescriptorBudget:
         """The admission limit for ``config`` under this process's RLIMIT_NOFILE, logged when
@@ -174,7 +178,24 @@ class Runtime:
         return StatusSource(
             healthy=lambda: not self.context.shutting_down.is_set(),
             snapshot=self.snapshot,
+            refresh=self.refresh_shaping,
+            control=lambda action, request: control(
+                self.context.config, self.context.shaper, action, request
+            ),
+            allow_control_from=lambda: self.context.config.status.allow_control_from,
         )
+
+    async def refresh_shaping(self) -> None:
+        """Read the traffic shaping state for the next snapshot (the recent paths' usage
+        from the backend, within SHAPING_REFRESH_TIMEOUT seconds; else the last one read)."""
+        shaper = self.context.shaper
+        if shaper is None:
+            self.shaping = None
+            return
+        with trio.move_on_after(SHAPING_REFRESH_TIMEOUT):
+            self.shaping = shaping_state(shaper, await shaper.report())
+        if self.shaping is None:  # the first read timed out: counters without the paths
+            self.shaping = shaping_state(shaper, [])
 
     def snapshot(self) -> StatusSnapshot:
         """The status view's inputs, read now (:func:`sidecar.status_view.take_snapshot`)."""
@@ -184,6 +205,7 @@ class Runtime:
             started=self.started,
             worker=self.worker,
             budget=self.budget,
+            shaping=self.shaping if self.context.shaper is not None else None,
         )
 
 

@@ -1,15 +1,22 @@
-"""The status endpoint: ``/healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus text).
+"""The status endpoint: ``/healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus text),
+and the control requests ``POST /shaping/suspend`` and ``POST /shaping/resume`` (JSON body;
+``sidecar suspend`` and ``sidecar resume`` send them).
 
 What the pages show is :mod:`sidecar.status_view`'s (one snapshot per request, rendered
 there). HTTP parsing is h11's (sans-IO); this module only moves bytes. One request per
-connection, bounded in time and size, so a stuck scraper costs nothing.
+connection, bounded in time and size, so a stuck scraper costs nothing. A control request is
+served only to a caller in ``status.allow_control_from`` (default: loopback); any other gets
+403, and every control request is logged at WARNING with its caller.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any
 
 import h11
 import trio
@@ -25,14 +32,93 @@ MAX_REQUEST_BYTES = 16_384
 # Requests served at once; more are closed at once (the descriptor budget, sidecar.limits,
 # sets this many aside for the endpoint).
 MAX_CONNECTIONS = STATUS_CONNECTIONS
+CONTROL_PATHS = (b"/shaping/suspend", b"/shaping/resume")
+LOOPBACK: tuple[IPv4Network | IPv6Network, ...] = (
+    IPv4Network("127.0.0.0/8"),
+    IPv6Network("::1/128"),
+)
+JSON_TYPE = "application/json"
+
+# A control request's handler: (action, the request's JSON object) -> (HTTP code, answer).
+Control = Callable[[str, Mapping[str, Any]], Awaitable[tuple[int, dict[str, object]]]]
+
+
+def _no_control(
+    action: str, request: Mapping[str, Any]
+) -> Awaitable[tuple[int, dict[str, object]]]:
+    async def answer() -> tuple[int, dict[str, object]]:
+        return 503, {"error": "this endpoint takes no control requests"}
+
+    return answer()
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class StatusSource:
-    """What the endpoints show, asked for at request time."""
+    """What the endpoints show, asked for at request time. ``refresh`` is awaited before a
+    snapshot is taken for /status or /metrics (it reads what needs awaiting: the shaping
+    backend); ``control`` serves the control requests of the callers ``allow_control_from``
+    lets in (networks, read at request time so that a reload applies)."""
 
     healthy: Callable[[], bool]
     snapshot: Callable[[], StatusSnapshot]
+    refresh: Callable[[], Awaitable[None]] = _nothing
+    control: Control = _no_control
+    allow_control_from: Callable[[], tuple[IPv4Network | IPv6Network, ...]] = field(
+        default=lambda: LOOPBACK
+    )
+
+
+def control_allowed(networks: tuple[IPv4Network | IPv6Network, ...], peer: str | None) -> bool:
+    """Whether the caller at ``peer`` (an IP address as text; None: unknown) is in
+    ``networks`` (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
+    if peer is None:
+        return False
+    try:
+        address = ip_address(peer.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def _json_reply(code: int, answer: Mapping[str, object]) -> tuple[int, str, bytes]:
+    return code, JSON_TYPE, (json.dumps(answer, sort_keys=True) + "\n").encode()
+
+
+async def control_request(
+    source: StatusSource, target: bytes, body: bytes, peer: str | None
+) -> tuple[int, str, bytes]:
+    """(status code, content type, body) for a POST to ``target`` with ``body`` from
+    ``peer``: 404 for an unknown path, 403 for a caller not in allow_control_from, 400 for a
+    body that is not a JSON object, else what ``source.control`` answers. Logs at WARNING
+    who asked what (refused or not)."""
+    path = target.split(b"?", 1)[0]
+    if path not in CONTROL_PATHS:
+        return 404, "text/plain; charset=utf-8", b"not found: POST /shaping/suspend or /resume\n"
+    what = path.decode()
+    shown = body[:300].decode("utf-8", "replace")
+    if not control_allowed(source.allow_control_from(), peer):
+        log.warning(
+            "refused control request POST %s from %s (not in status.allow_control_from): %s",
+            what,
+            peer or "an unknown caller",
+            shown,
+        )
+        return _json_reply(403, {"error": f"{peer} may not control this sidecar"})
+    log.warning("control request POST %s from %s: %s", what, peer, shown)
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as error:
+        return _json_reply(400, {"error": f"the body is not JSON: {error}"})
+    if not isinstance(request, dict):
+        return _json_reply(400, {"error": "the body must be a JSON object"})
+    code, answer = await source.control(what.rsplit("/", 1)[1], request)
+    return _json_reply(code, answer)
 
 
 def respond(source: StatusSource, method: bytes, target: bytes) -> tuple[int, str, bytes]:
@@ -55,7 +141,28 @@ def respond(source: StatusSource, method: bytes, target: bytes) -> tuple[int, st
     return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /status or /metrics\n"
 
 
-async def handle(source: StatusSource, stream: trio.SocketStream) -> None:
+async def _read_body(
+    connection: h11.Connection, stream: trio.SocketStream, limit: int
+) -> bytes | None:
+    """The request's body (None when it is over ``limit`` bytes)."""
+    body = b""
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await stream.receive_some(MAX_REQUEST_BYTES))
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > limit:
+                return None
+        elif isinstance(event, h11.EndOfMessage):
+            return body
+        else:  # pragma: no cover - h11 sends nothing else between a request and its end
+            raise h11.RemoteProtocolError(f"unexpected {event!r}")
+
+
+async def handle(source: StatusSource, stream: trio.SocketStream, peer: str | None = None) -> None:
+    """Serve one request on ``stream`` from ``peer`` (the caller's IP address; None:
+    unknown, so never allowed to control)."""
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -65,7 +172,21 @@ async def handle(source: StatusSource, stream: trio.SocketStream) -> None:
                     connection.receive_data(await stream.receive_some(MAX_REQUEST_BYTES))
                     continue
                 if isinstance(event, h11.Request):
-                    code, content_type, body = respond(source, event.method, event.target)
+                    path = event.target.split(b"?", 1)[0]
+                    if event.method == b"POST" and path in CONTROL_PATHS:
+                        body = await _read_body(connection, stream, MAX_REQUEST_BYTES)
+                        if body is None:
+                            code, content_type, body = _json_reply(
+                                413, {"error": f"over {MAX_REQUEST_BYTES} bytes"}
+                            )
+                        else:
+                            code, content_type, body = await control_request(
+                                source, event.target, body, peer
+                            )
+                    else:
+                        if path in (b"/status", b"/metrics") and event.method in (b"GET", b"HEAD"):
+                            await source.refresh()
+                        code, content_type, body = respond(source, event.method, event.target)
                     headers = [
                         ("content-type", content_type),
                         ("content-length", str(len(body))),
@@ -104,7 +225,11 @@ async def serve_status(
             return
         serving += 1
         try:
-            await handle(source, stream)
+            try:
+                peer: str | None = str(stream.socket.getpeername()[0])
+            except (OSError, IndexError):
+                peer = None
+            await handle(source, stream, peer)
         finally:
             serving -= 1
 

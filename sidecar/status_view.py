@@ -23,6 +23,8 @@ from sidecar.context import ServerContext
 from sidecar.health import HealthRegistry
 from sidecar.limits import DescriptorBudget
 from sidecar.metrics import Histogram, Metrics
+from sidecar.shaping.model import PathLimits
+from sidecar.shaping.shaper import PathReport, Shaper
 
 # (name, value) pairs in a fixed order: a frozen stand-in for a dict of counts.
 Counts = tuple[tuple[str, int], ...]
@@ -117,6 +119,52 @@ class DnsCounters:
 
 
 @dataclass(frozen=True)
+class ShapingPath:
+    """One recently used egress path of a binding: its limits in force (name, value as
+    written in the configuration; None: no limit) and usage. ``connections`` counts the
+    unexpired slots of every sidecar sharing the backend; ``waiting`` this process's
+    sessions waiting for one. Seconds rounded to 0.1 s."""
+
+    binding: str
+    source: str
+    site: str
+    connections: int
+    waiting: int
+    suspended_for: float | None
+    suspension_reason: str | None
+    override_for: float | None
+    override_reason: str | None
+    limits: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class ShapingLabel:
+    """The /metrics series of one (binding, site label): ``site`` is a named site or
+    "other", so there are at most bindings x (named sites + 1) of them. ``connections``:
+    slots this process holds; ``suspensions``: suspended paths among the recent ones."""
+
+    binding: str
+    site: str
+    connections: int
+    waits: int
+    wait_seconds: float
+    deferrals: Counts  # by kind: suspended, connection_limit, max_connection_rate, ...
+    suspensions: int
+
+
+@dataclass(frozen=True)
+class ShapingState:
+    """Traffic shaping, when it is on: the backend, whether it is degraded (the shared
+    backend is unreachable: per-process limits meanwhile), the recent paths (newest first,
+    at most sidecar.shaping.shaper.RECENT_PATHS) and the per-label counters."""
+
+    backend: str
+    degraded: bool
+    paths: tuple[ShapingPath, ...]
+    labels: tuple[ShapingLabel, ...]
+
+
+@dataclass(frozen=True)
 class StatusSnapshot:
     """A running sidecar's state at one moment: everything ``/status``, ``/metrics`` and
     ``sidecar status`` show."""
@@ -133,6 +181,7 @@ class StatusSnapshot:
     descriptors: Descriptors
     dns: DnsCounters
     latencies: tuple[LatencyHistogram, ...] = ()  # not in /status: read back without them
+    shaping: ShapingState | None = None  # None: traffic shaping is off
 
 
 # -- assembling --------------------------------------------------------------------------------
@@ -189,6 +238,67 @@ def latencies_of(metrics: Metrics) -> tuple[LatencyHistogram, ...]:
     )
 
 
+LIMIT_NAMES = (
+    "connection_limit",
+    "max_connection_rate",
+    "max_message_rate",
+    "max_deliveries_per_connection",
+)
+
+
+def limit_items(limits: PathLimits) -> tuple[tuple[str, str | None], ...]:
+    """(name, value as written: "60/min", "10"; None: no limit) of each limit, in order."""
+    return tuple(
+        (name, None if (value := getattr(limits, name)) is None else str(value))
+        for name in LIMIT_NAMES
+    )
+
+
+def _tenth(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def shaping_state(shaper: Shaper, reports: Iterable[PathReport]) -> ShapingState:
+    """The shaping part of a snapshot: ``shaper``'s counters now, and ``reports`` (from
+    :meth:`Shaper.report`, which asks the backend) as the recent paths."""
+    paths = tuple(
+        ShapingPath(
+            binding=report.binding,
+            source=report.path.source,
+            site=report.path.site,
+            connections=report.usage.connections,
+            waiting=report.usage.waiting,
+            suspended_for=_tenth(report.usage.suspended_for),
+            suspension_reason=report.usage.suspension_reason,
+            override_for=_tenth(report.usage.override_for),
+            override_reason=report.usage.override_reason,
+            limits=limit_items(report.limits),
+        )
+        for report in reports
+    )
+    held = shaper.connections_held()
+    suspended: dict[tuple[str, str], int] = {}
+    for path in paths:
+        key = (path.binding, shaper.site_label(path.site))
+        suspended[key] = suspended.get(key, 0) + (path.suspended_for is not None)
+    stats = shaper.stats.by_label
+    labels = tuple(
+        ShapingLabel(
+            binding=binding,
+            site=site,
+            connections=held.get((binding, site), 0),
+            waits=stats[(binding, site)].waits if (binding, site) in stats else 0,
+            wait_seconds=stats[(binding, site)].wait_seconds if (binding, site) in stats else 0,
+            deferrals=tuple(sorted(stats[(binding, site)].deferrals.items()))
+            if (binding, site) in stats
+            else (),
+            suspensions=suspended.get((binding, site), 0),
+        )
+        for binding, site in sorted({*held, *suspended, *stats})
+    )
+    return ShapingState(shaper.backend_settings[0], shaper.degraded, paths, labels)
+
+
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -200,10 +310,12 @@ def take_snapshot(
     started: float,
     worker: tuple[int, int] | None,
     budget: DescriptorBudget,
+    shaping: ShapingState | None = None,
 ) -> StatusSnapshot:
     """Read ``context`` once. ``now`` and ``started`` are trio clock seconds; ``worker`` is
     (index, count) when the process is one of several workers; ``budget`` the descriptor
-    budget in force."""
+    budget in force; ``shaping`` the traffic shaping state (:func:`shaping_state`; None
+    when shaping is off)."""
     resolver = context.router.resolver
     return StatusSnapshot(
         hostname=context.config.server.hostname,
@@ -230,6 +342,7 @@ def take_snapshot(
         descriptors=Descriptors(budget.limit, budget.reserved, budget.sessions),
         dns=DnsCounters(resolver.queries, resolver.cache_hits),
         latencies=latencies_of(context.metrics),
+        shaping=shaping,
     )
 
 
@@ -281,7 +394,78 @@ def _status_object(snapshot: StatusSnapshot) -> dict[str, object]:
             "max_sessions": snapshot.descriptors.max_sessions,
         },
         "dns": {"queries": snapshot.dns.queries, "cache_hits": snapshot.dns.cache_hits},
+        **({} if snapshot.shaping is None else {"shaping": _shaping_object(snapshot.shaping)}),
     }
+
+
+def _shaping_object(shaping: ShapingState) -> dict[str, object]:
+    return {
+        "backend": shaping.backend,
+        "degraded": shaping.degraded,
+        "paths": [
+            {
+                "binding": path.binding,
+                "source": path.source,
+                "site": path.site,
+                "connections": path.connections,
+                "waiting": path.waiting,
+                "suspended_for": path.suspended_for,
+                "suspension_reason": path.suspension_reason,
+                "override_for": path.override_for,
+                "override_reason": path.override_reason,
+                "limits": dict(path.limits),
+            }
+            for path in shaping.paths
+        ],
+        "counters": [
+            {
+                "binding": label.binding,
+                "site": label.site,
+                "connections": label.connections,
+                "waits_total": label.waits,
+                "wait_seconds_total": round(label.wait_seconds, 3),
+                "deferrals_total": dict(label.deferrals),
+                "suspensions": label.suspensions,
+            }
+            for label in shaping.labels
+        ],
+    }
+
+
+def _shaping_from_json(data: Any) -> ShapingState | None:
+    if not isinstance(data, Mapping):
+        return None
+    return ShapingState(
+        backend=str(data.get("backend", "?")),
+        degraded=bool(data.get("degraded")),
+        paths=tuple(
+            ShapingPath(
+                binding=path["binding"],
+                source=path["source"],
+                site=path["site"],
+                connections=path.get("connections", 0),
+                waiting=path.get("waiting", 0),
+                suspended_for=path.get("suspended_for"),
+                suspension_reason=path.get("suspension_reason"),
+                override_for=path.get("override_for"),
+                override_reason=path.get("override_reason"),
+                limits=tuple((name, path.get("limits", {}).get(name)) for name in LIMIT_NAMES),
+            )
+            for path in data.get("paths", [])
+        ),
+        labels=tuple(
+            ShapingLabel(
+                binding=label["binding"],
+                site=label["site"],
+                connections=label.get("connections", 0),
+                waits=label.get("waits_total", 0),
+                wait_seconds=label.get("wait_seconds_total", 0.0),
+                deferrals=_counts(label.get("deferrals_total")),
+                suspensions=label.get("suspensions", 0),
+            )
+            for label in data.get("counters", [])
+        ),
+    )
 
 
 def render_json(snapshot: StatusSnapshot) -> str:
@@ -350,6 +534,7 @@ def snapshot_from_json(data: Mapping[str, Any]) -> StatusSnapshot:
             descriptors.get("max_sessions", 0),
         ),
         dns=DnsCounters(dns.get("queries", 0), dns.get("cache_hits", 0)),
+        shaping=_shaping_from_json(data.get("shaping")),
     )
 
 
@@ -396,7 +581,71 @@ def render_prometheus(snapshot: StatusSnapshot) -> str:
     lines.append(f"sidecar_dns_queries_total {snapshot.dns.queries}")
     family("sidecar_dns_cache_hits_total", "counter", "DNS look-ups answered from the cache.")
     lines.append(f"sidecar_dns_cache_hits_total {snapshot.dns.cache_hits}")
+    if snapshot.shaping is not None:
+        lines += _shaping_metrics(snapshot.shaping)
     return "\n".join(lines) + "\n"
+
+
+def _label_value(value: str) -> str:
+    """A Prometheus label value, escaped (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _shaping_metrics(shaping: ShapingState) -> list[str]:
+    """The traffic shaping families, labelled by binding and site (a named site or "other":
+    at most bindings x (named sites + 1) series per family, times 4 limit kinds for the
+    deferrals)."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    def labels(label: ShapingLabel) -> str:
+        return f'binding="{_label_value(label.binding)}",site="{_label_value(label.site)}"'
+
+    family("sidecar_shaping_enabled", "gauge", "1: traffic shaping is on.")
+    lines.append("sidecar_shaping_enabled 1")
+    family(
+        "sidecar_shaping_backend_degraded",
+        "gauge",
+        "1 while the shared shaping backend is unreachable (limits hold per process).",
+    )
+    backend = _label_value(shaping.backend)
+    lines.append(f'sidecar_shaping_backend_degraded{{backend="{backend}"}} {int(shaping.degraded)}')
+    family(
+        "sidecar_shaping_connections",
+        "gauge",
+        "Upstream connections holding a shaping slot in this process.",
+    )
+    for label in shaping.labels:
+        lines.append(f"sidecar_shaping_connections{{{labels(label)}}} {label.connections}")
+    family("sidecar_shaping_waits_total", "counter", "Waits for a slot or a rate token that ended.")
+    for label in shaping.labels:
+        lines.append(f"sidecar_shaping_waits_total{{{labels(label)}}} {label.waits}")
+    family("sidecar_shaping_wait_seconds_total", "counter", "Seconds waited for shaping.")
+    for label in shaping.labels:
+        lines.append(
+            f"sidecar_shaping_wait_seconds_total{{{labels(label)}}} {label.wait_seconds:.6f}"
+        )
+    family(
+        "sidecar_shaping_deferrals_total",
+        "counter",
+        "Transactions deferred (4xx) by traffic shaping, by limit.",
+    )
+    for label in shaping.labels:
+        for limit, count in label.deferrals:
+            lines.append(
+                f'sidecar_shaping_deferrals_total{{{labels(label)},limit="{limit}"}} {count}'
+            )
+    family(
+        "sidecar_shaping_suspensions",
+        "gauge",
+        "Suspended egress paths among those this process used recently.",
+    )
+    for label in shaping.labels:
+        lines.append(f"sidecar_shaping_suspensions{{{labels(label)}}} {label.suspensions}")
+    return lines
 
 
 # -- sidecar status (terminal tables) ----------------------------------------------------------
@@ -460,4 +709,39 @@ def render_table(snapshot: StatusSnapshot) -> list[str]:
         lines.append(f"{key.replace('_', ' ')}: {shown}")
     dns = snapshot.dns
     lines.append(f"dns: {dns.queries} look-ups, {dns.cache_hits} cache hits")
+    if snapshot.shaping is not None:
+        lines += ["", *shaping_table(snapshot.shaping)]
     return lines
+
+
+def limits_text(limits: Iterable[tuple[str, str | None]]) -> str:
+    """The limits set, as "connection_limit 5, max_message_rate 500/h" ("none")."""
+    return ", ".join(f"{name} {value}" for name, value in limits if value is not None) or "none"
+
+
+def shaping_table(shaping: ShapingState) -> list[str]:
+    """The shaping lines of ``sidecar status``: the backend, and the recent paths."""
+    state = " DEGRADED: per-process limits until it answers" if shaping.degraded else ""
+    lines = [f"traffic shaping: backend {shaping.backend}{state}"]
+    if not shaping.paths:
+        return [*lines, "no egress path used yet"]
+    rows = [["BINDING", "SOURCE", "SITE", "CONNS", "WAITING", "STATE", "LIMITS"]]
+    for path in shaping.paths:
+        if path.suspended_for is not None:
+            what = f"SUSPENDED {path.suspended_for:.0f}s: {path.suspension_reason or '-'}"
+        elif path.override_for is not None:
+            what = f"limits set {path.override_for:.0f}s: {path.override_reason or '-'}"
+        else:
+            what = "ok"
+        rows.append(
+            [
+                path.binding,
+                path.source,
+                path.site,
+                str(path.connections),
+                str(path.waiting),
+                what,
+                limits_text(path.limits),
+            ]
+        )
+    return [*lines, *_table(rows)]

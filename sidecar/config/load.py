@@ -588,6 +588,12 @@ def _parse_networks(value: object, path: str) -> tuple[IPv4Network | IPv6Network
     return tuple(networks)
 
 
+def _parse_control_networks(value: object, path: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    if isinstance(value, list) and not value:
+        return ()  # nobody may control the sidecar through the endpoint
+    return _parse_networks(value, path)
+
+
 def _parse_nameservers(value: object, path: str) -> tuple[HostPort, ...]:
     servers: list[HostPort] = []
     for i, item in enumerate(_list(value, path)):
@@ -842,6 +848,7 @@ _BY_NAME: dict[tuple[type[Any], str], _Parser] = {
     (DeliveryConfig, "tls_ca_file"): _str,
     (HealthConfig, "health_check_probe"): _parse_probe,
     (StatusConfig, "address"): _status_address,
+    (StatusConfig, "allow_control_from"): _parse_control_networks,
     (DomainPolicy, "tls"): _parse_tls,
     (Binding, "ha_proxy_server"): _parse_servers,
     (Binding, "ha_proxy_src_addr"): _ipv4_source,

@@ -486,6 +486,13 @@ class StatusConfig:
     address: HostPort | None = field(
         default=None, metadata=doc("local ip:port of the endpoint; unset: off")
     )
+    allow_control_from: tuple[IPv4Network | IPv6Network, ...] = field(
+        default=(IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")),
+        metadata=doc(
+            "networks whose callers may POST control requests (sidecar suspend/resume); "
+            "others get 403; [] refuses every caller"
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import socket
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -37,7 +37,18 @@ from sidecar.shaping.memory import MemoryBackend
 from sidecar.shaping.model import DIRECT, EgressPath, PathLimits
 from sidecar.shaping.policy import ShapingPolicy, merge
 
-__all__ = ["LEASE", "Grant", "PathUsage", "Shaper", "shaper_for", "shaping_configured"]
+__all__ = [
+    "LEASE",
+    "OTHER_SITE",
+    "RECENT_PATHS",
+    "Grant",
+    "PathCounters",
+    "PathReport",
+    "PathUsage",
+    "Shaper",
+    "shaper_for",
+    "shaping_configured",
+]
 
 log = logging.getLogger("sidecar.shaping")
 
@@ -45,6 +56,8 @@ LEASE: Final = 30.0  # seconds a slot is held without renewal: shaping.slot_leas
 PROBE_EVERY: Final = 1.0  # seconds between two probes of an unavailable backend
 SERVED_WEIGHT: Final = 0.3  # weight of the newest gap in the mean time per queue place
 SITE_CACHE: Final = 10_000  # MX sets whose site is remembered (cleared when full)
+RECENT_PATHS: Final = 100  # (binding, path) pairs remembered for /status and /metrics
+OTHER_SITE: Final = "other"  # the metric label of every site that is not a named one
 POLL_EVERY: Final = 0.25  # seconds between two tries of the first waiter for a slot (another
 # sidecar's release is not announced here; this process's releases wake it at once)
 
@@ -65,13 +78,36 @@ class PathUsage:
 
 
 @dataclass
-class ShapingStats:
-    """Counters for /metrics: waits that ended in a grant, their seconds, and the 4xx given
-    by kind ("suspended", "connection_limit", "max_connection_rate", "max_message_rate")."""
+class PathCounters:
+    """Counters of one (binding, site label) for /metrics: waits that ended in a grant, their
+    seconds, and the 4xx given by kind."""
 
     waits: int = 0
     wait_seconds: float = 0.0
     deferrals: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class ShapingStats:
+    """Counters for /metrics: waits that ended in a grant, their seconds, and the 4xx given
+    by kind ("suspended", "connection_limit", "max_connection_rate", "max_message_rate");
+    ``by_label`` the same per (binding, site label): a named site, or :data:`OTHER_SITE`
+    (so at most bindings x (named sites + 1) entries)."""
+
+    waits: int = 0
+    wait_seconds: float = 0.0
+    deferrals: Counter[str] = field(default_factory=Counter)
+    by_label: dict[tuple[str, str], PathCounters] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PathReport:
+    """One recently used path of a binding: the limits in force and what it uses now."""
+
+    binding: str
+    path: EgressPath
+    limits: PathLimits
+    usage: PathUsage
 
 
 class Grant:
@@ -86,8 +122,10 @@ class Grant:
         holder: str,
         backend: ShapingBackend | None,
         deliveries_left: int | None,
+        binding: str = "",
     ) -> None:
         self.path = path
+        self.binding = binding
         self.holder = holder
         self.deliveries_left = deliveries_left
         self._shaper = shaper
@@ -149,6 +187,8 @@ class Shaper:
         self._sites: dict[frozenset[str], str] = {}
         self._served_gap: dict[str, float] = {}  # per path: seconds between two servings
         self._last_served: dict[str, float] = {}
+        # The (binding, path) pairs used or acted on lately, newest last (/status, /metrics).
+        self._recent: OrderedDict[tuple[str, str], EgressPath] = OrderedDict()
         tag = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self._holders = (f"{tag}/{n}" for n in itertools.count(1))
 
@@ -182,13 +222,14 @@ class Shaper:
         it while the connection lives, release it after); a 4xx :class:`Reply` (suspended, or
         the limit's expected wait is over max_wait); ``None`` when ``wake`` was set while
         waiting (a pooled connection of the path is free: take it instead)."""
-        refusal = await self._suspended(path)
+        self._seen(binding, path)
+        refusal = await self._suspended(binding, path)
         if refusal is not None:
             return refusal
         limits = await self.limits(binding, path)
         deliveries = limits.max_deliveries_per_connection
         if limits.connection_limit is None and limits.max_connection_rate is None:
-            return Grant(self, path, next(self._holders), None, deliveries)
+            return Grant(self, path, next(self._holders), None, deliveries, binding)
         start = trio.current_time()
         deadline = start + self.max_wait
         holder = next(self._holders)
@@ -199,25 +240,26 @@ class Shaper:
                 if got is None:
                     return None
                 if isinstance(got, bool):
-                    return self._defer(path, "connection_limit", str(limits.connection_limit))
-                grant = Grant(self, path, holder, got, deliveries)
+                    return self._defer(
+                        binding, path, "connection_limit", str(limits.connection_limit)
+                    )
+                grant = Grant(self, path, holder, got, deliveries, binding)
                 self._live[holder] = grant
             else:
-                grant = Grant(self, path, holder, None, deliveries)
+                grant = Grant(self, path, holder, None, deliveries, binding)
             if limits.max_connection_rate is not None:
                 rate = limits.max_connection_rate
                 left = max(0.0, deadline - trio.current_time())
                 wait = await self._call(lambda b: b.reserve(path.key + "|connections", rate, left))
                 if wait is None:
                     await grant.release()
-                    return self._defer(path, "max_connection_rate", str(rate))
+                    return self._defer(binding, path, "max_connection_rate", str(rate))
                 if wait > 0 and not await self._sleep(wait, wake):
                     await grant.release()
                     return None
             waited = trio.current_time() - start
             if waited > 0:
-                self.stats.waits += 1
-                self.stats.wait_seconds += waited
+                self._waited(binding, path, waited)
             result, grant = grant, None
             return result
         finally:
@@ -228,7 +270,8 @@ class Shaper:
     async def start_transaction(self, binding: str, path: EgressPath) -> Reply | None:
         """May a transaction start on ``path``? ``None`` (go; after a wait of at most
         max_wait for a ``max_message_rate`` token), or a 4xx :class:`Reply`."""
-        refusal = await self._suspended(path)
+        self._seen(binding, path)
+        refusal = await self._suspended(binding, path)
         if refusal is not None:
             return refusal
         rate = (await self.limits(binding, path)).max_message_rate
@@ -236,11 +279,10 @@ class Shaper:
             return None
         wait = await self._call(lambda b: b.reserve(path.key + "|messages", rate, self.max_wait))
         if wait is None:
-            return self._defer(path, "max_message_rate", str(rate))
+            return self._defer(binding, path, "max_message_rate", str(rate))
         if wait > 0:
             await trio.sleep(wait)
-            self.stats.waits += 1
-            self.stats.wait_seconds += wait
+            self._waited(binding, path, wait)
         return None
 
     async def observe(self, binding: str, path: EgressPath, reply: Reply) -> None:
@@ -269,8 +311,13 @@ class Shaper:
 
     # -- by hand ------------------------------------------------------------------------------
 
-    async def suspend(self, path: EgressPath, duration: float, reason: str) -> None:
-        """Suspend ``path`` for ``duration`` seconds (``sidecar suspend``)."""
+    async def suspend(
+        self, path: EgressPath, duration: float, reason: str, binding: str | None = None
+    ) -> None:
+        """Suspend ``path`` for ``duration`` seconds (``sidecar suspend``); ``binding``, when
+        given, lists the path among the recent ones of /status and /metrics."""
+        if binding is not None:
+            self._seen(binding, path)
         log.warning(
             "shaping: egress %s to site %s suspended for %gs: %s",
             path.source,
@@ -280,8 +327,10 @@ class Shaper:
         )
         await self._call(lambda b: b.suspend(path.key, duration, reason))
 
-    async def resume(self, path: EgressPath) -> None:
+    async def resume(self, path: EgressPath, binding: str | None = None) -> None:
         """End the path's suspension and limit override now (``sidecar resume``)."""
+        if binding is not None:
+            self._seen(binding, path)
         log.warning("shaping: egress %s to site %s resumed", path.source, path.site)
         await self._call(lambda b: b.resume(path.key))
 
@@ -299,6 +348,49 @@ class Shaper:
             override_for=None if override is None else override[1],
             override_reason=None if override is None else override[2],
         )
+
+    def site_label(self, site: str) -> str:
+        """The metric label of ``site``: its name when it is a named site, else
+        :data:`OTHER_SITE` (bounded label cardinality)."""
+        return site if site in self.policy.sites else OTHER_SITE
+
+    def connections_held(self) -> Counter[tuple[str, str]]:
+        """Connection slots this process holds now, per (binding, site label)."""
+        return Counter((g.binding, self.site_label(g.path.site)) for g in self._live.values())
+
+    async def report(self) -> list[PathReport]:
+        """The recently used paths (at most :data:`RECENT_PATHS`, newest first) with their
+        limits in force and usage (asks the backend)."""
+        reports = []
+        for (binding, _key), path in reversed(list(self._recent.items())):
+            usage = await self.usage(path)
+            configured = self.policy.limits(binding, path.site)
+            limits = configured if usage.override is None else merge(usage.override, configured)
+            reports.append(PathReport(binding, path, limits, usage))
+        return reports
+
+    def _seen(self, binding: str, path: EgressPath) -> None:
+        key = (binding, path.key)
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return
+        self._recent[key] = path
+        if len(self._recent) > RECENT_PATHS:
+            self._recent.popitem(last=False)
+
+    def _label(self, binding: str, path: EgressPath) -> PathCounters:
+        key = (binding, self.site_label(path.site))
+        found = self.stats.by_label.get(key)
+        if found is None:
+            found = self.stats.by_label[key] = PathCounters()
+        return found
+
+    def _waited(self, binding: str, path: EgressPath, seconds: float) -> None:
+        self.stats.waits += 1
+        self.stats.wait_seconds += seconds
+        counters = self._label(binding, path)
+        counters.waits += 1
+        counters.wait_seconds += seconds
 
     # -- background ---------------------------------------------------------------------------
 
@@ -380,15 +472,17 @@ class Shaper:
                 self._enter_degraded(e)
         return await op(self._fallback), self._fallback
 
-    async def _suspended(self, path: EgressPath) -> Reply | None:
+    async def _suspended(self, binding: str, path: EgressPath) -> Reply | None:
         found = await self._call(lambda b: b.suspension(path.key))
         if found is None:
             return None
         self.stats.deferrals["suspended"] += 1
+        self._label(binding, path).deferrals["suspended"] += 1
         return shaping_suspended(path.source, path.site, found[0], found[1])
 
-    def _defer(self, path: EgressPath, limit: str, value: str) -> Reply:
+    def _defer(self, binding: str, path: EgressPath, limit: str, value: str) -> Reply:
         self.stats.deferrals[limit] += 1
+        self._label(binding, path).deferrals[limit] += 1
         return shaping_limit_reached(path.source, path.site, limit, value)
 
     async def _sleep(self, seconds: float, wake: trio.Event | None) -> bool:
