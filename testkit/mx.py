@@ -121,6 +121,7 @@ class MXMessage:
     reply: bytes
     queue_id: str
     connection_index: int
+    received_at: float = 0.0  # trio.current_time() when the end of data came in
 
     @property
     def peer_host(self) -> str:
@@ -204,6 +205,8 @@ class TestMX:
         self.max_line_length = max_line_length
         self.connections: list[MXConnection] = []
         self.messages: list[MXMessage] = []
+        self.open_connections = 0  # connections accepted and not closed yet
+        self.peak_connections = 0  # the most open at any one time
         self._queue_numbers = itertools.count(1)
         self._scope: trio.CancelScope | None = None
         self._changed = trio.Event()
@@ -250,6 +253,8 @@ class TestMX:
             index=len(self.connections), peer=_address(peer), local=_address(local)
         )
         self.connections.append(connection)
+        self.open_connections += 1
+        self.peak_connections = max(self.peak_connections, self.open_connections)
         self._notify()
         session = _Session(self, connection, stream)
         try:
@@ -258,6 +263,7 @@ class TestMX:
             connection.error = repr(exc)
         finally:
             connection.closed = True
+            self.open_connections -= 1
             # Notify before the (cancellable) close, so waiters wake even when close() cancels us.
             self._notify()
             await trio.aclose_forcefully(session.stream)
@@ -534,6 +540,7 @@ class _Session:
             reply=final,
             queue_id=queue_id,
             connection_index=self.connection.index,
+            received_at=trio.current_time(),
         )
         self.connection.messages.append(message)
         self.mx.messages.append(message)

@@ -700,19 +700,26 @@ async def make_mail_stack(
     bindings: Sequence[str] = ("b1",),
     tls_contexts: Mapping[str, ssl.SSLContext] | None = None,
     tls: str = "disabled",
+    mx_options: Mapping[str, dict[str, Any]] | None = None,
+    sections: dict[str, Any] | None = None,
 ) -> MailStack:
     """One TestMX per domain (``mx.<domain>``, its own 127.0.0.x, one shared port), dnsmasq
     with their MX and A records, one HAProxy, and the sidecar with one listener per binding,
     each binding with its own source address. ``tls_contexts``: the MXes (by domain) that offer
-    STARTTLS; ``tls``: the sidecar's ``delivery.tls``."""
+    STARTTLS; ``tls``: the sidecar's ``delivery.tls``; ``mx_options``: more TestMX options by
+    domain (``delays``...); ``sections``: more config tables (``shaping``...)."""
     domains = list(domains)
     stack = await lab.build(
-        mxes=[{"tls_context": (tls_contexts or {}).get(domain)} for domain in domains],
+        mxes=[
+            {"tls_context": (tls_contexts or {}).get(domain), **(mx_options or {}).get(domain, {})}
+            for domain in domains
+        ],
         hosts=[f"mx.{domain}" for domain in domains],
         domains={domain: index for index, domain in enumerate(domains)},
         bindings=bindings,
         delivery={**FAST_DELIVERY, "tls": tls},
         server=FAST_SERVER,
+        sections=sections,
     )
     egress = {}
     for name in bindings:
