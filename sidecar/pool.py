@@ -11,6 +11,8 @@ carries mail that could have opened it. A configuration reload starts a new pool
 
 from __future__ import annotations
 
+from collections import deque
+
 import trio
 
 from sidecar.config import DeliveryConfig
@@ -28,8 +30,9 @@ class UpstreamPool:
         self._closing: list[Upstream] = []
         self.closed = False  # once its reaper has stopped, nothing more is parked
         self.reused = 0
-        # Sessions waiting for a shaping slot of a route: set when a connection of it is parked.
-        self._wakers: dict[RouteKey, trio.Event] = {}
+        # Sessions waiting for a shaping slot of a route, first come first served: parking a
+        # connection of the route sets the first one's event (one waiter per connection).
+        self._wakers: dict[RouteKey, deque[trio.Event]] = {}
 
     def __len__(self) -> int:
         return self._size
@@ -65,17 +68,28 @@ class UpstreamPool:
             return
         self._idle.setdefault(key, []).append((trio.current_time(), upstream))
         self._size += 1
-        waker = self._wakers.pop(key, None)
-        if waker is not None:
-            waker.set()
+        waiters = self._wakers.get(key)
+        if waiters:
+            waiters.popleft().set()
+            if not waiters:
+                del self._wakers[key]
 
     def parked_event(self, key: RouteKey) -> trio.Event:
-        """An event set when a connection for ``key`` is next parked: a session waiting for a
-        traffic-shaping slot takes that connection rather than opening a new one."""
-        waker = self._wakers.get(key)
-        if waker is None:
-            waker = self._wakers[key] = trio.Event()
-        return waker
+        """An event of this caller's own, set when a connection for ``key`` is parked and the
+        callers who asked before were served: a session waiting for a traffic-shaping slot
+        takes that connection rather than opening a new one. One connection wakes one
+        waiter; :meth:`forget_event` when done waiting."""
+        event = trio.Event()
+        self._wakers.setdefault(key, deque()).append(event)
+        return event
+
+    def forget_event(self, key: RouteKey, event: trio.Event) -> None:
+        """The waiter of ``event`` no longer waits: a parked connection goes to the next."""
+        waiters = self._wakers.get(key)
+        if waiters is not None and event in waiters:
+            waiters.remove(event)
+            if not waiters:
+                del self._wakers[key]
 
     def _expired(self) -> list[Upstream]:
         now = trio.current_time()

@@ -444,10 +444,19 @@ class Session:
         shaper, pool = context.shaper, context.pool
         grant: Grant | None = None
         if shaper is not None and path is not None:
+            # One max_wait for all the asks: a parked connection that another session took
+            # first sends this one back to the queue, not to a new wait of its own.
+            deadline = trio.current_time() + shaper.max_wait
             while True:
                 wake = pool.parked_event(route.key) if pool is not None else None
                 began = trio.current_time()
-                got = await shaper.open_connection(route.binding.name, path, wake)
+                try:
+                    got = await shaper.open_connection(
+                        route.binding.name, path, wake, deadline=deadline
+                    )
+                finally:
+                    if pool is not None and wake is not None:
+                        pool.forget_event(route.key, wake)
                 txn.shaping_wait += trio.current_time() - began
                 if isinstance(got, Reply):
                     raise Deferred(got)

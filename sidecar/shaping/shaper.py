@@ -216,12 +216,19 @@ class Shaper:
     # -- the session's questions ------------------------------------------------------------
 
     async def open_connection(
-        self, binding: str, path: EgressPath, wake: trio.Event | None = None
+        self,
+        binding: str,
+        path: EgressPath,
+        wake: trio.Event | None = None,
+        *,
+        deadline: float | None = None,
     ) -> Grant | Reply | None:
         """May ``binding`` open a new upstream connection on ``path``? A :class:`Grant` (keep
         it while the connection lives, release it after); a 4xx :class:`Reply` (suspended, or
         the limit's expected wait is over max_wait); ``None`` when ``wake`` was set while
-        waiting (a pooled connection of the path is free: take it instead)."""
+        waiting (a pooled connection of the path is free: take it instead). ``deadline``
+        (trio time): when a caller that asks again after a ``None`` must be answered by,
+        so that all its asks together wait at most max_wait (default: now + max_wait)."""
         self._seen(binding, path)
         refusal = await self._suspended(binding, path)
         if refusal is not None:
@@ -231,7 +238,8 @@ class Shaper:
         if limits.connection_limit is None and limits.max_connection_rate is None:
             return Grant(self, path, next(self._holders), None, deliveries, binding)
         start = trio.current_time()
-        deadline = start + self.max_wait
+        if deadline is None:
+            deadline = start + self.max_wait
         holder = next(self._holders)
         grant: Grant | None = None
         try:
@@ -536,7 +544,7 @@ class Shaper:
                 try:
                     with trio.move_on_at(deadline):
                         while True:
-                            if queue[0] is me and wake is not None and wake.is_set():
+                            if wake is not None and wake.is_set():
                                 self._served(path)
                                 return None
                             if queue[0] is me:

@@ -4,7 +4,6 @@ again all the time."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from testkit.client import RawSMTPClient
@@ -18,12 +17,6 @@ RUN_FOR = 6.0  # seconds each client keeps sending, one message after another
 SLACK = 0.5  # seconds of connecting and MAIL/RCPT round trips on top of the wait
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Session._new_upstream calls Shaper.open_connection again, with a fresh "
-    "max_wait, each time a parked connection it was woken for is taken by another session; "
-    "waits run up to delivery.setup_timeout (451 4.4.1)",
-)
 async def test_no_rcpt_waits_longer_than_max_wait_under_a_steady_stream(lab: Lab) -> None:
     stack = await lab.build(
         mxes=[{"delays": {"END": END_DELAY}}],
