@@ -78,12 +78,14 @@ async def handle_connection(
             counters.refused_connections += 1
             await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
             return
-        counters.sessions += 1
         counters.active_sessions += 1
+        session = Session(stream, client, listener, context)
         try:
-            await Session(stream, client, listener, context).run()
+            await session.run()
         finally:
             counters.active_sessions -= 1
+            if session.probe:  # a client session counts itself once it says more
+                counters.probes += 1
     finally:
         stream.close()
 

@@ -13,6 +13,8 @@ import tomli_w
 import trio
 import trustme
 
+from testkit.metrics import value
+
 from .harness import (
     MESSAGE,
     CliStack,
@@ -81,9 +83,9 @@ async def test_status_endpoint_and_status_command(
     assert data["dns"]["queries"] >= 1
     code, metrics = await http_get(status, "/metrics")
     assert code == 200
-    assert 'sidecar_transactions_total{outcome="delivered"} 1\n' in metrics
-    assert f'sidecar_haproxy_server_plumbed{{server="{cli_stack.haproxy.bind}"}} 1\n' in metrics
-    assert "sidecar_upstream_connect_seconds_count 1\n" in metrics
+    assert value(metrics, "sidecar_transactions_total", binding="b1", outcome="delivered") == 1
+    assert value(metrics, "sidecar_haproxy_server_plumbed", server=f"{cli_stack.haproxy.bind}") == 1
+    assert value(metrics, "sidecar_upstream_connect_seconds_count") == 1
     assert (await http_get(status, "/nope"))[0] == 404
 
     probed = await run_cli("probe", "-c", str(cli_stack.config_path))
