@@ -21,7 +21,13 @@ from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
 from sidecar.context import ServerContext
 from sidecar.errors import describe_error
 from sidecar.health import registry_for, run_health_checks
-from sidecar.limits import DescriptorBudget, nofile_limit, open_descriptors, plan_descriptors
+from sidecar.limits import (
+    REFUSALS,
+    DescriptorBudget,
+    nofile_limit,
+    open_descriptors,
+    plan_descriptors,
+)
 from sidecar.metrics import Metrics
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
@@ -68,7 +74,7 @@ async def _refuse(stream: TcpStream, answer: bytes) -> None:
 # once (the others are closed at once): bounded, since none of them holds a session slot.
 REFUSED_WAIT = 2.0
 REFUSED_LINE_BYTES = 512
-REFUSED_HEARD = 16
+REFUSED_HEARD = REFUSALS // 2  # within the descriptors set aside for refusals
 _refused_waiting = 0
 
 
