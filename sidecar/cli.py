@@ -17,6 +17,7 @@ if sys.argv[1:2] == ["run"]:
     # by run_until_signal (the same set as sidecar.server.hold_signals).
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from sidecar.status_view import render_table, snapshot_from_json
 from sidecar.workers import supervise
 
 CONFIG_ENVVAR = "SIDECAR_CONFIG"
+ACCESS_DENIED_BANNER = b"554 5.7.1 "
 EXIT_CONFIG_ERROR = 2
 
 _F = TypeVar("_F", bound=Callable[..., object])
@@ -230,8 +232,10 @@ def route(config_path: str, listener_address: str | None, address: str) -> None:
 @config_option
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the banner.")
 def probe(config_path: str, timeout: float) -> None:
-    """Check that a running sidecar answers: each listener with a 220 banner, and /healthz
-    when [status] is configured. Exit 0 when all do (the Dockerfile's HEALTHCHECK)."""
+    """Check that a running sidecar answers: each listener with a 220 banner (or its 554 5.7.1
+    when allowed_clients does not list this host), and /healthz when [status] is configured.
+    Exit 0 when all do (the Dockerfile's HEALTHCHECK). Says NOOP, then QUIT: the sidecar
+    counts it as a probe (sidecar_probes_total), not as a client session."""
     config = _load(config_path)
     failures = 0
     for listener in config.listeners:
@@ -240,12 +244,18 @@ def probe(config_path: str, timeout: float) -> None:
             with socket.create_connection((host, port), timeout=timeout) as sock:
                 sock.settimeout(timeout)
                 banner = sock.recv(512)
-                sock.sendall(b"QUIT\r\n")
+                # NOOP first: the sidecar counts this connection as a probe, not a client
+                # session, and does not log it even when allowed_clients refuses it.
+                sock.sendall(b"NOOP\r\nQUIT\r\n")
+                with contextlib.suppress(OSError):
+                    sock.recv(512)
         except OSError as e:
             click.echo(f"{listener.address}: {describe_error(e)}", err=True)
             failures += 1
             continue
-        if not banner.startswith(b"220"):
+        # 554 5.7.1: the sidecar answers, but allowed_clients does not list this host (the
+        # probe checks that the listener is served, not that it may send mail).
+        if not banner.startswith((b"220", ACCESS_DENIED_BANNER)):
             click.echo(f"{listener.address}: unexpected banner {banner[:80]!r}", err=True)
             failures += 1
     if config.status.address is not None:

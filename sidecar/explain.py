@@ -12,7 +12,7 @@ import trio
 from sidecar.config import Config, Listener
 from sidecar.errors import RouteError, describe_error
 from sidecar.health import registry_for, run_check
-from sidecar.resolver import Resolver
+from sidecar.resolver import MXHost, MXResult, Resolver
 from sidecar.routing import Route, Router
 from sidecar.shaping.model import DIRECT
 from sidecar.shaping.policy import ShapingPolicy
@@ -146,6 +146,82 @@ def status_reader(urls: list[str], fetch: Callable[[str], bytes]) -> StatusReade
     return read
 
 
+def _mx_lines(config: Config, route: Route) -> list[str]:
+    """The MX hosts of ``route`` with their addresses, and each candidate with its source."""
+    kind = " (implicit MX: the domain's own addresses)" if route.mx.implicit else ""
+    lines = [f"MX hosts for {route.domain}{kind}:"]
+    for host in route.mx.hosts:
+        addresses = ", ".join(str(address) for address in host.addresses) or "no address"
+        lines.append(f"  {host.preference:>5} {host.name}: {addresses}")
+    lines.append(f"tried in this order (at most {config.delivery.max_mx_addresses}):")
+    for candidate in route.candidates:
+        source = (
+            "from this host's own address"
+            if candidate.source is None
+            else f"PROXY source {candidate.source} -> {candidate.address}:{config.delivery.port}"
+        )
+        lines.append(f"  {candidate.mx} [{candidate.address}]: {source}")
+    for reason in route.skipped:
+        lines.append(f"  skipped {reason}")
+    return lines
+
+
+async def _path_anyway(
+    config: Config,
+    router: Router,
+    listener: Listener,
+    recipient: Address,
+    states: Mapping[str, str],
+    error: RouteError,
+) -> list[str]:
+    """The path of a recipient that cannot be routed now: each binding with its proxies
+    (DOWN when none answers), the MX hosts with their addresses and the source of each
+    candidate (of the first binding), and a ``down:`` line naming the part that fails."""
+    names = (
+        [listener.binding]
+        if listener.binding is not None
+        else list(config.binding_groups[listener.target].bindings)
+    )
+    group = listener.binding_group
+    domain = recipient.routing_domain
+    lines: list[str] = []
+    down: list[str] = []
+    for name in names:
+        binding = config.bindings[name]
+        bypass = router.is_bypass(binding, group, domain)
+        plumbed = bypass or router.has_plumbed_server(binding)
+        lines.append(f"binding:   {name}" + ("" if plumbed else " - DOWN (no proxy answers)"))
+        if bypass:
+            lines.append("delivery:  direct (ha_proxy_bypass), not through HAProxy")
+        for server in () if bypass else binding.ha_proxy_server:
+            lines.append(f"proxy:     {server} - {states.get(str(server), '?')}")
+        if not plumbed:
+            down.append(f"HAProxy of binding {name}")
+    first = config.bindings[names[0]]
+    try:
+        if recipient.literal is not None:
+            mx = MXResult(domain, (MXHost(str(recipient.literal), 0, (recipient.literal,)),))
+        else:
+            mx = await router.resolver.resolve_mx(domain)
+    except RouteError as failed:
+        lines.append(f"MX hosts for {domain}: none ({failed.reply.code} {failed.reply.text})")
+        down.append(f"DNS of {domain}")
+    else:
+        route = router.candidates(
+            domain,
+            first,
+            router.is_bypass(first, group, domain),
+            mx,
+            router.tls_policy(first, group, domain),
+        )
+        lines.append(f"tls:       {route.tls}")
+        lines += _mx_lines(config, route)
+        if not route.candidates:
+            down.append("no usable MX address")
+    lines.append(f"down:      {'; '.join(down) or describe_error(error)}")
+    return lines
+
+
 async def explain_route(
     config: Config,
     listener: Listener,
@@ -175,16 +251,9 @@ async def explain_route(
     try:
         route = await router.route(listener, domain, recipient.literal)
     except RouteError as error:
-        # The proxy servers' states often are the reason (all unplumbed): show them too.
-        names = (
-            [listener.binding]
-            if listener.binding is not None
-            else list(config.binding_groups[listener.target].bindings)
-        )
-        for name in names:
-            lines.append(f"binding:   {name}")
-            for server in config.bindings[name].ha_proxy_server:
-                lines.append(f"proxy:     {server} - {states.get(str(server), '?')}")
+        # The rest of the path is shown all the same (the MX hosts, their addresses and the
+        # source for each), with the part that is down marked: what the operator needs.
+        lines += await _path_anyway(config, router, listener, recipient, states, error)
         lines.append(f"result:    {error.reply.code} {error.reply.text}")
         return lines, False
     lines.append(f"binding:   {route.binding.name}")
@@ -194,21 +263,7 @@ async def explain_route(
     else:
         for server in route.servers:
             lines.append(f"proxy:     {server} - {states.get(str(server), '?')}")
-    kind = " (implicit MX: the domain's own addresses)" if route.mx.implicit else ""
-    lines.append(f"MX hosts for {domain}{kind}:")
-    for host in route.mx.hosts:
-        addresses = ", ".join(str(address) for address in host.addresses) or "no address"
-        lines.append(f"  {host.preference:>5} {host.name}: {addresses}")
-    lines.append(f"tried in this order (at most {config.delivery.max_mx_addresses}):")
-    for candidate in route.candidates:
-        source = (
-            "from this host's own address"
-            if candidate.source is None
-            else f"PROXY source {candidate.source} -> {candidate.address}:{config.delivery.port}"
-        )
-        lines.append(f"  {candidate.mx} [{candidate.address}]: {source}")
-    for reason in route.skipped:
-        lines.append(f"  skipped {reason}")
+    lines += _mx_lines(config, route)
     if shaping_configured(config) and route.candidates:
         reader = read_status
         if reader is not None:

@@ -43,7 +43,9 @@ LOCAL_RESOURCE_ERRNOS = frozenset(
 # What the budget sets aside besides sessions (descriptors):
 DNS_IN_FLIGHT = 32  # DNS queries in flight at once, process-wide (sidecar.resolver holds to it)
 STATUS_CONNECTIONS = 8  # status endpoint requests served at once (sidecar.status holds to it)
-REFUSALS = 16  # connections accepted only to be refused with 421 (closed at once)
+# Connections accepted only to be refused: 421 (closed at once), and 554 to a client not in
+# allowed_clients (heard for its first command, REFUSALS // 2 at once: sidecar.server).
+REFUSALS = 16
 SLACK = 16  # files opened briefly: a reloaded config, a CA bundle, /proc reads, log files
 PER_SESSION = 2  # the client's connection and its upstream (MX via HAProxy, or direct)
 

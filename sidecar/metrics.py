@@ -58,9 +58,13 @@ def recipient_outcome(code: int) -> str:
 
 @dataclass
 class Metrics:
+    # Client sessions: counted once the client says something other than NOOP or QUIT.
     sessions: int = 0
     active_sessions: int = 0
     refused_connections: int = 0
+    # Connections that said nothing but NOOP or QUIT (``sidecar probe``, TCP checks):
+    # not client sessions (whether refused by allowed_clients or not).
+    probes: int = 0
     transactions: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(TRANSACTION_OUTCOMES, 0)
     )
@@ -69,6 +73,23 @@ class Metrics:
     bytes_from_mx: int = 0
     upstream_connect_seconds: Histogram = field(default_factory=Histogram)
     upstream_banner_seconds: Histogram = field(default_factory=Histogram)
+    # Transactions by (binding, outcome class); binding "-": ended before it had a route.
+    transactions_by_binding: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Upstream connections taken from the connection cache instead of opened.
+    connection_cache_hits: int = 0
+    # Opportunistic STARTTLS that failed (refused, handshake failed) so that the mail went
+    # in plaintext to that MX, by binding.
+    starttls_fallbacks: dict[str, int] = field(default_factory=dict)
+
+    def count_transaction(self, binding: str | None, outcome: str) -> None:
+        """One transaction ended with ``outcome`` (TRANSACTION_OUTCOMES) on ``binding``."""
+        self.transactions[outcome] += 1
+        key = (binding or "-", outcome)
+        self.transactions_by_binding[key] = self.transactions_by_binding.get(key, 0) + 1
+
+    def count_starttls_fallback(self, binding: str) -> None:
+        """An opportunistic STARTTLS failed and the session went on in plaintext."""
+        self.starttls_fallbacks[binding] = self.starttls_fallbacks.get(binding, 0) + 1
 
     def count_recipient(self, code: int) -> None:
         self.recipients[recipient_outcome(code)] += 1

@@ -21,7 +21,14 @@ from sidecar.config import Config, ConfigError, HostPort, Listener, load_config
 from sidecar.context import ServerContext
 from sidecar.errors import describe_error
 from sidecar.health import registry_for, run_health_checks
-from sidecar.limits import DescriptorBudget, nofile_limit, open_descriptors, plan_descriptors
+from sidecar.limits import (
+    REFUSALS,
+    DescriptorBudget,
+    nofile_limit,
+    open_descriptors,
+    plan_descriptors,
+)
+from sidecar.metrics import Metrics
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
@@ -62,6 +69,59 @@ async def _refuse(stream: TcpStream, answer: bytes) -> None:
     stream.close()
 
 
+# A client refused by allowed_clients gets its 554 and then (RFC 5321 section 3.1) this long
+# to say its first command, at most this many bytes, and this many such clients are heard at
+# once (the others are closed at once): bounded, since none of them holds a session slot.
+REFUSED_WAIT = 2.0
+REFUSED_LINE_BYTES = 512
+REFUSED_HEARD = REFUSALS // 2  # within the descriptors set aside for refusals
+_refused_waiting = 0
+
+
+async def _first_line(stream: TcpStream, deadline: float) -> bytes:
+    """What the client says first (up to its CRLF, REFUSED_LINE_BYTES at most, by
+    ``deadline``): b"" when nothing came."""
+    data = b""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        while b"\n" not in data and len(data) < REFUSED_LINE_BYTES:
+            more = await stream.receive_by(REFUSED_LINE_BYTES - len(data), deadline)
+            if not more:
+                break
+            data += more
+    return data
+
+
+async def refuse_client(stream: TcpStream, counters: Metrics, client: str, address: str) -> None:
+    """554 5.7.1 to a client not in allowed_clients. A health check (``sidecar probe``,
+    whose first command is NOOP) is told so (250, then 221 to its QUIT), counted as a
+    probe and logged at DEBUG only; any other client is counted as refused and logged at
+    WARNING (RFC 5321 section 3.1: after a 554 greeting the server waits for QUIT)."""
+    global _refused_waiting
+    sent = False
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        sent = await stream.send_by(replies.ACCESS_DENIED.to_bytes(), trio.current_time() + 5)
+    first = b""
+    if sent and _refused_waiting < REFUSED_HEARD:
+        _refused_waiting += 1
+        try:
+            first = await _first_line(stream, trio.current_time() + REFUSED_WAIT)
+            if first[:4].upper() == b"NOOP":
+                answer = replies.OK.to_bytes()
+                if b"QUIT" in first[4:].upper():  # the probe pipelines its QUIT
+                    answer += replies.GOODBYE.to_bytes()
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_by(answer, trio.current_time() + 1)
+        finally:
+            _refused_waiting -= 1
+    stream.close()
+    if first[:4].upper() == b"NOOP":
+        counters.probes += 1
+        log.debug("health check from %s on %s (not in allowed_clients)", client, address)
+        return
+    counters.refused_connections += 1
+    log.warning("refused client %s on %s: not in allowed_clients", client, address)
+
+
 async def handle_connection(
     runtime: Runtime, address: HostPort, stream: TcpStream, client: str
 ) -> None:
@@ -70,20 +130,20 @@ async def handle_connection(
     try:
         listener = runtime.listener_for(address)
         if not client_allowed(context.config, client):
-            counters.refused_connections += 1
-            log.warning("refused client %s on %s: not in allowed_clients", client, address)
-            await _refuse(stream, replies.ACCESS_DENIED.to_bytes())
+            await refuse_client(stream, counters, client, str(address))
             return
         if counters.active_sessions >= runtime.budget.sessions:
             counters.refused_connections += 1
             await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
             return
-        counters.sessions += 1
         counters.active_sessions += 1
+        session = Session(stream, client, listener, context)
         try:
-            await Session(stream, client, listener, context).run()
+            await session.run()
         finally:
             counters.active_sessions -= 1
+            if session.probe:  # a client session counts itself once it says more
+                counters.probes += 1
     finally:
         stream.close()
 

@@ -110,6 +110,7 @@ class Session:
     # A thousand idle sessions should cost little memory (issue 6: <= 40 MiB in all).
     __slots__ = (
         "_command_deadline",
+        "_counted",
         "_last_proxy_error",
         "_scope",
         "client",
@@ -143,6 +144,7 @@ class Session:
         # The end of data went to the MX and its reply has not been passed on yet.
         self.owes_final_reply = False
         self._scope: trio.CancelScope | None = None
+        self._counted = False  # counted as a client session (it said more than NOOP/QUIT)
 
     def stop(self) -> None:
         """End this session now (the end of the shutdown grace): see :meth:`run`."""
@@ -206,6 +208,12 @@ class Session:
 
     # ---- the session -------------------------------------------------------------------------
 
+    @property
+    def probe(self) -> bool:
+        """Whether this connection said nothing but NOOP or QUIT (a health check): counted
+        as a probe in the metrics, never as a client session."""
+        return not self._counted
+
     async def run(self) -> None:
         """Serve the client until it quits, fails or times out. A :meth:`stop` (the end of the
         shutdown grace) ends it with 421, aborting any open transaction at the MX first."""
@@ -231,6 +239,9 @@ class Session:
             smtp.send(replies.service_ready(self.config.server.hostname))
             while True:
                 event = smtp.next_event()
+                if not self._counted and smtp.spoke:
+                    self._counted = True
+                    self.context.metrics.sessions += 1
                 if event is NEED_DATA:
                     await self.flush()
                     smtp.receive_data(await self.receive_command())
@@ -380,6 +391,8 @@ class Session:
                 upstream = None
             if upstream is None and self.context.pool is not None and attempt == 1:
                 upstream = self.upstream = self.context.pool.take(route.key)
+                if upstream is not None:
+                    self.context.metrics.connection_cache_hits += 1
                 txn.mail_sent = False
             # A kept connection that the MX closed meanwhile (its idle timeout, a restart) may
             # be replaced once, while nothing of this transaction depends on it.
@@ -465,6 +478,7 @@ class Session:
                     break
                 parked = pool.take(route.key) if pool is not None else None
                 if parked is not None:
+                    context.metrics.connection_cache_hits += 1
                     return parked
         ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
         try:
@@ -669,11 +683,14 @@ class Session:
             return
         txn.logged = True
         outcome = "aborted" if final is None else outcome_of(final.code)
-        self.context.metrics.transactions[outcome] += 1
+        via = txn.via
+        binding = via.binding if via is not None else None
+        if binding is None and txn.route is not None:
+            binding = txn.route.binding.name
+        self.context.metrics.count_transaction(binding, outcome)
         if not transaction_logging():
             return
         counts = txn.recipient_outcomes
-        via = txn.via
         log_transaction(
             {
                 "session": self.id,
@@ -685,6 +702,7 @@ class Session:
                 "mx": None if via is None else via.mx,
                 "mx_address": None if via is None else via.mx_address,
                 "tls": None if via is None else via.tls,
+                "tls_fallback": None if via is None else via.tls_fallback,
                 "site": None if txn.path is None else txn.path.site,
                 "shaping_wait": round(txn.shaping_wait, 3),
                 "rcpt": f"{counts['accepted']}/{counts['deferred']}/{counts['rejected']}",

@@ -23,7 +23,12 @@ import trio
 
 from sidecar.errors import describe_error
 from sidecar.limits import STATUS_CONNECTIONS
-from sidecar.status_view import StatusSnapshot, render_json, render_prometheus
+from sidecar.status_view import (
+    METRICS_CONTENT_TYPE,
+    StatusSnapshot,
+    render_json,
+    render_prometheus,
+)
 
 log = logging.getLogger("sidecar.status")
 
@@ -135,7 +140,7 @@ def respond(source: StatusSource, method: bytes, target: bytes) -> tuple[int, st
     if path == b"/metrics":
         return (
             200,
-            "text/plain; version=0.0.4; charset=utf-8",
+            METRICS_CONTENT_TYPE,
             render_prometheus(source.snapshot()).encode(),
         )
     return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /status or /metrics\n"

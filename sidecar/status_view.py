@@ -5,7 +5,8 @@ runtime adds: start time, worker, descriptor budget) once into a frozen
 :class:`StatusSnapshot`; the renderers turn that one snapshot into each form it is shown in:
 
 - :func:`render_json`: the ``/status`` body (JSON, keys sorted);
-- :func:`render_prometheus`: the ``/metrics`` body (Prometheus text format 0.0.4);
+- :func:`render_prometheus`: the ``/metrics`` body (Prometheus text format 0.0.4, written
+  by ``prometheus_client`` from the metric families :class:`SnapshotCollector` yields);
 - :func:`render_table`: the ``sidecar status`` tables for a terminal, from a snapshot read
   back from ``/status`` by :func:`snapshot_from_json`.
 
@@ -19,10 +20,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
 from sidecar.context import ServerContext
 from sidecar.health import HealthRegistry
 from sidecar.limits import DescriptorBudget
-from sidecar.metrics import Histogram, Metrics
+from sidecar.metrics import TRANSACTION_OUTCOMES, Histogram, Metrics
 from sidecar.shaping.model import PathLimits
 from sidecar.shaping.shaper import PathReport, Shaper
 
@@ -182,6 +192,19 @@ class StatusSnapshot:
     dns: DnsCounters
     latencies: tuple[LatencyHistogram, ...] = ()  # not in /status: read back without them
     shaping: ShapingState | None = None  # None: traffic shaping is off
+    exposition: Exposition | None = None  # /metrics only: read back without it
+
+
+@dataclass(frozen=True)
+class Exposition:
+    """Counters only ``/metrics`` shows (``/status`` keeps its document as it was):
+    connections that were health checks, transactions by binding and outcome, upstream
+    connections taken from the cache, and opportunistic STARTTLS fallbacks by binding."""
+
+    probes: int
+    transactions: tuple[tuple[str, str, int], ...]  # (binding, outcome, count)
+    connection_cache_hits: int
+    starttls_fallbacks: Counts  # by binding
 
 
 # -- assembling --------------------------------------------------------------------------------
@@ -213,6 +236,24 @@ def counters_of(metrics: Metrics) -> Counters:
         recipients_total=tuple(metrics.recipients.items()),
         bytes_to_mx_total=metrics.bytes_to_mx,
         bytes_from_mx_total=metrics.bytes_from_mx,
+    )
+
+
+def exposition_of(metrics: Metrics, bindings: Iterable[str]) -> Exposition:
+    """The /metrics-only counters of ``metrics``: every binding of the configuration gets
+    its transaction series (zero until used), so a dashboard's queries find them."""
+    counts = dict(metrics.transactions_by_binding)
+    for binding in bindings:
+        for outcome in TRANSACTION_OUTCOMES:
+            counts.setdefault((binding, outcome), 0)
+    return Exposition(
+        probes=metrics.probes,
+        transactions=tuple((b, o, n) for (b, o), n in sorted(counts.items())),
+        connection_cache_hits=metrics.connection_cache_hits,
+        starttls_fallbacks=tuple(
+            (binding, metrics.starttls_fallbacks.get(binding, 0))
+            for binding in sorted({*bindings, *metrics.starttls_fallbacks})
+        ),
     )
 
 
@@ -343,6 +384,7 @@ def take_snapshot(
         dns=DnsCounters(resolver.queries, resolver.cache_hits),
         latencies=latencies_of(context.metrics),
         shaping=shaping,
+        exposition=exposition_of(context.metrics, context.config.bindings),
     )
 
 
@@ -540,112 +582,169 @@ def snapshot_from_json(data: Mapping[str, Any]) -> StatusSnapshot:
 
 # -- /metrics (Prometheus text) ----------------------------------------------------------------
 
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SnapshotCollector(Collector):
+    """The metric families of one :class:`StatusSnapshot`, for a ``prometheus_client``
+    registry: the counters stay where they are counted (:class:`sidecar.metrics.Metrics`),
+    this only says what they are at scrape time. Names follow Prometheus's conventions
+    (base units, ``_total`` counters, ``_seconds``); the README lists them."""
+
+    def __init__(self, snapshot: StatusSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # the families vary with the snapshot (shaping on or off)
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = self.snapshot
+        counters = snapshot.counters
+        extra = snapshot.exposition
+        yield _counter(
+            "sidecar_sessions",
+            "Client sessions: connections that said more than NOOP or QUIT.",
+            counters.sessions_total,
+        )
+        yield _gauge(
+            "sidecar_sessions_active", "Client connections open now.", counters.sessions_active
+        )
+        if extra is not None:
+            yield _counter(
+                "sidecar_probes",
+                "Connections that said nothing but NOOP or QUIT (health checks such as"
+                " sidecar probe): not client sessions.",
+                extra.probes,
+            )
+        yield _counter(
+            "sidecar_connections_refused",
+            "Connections refused at greeting (allowed_clients, the admission limit).",
+            counters.connections_refused_total,
+        )
+        transactions = CounterMetricFamily(
+            "sidecar_transactions",
+            "Transactions by binding and outcome class (binding - : ended before a route).",
+            labels=["binding", "outcome"],
+        )
+        if extra is not None:
+            for binding, outcome, count in extra.transactions:
+                transactions.add_metric([binding, outcome], count)
+        yield transactions
+        recipients = CounterMetricFamily(
+            "sidecar_recipients", "RCPT replies by outcome class.", labels=["outcome"]
+        )
+        for outcome, count in counters.recipients_total:
+            recipients.add_metric([outcome], count)
+        yield recipients
+        relayed = CounterMetricFamily(
+            "sidecar_bytes",
+            "Message and command bytes relayed, by direction.",
+            labels=["direction"],
+        )
+        relayed.add_metric(["to_mx"], counters.bytes_to_mx_total)
+        relayed.add_metric(["from_mx"], counters.bytes_from_mx_total)
+        yield relayed
+        for histogram in snapshot.latencies:
+            yield HistogramMetricFamily(
+                histogram.name,
+                histogram.help_text,
+                buckets=list(histogram.buckets),
+                sum_value=histogram.total,
+            )
+        if extra is not None:
+            yield _counter(
+                "sidecar_connection_cache_hits",
+                "Upstream connections taken from the connection cache instead of opened.",
+                extra.connection_cache_hits,
+            )
+            fallbacks = CounterMetricFamily(
+                "sidecar_starttls_fallbacks",
+                "Opportunistic STARTTLS that failed, so that the mail went in plaintext.",
+                labels=["binding"],
+            )
+            for binding, count in extra.starttls_fallbacks:
+                fallbacks.add_metric([binding], count)
+            yield fallbacks
+        plumbed = GaugeMetricFamily(
+            "sidecar_haproxy_server_plumbed",
+            "1 when the HAProxy server is plumbed.",
+            labels=["server"],
+        )
+        for state in snapshot.servers:
+            plumbed.add_metric([state.server], int(state.plumbed))
+        yield plumbed
+        yield _counter(
+            "sidecar_dns_queries", "DNS look-ups asked of the resolver.", snapshot.dns.queries
+        )
+        yield _counter(
+            "sidecar_dns_cache_hits",
+            "DNS look-ups answered from the cache.",
+            snapshot.dns.cache_hits,
+        )
+        if snapshot.shaping is not None:
+            yield from _shaping_families(snapshot.shaping)
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    """A counter family of one unlabelled series (``name`` without ``_total``)."""
+    return CounterMetricFamily(name, help_text, value=value)
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_text, value=value)
+
 
 def render_prometheus(snapshot: StatusSnapshot) -> str:
-    """The ``/metrics`` body: Prometheus text exposition format 0.0.4."""
-    counters = snapshot.counters
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-
-    family("sidecar_sessions_total", "counter", "Client sessions accepted.")
-    lines.append(f"sidecar_sessions_total {counters.sessions_total}")
-    family("sidecar_sessions_active", "gauge", "Client sessions open now.")
-    lines.append(f"sidecar_sessions_active {counters.sessions_active}")
-    family("sidecar_connections_refused_total", "counter", "Connections refused at greeting.")
-    lines.append(f"sidecar_connections_refused_total {counters.connections_refused_total}")
-    family("sidecar_transactions_total", "counter", "Transactions by outcome class.")
-    for outcome, count in counters.transactions_total:
-        lines.append(f'sidecar_transactions_total{{outcome="{outcome}"}} {count}')
-    family("sidecar_recipients_total", "counter", "RCPT replies by outcome class.")
-    for outcome, count in counters.recipients_total:
-        lines.append(f'sidecar_recipients_total{{outcome="{outcome}"}} {count}')
-    family("sidecar_bytes_total", "counter", "Message and command bytes relayed, by direction.")
-    lines.append(f'sidecar_bytes_total{{direction="to_mx"}} {counters.bytes_to_mx_total}')
-    lines.append(f'sidecar_bytes_total{{direction="from_mx"}} {counters.bytes_from_mx_total}')
-    for histogram in snapshot.latencies:
-        name = histogram.name
-        family(name, "histogram", histogram.help_text)
-        for bound, count in histogram.buckets:
-            lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
-        lines.append(f"{name}_sum {histogram.total:.6f}")
-        lines.append(f"{name}_count {histogram.count}")
-    family("sidecar_haproxy_server_plumbed", "gauge", "1 when the HAProxy server is plumbed.")
-    for state in snapshot.servers:
-        lines.append(
-            f'sidecar_haproxy_server_plumbed{{server="{state.server}"}} {int(state.plumbed)}'
-        )
-    family("sidecar_dns_queries_total", "counter", "DNS look-ups asked of the resolver.")
-    lines.append(f"sidecar_dns_queries_total {snapshot.dns.queries}")
-    family("sidecar_dns_cache_hits_total", "counter", "DNS look-ups answered from the cache.")
-    lines.append(f"sidecar_dns_cache_hits_total {snapshot.dns.cache_hits}")
-    if snapshot.shaping is not None:
-        lines += _shaping_metrics(snapshot.shaping)
-    return "\n".join(lines) + "\n"
+    """The ``/metrics`` body: Prometheus text exposition format 0.0.4, written by
+    ``prometheus_client`` from a registry of its own (no global state: one per scrape)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    return generate_latest(registry).decode()
 
 
-def _label_value(value: str) -> str:
-    """A Prometheus label value, escaped (backslash, double quote, newline)."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _shaping_metrics(shaping: ShapingState) -> list[str]:
+def _shaping_families(shaping: ShapingState) -> Iterable[Metric]:
     """The traffic shaping families, labelled by binding and site (a named site or "other":
     at most bindings x (named sites + 1) series per family, times 4 limit kinds for the
     deferrals)."""
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-
-    def labels(label: ShapingLabel) -> str:
-        return f'binding="{_label_value(label.binding)}",site="{_label_value(label.site)}"'
-
-    family("sidecar_shaping_enabled", "gauge", "1: traffic shaping is on.")
-    lines.append("sidecar_shaping_enabled 1")
-    family(
+    pair = ["binding", "site"]
+    yield _gauge("sidecar_shaping_enabled", "1: traffic shaping is on.", 1)
+    degraded = GaugeMetricFamily(
         "sidecar_shaping_backend_degraded",
-        "gauge",
         "1 while the shared shaping backend is unreachable (limits hold per process).",
+        labels=["backend"],
     )
-    backend = _label_value(shaping.backend)
-    lines.append(f'sidecar_shaping_backend_degraded{{backend="{backend}"}} {int(shaping.degraded)}')
-    family(
+    degraded.add_metric([shaping.backend], int(shaping.degraded))
+    yield degraded
+    connections = GaugeMetricFamily(
         "sidecar_shaping_connections",
-        "gauge",
         "Upstream connections holding a shaping slot in this process.",
+        labels=pair,
     )
-    for label in shaping.labels:
-        lines.append(f"sidecar_shaping_connections{{{labels(label)}}} {label.connections}")
-    family("sidecar_shaping_waits_total", "counter", "Waits for a slot or a rate token that ended.")
-    for label in shaping.labels:
-        lines.append(f"sidecar_shaping_waits_total{{{labels(label)}}} {label.waits}")
-    family("sidecar_shaping_wait_seconds_total", "counter", "Seconds waited for shaping.")
-    for label in shaping.labels:
-        lines.append(
-            f"sidecar_shaping_wait_seconds_total{{{labels(label)}}} {label.wait_seconds:.6f}"
-        )
-    family(
-        "sidecar_shaping_deferrals_total",
-        "counter",
+    waits = CounterMetricFamily(
+        "sidecar_shaping_waits", "Waits for a slot or a rate token that ended.", labels=pair
+    )
+    waited = CounterMetricFamily(
+        "sidecar_shaping_wait_seconds", "Seconds waited for shaping.", labels=pair
+    )
+    deferrals = CounterMetricFamily(
+        "sidecar_shaping_deferrals",
         "Transactions deferred (4xx) by traffic shaping, by limit.",
+        labels=[*pair, "limit"],
     )
-    for label in shaping.labels:
-        for limit, count in label.deferrals:
-            lines.append(
-                f'sidecar_shaping_deferrals_total{{{labels(label)},limit="{limit}"}} {count}'
-            )
-    family(
+    suspensions = GaugeMetricFamily(
         "sidecar_shaping_suspensions",
-        "gauge",
         "Suspended egress paths among those this process used recently.",
+        labels=pair,
     )
     for label in shaping.labels:
-        lines.append(f"sidecar_shaping_suspensions{{{labels(label)}}} {label.suspensions}")
-    return lines
+        values = [label.binding, label.site]
+        connections.add_metric(values, label.connections)
+        waits.add_metric(values, label.waits)
+        waited.add_metric(values, label.wait_seconds)
+        for limit, count in label.deferrals:
+            deferrals.add_metric([*values, limit], count)
+        suspensions.add_metric(values, label.suspensions)
+    yield from (connections, waits, waited, deferrals, suspensions)
 
 
 # -- sidecar status (terminal tables) ----------------------------------------------------------

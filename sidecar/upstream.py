@@ -107,7 +107,8 @@ def tls_context(policy: TlsPolicy, delivery: DeliveryConfig) -> ssl.SSLContext:
 class UpstreamDescription:
     """Where a connection goes, for the transaction log line: the binding, the HAProxy
     server ("direct" for a bypass domain), the PROXY header's source address, the MX host
-    and address, and the TLS protocol and cipher (``None``: plaintext)."""
+    and address, the TLS protocol and cipher (``None``: plaintext), and why an opportunistic
+    STARTTLS failed when the connection fell back to plaintext (``None``: it did not)."""
 
     binding: str
     proxy: str
@@ -115,6 +116,7 @@ class UpstreamDescription:
     mx: str
     mx_address: str
     tls: str | None
+    tls_fallback: str | None = None
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Upstream:
     capabilities: dict[str, str] = field(default_factory=dict)
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
     tls_settled: bool = False  # the EHLO after the TLS handshake has been answered
+    # Why an opportunistic STARTTLS failed, when this connection went on in plaintext.
+    tls_fallback: str | None = None
     route_key: RouteKey | None = None
     tls_policy: TlsPolicy = "opportunistic"
     closed: bool = False
@@ -155,6 +159,7 @@ class Upstream:
                 mx=candidate.mx,
                 mx_address=str(candidate.address),
                 tls=self.tls,
+                tls_fallback=self.tls_fallback,
             )
         return self._description
 
@@ -389,7 +394,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
     if answer.code != 220:
         if answer.code != 421 and upstream.tls_policy == "opportunistic":
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
-            log.info("STARTTLS refused by %s: %r", upstream.candidate.mx, answer.text)
+            _fell_back(upstream, f"STARTTLS refused: {_quote(answer)}")
             return
         raise _CandidateFailed(f"STARTTLS refused: {_quote(answer)}")
     # Whatever the MX sent before the handshake is discarded (CVE-2011-0411 class), and so is
@@ -415,6 +420,21 @@ class _TlsFailed(_CandidateFailed):
     pass
 
 
+def _fell_back(upstream: Upstream, why: str) -> None:
+    """An opportunistic STARTTLS failed and ``upstream`` carries the mail in plaintext: say
+    so in the log (and in the transaction line) and count it."""
+    upstream.tls_fallback = why
+    binding = upstream.route_key.binding if upstream.route_key is not None else "-"
+    log.info(
+        "opportunistic STARTTLS with %s[%s] failed, delivering in plaintext: %s",
+        upstream.candidate.mx,
+        upstream.candidate.address,
+        why,
+    )
+    if upstream.metrics is not None:
+        upstream.metrics.count_starttls_fallback(binding)
+
+
 async def _open_one(
     route: Route,
     candidate: Candidate,
@@ -424,7 +444,10 @@ async def _open_one(
     use_tls: bool,
     metrics: Metrics | None,
     by: float,
+    tls_failed: str | None = None,
 ) -> Upstream:
+    """One MX address. ``tls_failed``: why STARTTLS with it just failed (the plaintext retry
+    of an opportunistic policy), so the connection says it fell back."""
     started = trio.current_time()
     if route.bypass:
         stream = await _connect_direct(candidate, delivery, by)
@@ -454,6 +477,8 @@ async def _open_one(
                 raise _MxRefused(f"banner {_quote(banner)}", banner)
             raise _CandidateFailed(f"banner {_quote(banner)}", banner)
         await _greet(upstream, ehlo_name, by)
+        if tls_failed is not None:
+            _fell_back(upstream, tls_failed)
         if use_tls:
             if upstream.supports("STARTTLS"):
                 await _start_tls(upstream, ehlo_name, by)
@@ -484,10 +509,11 @@ async def open_upstream(
     refusals: list[Reply] = []  # the MXes' own (banners, EHLO replies)
     for candidate in route.candidates:
         use_tls = route.tls != "disabled"
+        tls_failed: str | None = None
         while True:
             try:
                 return await _open_one(
-                    route, candidate, ehlo_name, delivery, health, use_tls, metrics, by
+                    route, candidate, ehlo_name, delivery, health, use_tls, metrics, by, tls_failed
                 )
             except _TlsFailed as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
@@ -495,6 +521,7 @@ async def open_upstream(
                     refusals.append(error.reply)
                 if route.tls == "opportunistic" and use_tls:
                     use_tls = False  # as MTAs do: the same MX again, in plaintext
+                    tls_failed = str(error)
                     continue
             except (UpstreamLost, _CandidateFailed) as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")

@@ -48,6 +48,7 @@ def haproxy_config(
     allowed_sources: Sequence[str] = (),
     allowed_destination_ports: Sequence[int] = (),
     reject_local_destinations: bool = False,
+    dontlognull: bool = False,
 ) -> str:
     """The text of a test HAProxy configuration (see :class:`HAProxy` for the options)."""
     lines = [
@@ -59,6 +60,7 @@ def haproxy_config(
         "    mode tcp",
         "    log global",
         "    option tcplog",
+        *(["    option dontlognull"] if dontlognull else []),
         f"    timeout connect {_duration(timeout_connect_ms)}",
         "    timeout client 11m",
         "    timeout server 11m",
@@ -100,7 +102,9 @@ class HAProxy(ManagedProcess):
     * ``allowed_clients``: ``tcp-request connection reject unless { src ... }`` (real peer);
     * ``allowed_sources``: ``tcp-request session reject unless { src ... }`` (header source);
     * ``allowed_destination_ports``: ``tcp-request session reject unless { dst_port ... }``;
-    * ``reject_local_destinations``: ``tcp-request session reject if { dst_is_local }``.
+    * ``reject_local_destinations``: ``tcp-request session reject if { dst_is_local }``;
+    * ``dontlognull``: ``option dontlognull`` (as examples/haproxy.cfg: the sidecar's health
+      checks, which close before a PROXY header, are not logged).
 
     Readiness is a successful TCP connect to every bind address.
     """
@@ -119,6 +123,7 @@ class HAProxy(ManagedProcess):
         allowed_sources: Sequence[str] = (),
         allowed_destination_ports: Sequence[int] = (),
         reject_local_destinations: bool = False,
+        dontlognull: bool = False,
         executable: str = "haproxy",
     ) -> None:
         super().__init__(workdir)
@@ -134,6 +139,7 @@ class HAProxy(ManagedProcess):
             allowed_sources=allowed_sources,
             allowed_destination_ports=allowed_destination_ports,
             reject_local_destinations=reject_local_destinations,
+            dontlognull=dontlognull,
         )
 
     @property

@@ -193,6 +193,11 @@ class Limits:
     max_errors: int
 
 
+# What a health check says (``sidecar probe``: the banner, NOOP, QUIT): a connection that
+# says nothing else is a probe, not a client session (SmtpServer.spoke).
+PROBE_VERBS = frozenset({"NOOP", "QUIT"})
+
+
 class SmtpServer:
     """One client connection's SMTP dialogue, without I/O. See the module docstring."""
 
@@ -209,6 +214,7 @@ class SmtpServer:
         "_stopped",
         "closing",
         "errors",
+        "spoke",
         "state",
     )
 
@@ -218,6 +224,8 @@ class SmtpServer:
         self._out: list[bytes] = []
         self.state = State.CONNECTED
         self.errors = 0
+        # The client sent a line other than NOOP or QUIT: a client session, not a probe.
+        self.spoke = False
         self._mail: MailFrom | None = None
         self._recipients = 0  # RCPTs answered in this transaction (any outcome)
         self._scanner: DataScanner | None = None
@@ -286,11 +294,15 @@ class SmtpServer:
 
     def _handle_line(self, line: bytes | LineTooLong) -> Event | None:
         if isinstance(line, LineTooLong):
+            self.spoke = True
             return self._error(replies.LINE_TOO_LONG)
         try:
             command = parse_command(line)
         except CommandError as error:
+            self.spoke = True
             return self._error(error.reply)
+        if command.verb not in PROBE_VERBS:
+            self.spoke = True
         handler = _HANDLERS.get(command.verb)
         if handler is None:
             known = command.verb in NOT_IMPLEMENTED

@@ -228,7 +228,8 @@ async def test_route_nxdomain_is_550_and_exit_1(cli_stack: CliStack) -> None:
     out = result.stdout.decode()
     assert result.returncode == 1, out + result.stderr.decode()
     assert "result:    550 5.1.2 " in out
-    assert "MX hosts" not in out
+    assert "MX hosts for nowhere.test: none (550 5.1.2 " in out
+    assert "down:      DNS of nowhere.test" in out
 
 
 async def test_route_with_the_proxy_down_shows_its_state(cli_stack: CliStack) -> None:
@@ -238,3 +239,12 @@ async def test_route_with_the_proxy_down_shows_its_state(cli_stack: CliStack) ->
     assert result.returncode == 1, out + result.stderr.decode()
     assert f"proxy:     {cli_stack.haproxy.bind} - unplumbed: " in out
     assert "result:    451 4.4.1 " in out
+    # The rest of the path all the same: the MX hosts, their addresses, the source of each,
+    # and which part is down.
+    a0, a1 = cli_stack.mx_addresses
+    source, port = cli_stack.source, cli_stack.port
+    assert "binding:   b1 - DOWN (no proxy answers)" in out
+    assert f"     10 mx0.test: {a0}" in out and f"     20 mx1.test: {a1}" in out
+    assert f"  mx0.test [{a0}]: PROXY source {source} -> {a0}:{port}" in out
+    assert f"  mx1.test [{a1}]: PROXY source {source} -> {a1}:{port}" in out
+    assert "down:      HAProxy of binding b1" in out

@@ -14,6 +14,7 @@ from .harness import (
     HostRecord,
     Lab,
     MXRecord,
+    RelayStackFactory,
     RunningSidecar,
     SendResult,
     TestMX,
@@ -192,3 +193,24 @@ async def test_binding_group_fails_over_to_another_member_before_the_flip(lab: L
     assert [final_status(r) for r in results] == [(250, "2.0.0")] * 2
     messages = await mx.wait_for_messages(2)
     assert [m.peer_host for m in messages] == [source2] * 2
+
+
+async def test_haproxy_with_dontlognull_does_not_log_the_health_checks(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """examples/haproxy.cfg's ``option dontlognull``: HAProxy (logging on) logs no line for
+    the sidecar's health checks (a connect and a close before any PROXY header), and still
+    logs the connection that relayed a message. Without it each check logs "Connection
+    closed while waiting for PROXY protocol header"."""
+    quiet = await relay_stack(haproxy={"dontlognull": True})
+    noisy = await relay_stack()
+    await trio.sleep(2)  # 0.5 s health checks: several of each
+    result = await send(quiet.endpoint, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert final_status(result) == (250, "2.0.0"), result
+    await quiet.mx.wait_for(lambda: all(c.closed for c in quiet.mx.connections))
+    await trio.sleep(0.5)
+    noise = "waiting for PROXY protocol header"
+    assert noise in noisy.haproxy.stderr_path.read_text()
+    logged = quiet.haproxy.stderr_path.read_text()
+    assert noise not in logged, logged
+    assert "egress mx/mx" in logged, logged  # the relayed connection is logged

@@ -13,6 +13,8 @@ import tomli_w
 import trio
 import trustme
 
+from testkit.metrics import value
+
 from .harness import (
     MESSAGE,
     CliStack,
@@ -81,9 +83,9 @@ async def test_status_endpoint_and_status_command(
     assert data["dns"]["queries"] >= 1
     code, metrics = await http_get(status, "/metrics")
     assert code == 200
-    assert 'sidecar_transactions_total{outcome="delivered"} 1\n' in metrics
-    assert f'sidecar_haproxy_server_plumbed{{server="{cli_stack.haproxy.bind}"}} 1\n' in metrics
-    assert "sidecar_upstream_connect_seconds_count 1\n" in metrics
+    assert value(metrics, "sidecar_transactions_total", binding="b1", outcome="delivered") == 1
+    assert value(metrics, "sidecar_haproxy_server_plumbed", server=f"{cli_stack.haproxy.bind}") == 1
+    assert value(metrics, "sidecar_upstream_connect_seconds_count") == 1
     assert (await http_get(status, "/nope"))[0] == 404
 
     probed = await run_cli("probe", "-c", str(cli_stack.config_path))
@@ -361,3 +363,47 @@ async def test_low_descriptor_limit_refuses_clients_and_keeps_haproxy_plumbed(
     log = started.stderr
     assert "Cannot reach HAProxy" not in log and "unplumbed" not in log
     assert "Too many open files" not in log and "Traceback" not in log
+
+
+async def test_probes_are_not_sessions_and_work_whatever_allowed_clients_says(
+    cli_stack: CliStack, processes: Processes, lab: Lab
+) -> None:
+    """``sidecar probe`` (the container's HEALTHCHECK) counts as sidecar_probes_total, never
+    as a client session, and passes without a WARNING when allowed_clients does not list
+    the host it probes from; a real client that is refused is still counted and logged."""
+    status = with_status(cli_stack, lab)
+    path = str(cli_stack.config_path)
+    started = await processes.start(["run", "-c", path])
+    await wait_listening(cli_stack.listener, started)  # a TCP check: a probe too
+    before = value((await http_get(status, "/metrics"))[1], "sidecar_probes_total") or 0
+    for _ in range(2):
+        probed = await run_cli("probe", "-c", path)
+        assert probed.returncode == 0, probed.stderr
+    metrics = (await http_get(status, "/metrics"))[1]
+    assert value(metrics, "sidecar_probes_total") == before + 2, metrics
+    assert value(metrics, "sidecar_sessions_total") == 0, metrics
+    result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert result.error is None and not result.refused, result
+    metrics = (await http_get(status, "/metrics"))[1]
+    assert value(metrics, "sidecar_sessions_total") == 1, metrics
+    assert value(metrics, "sidecar_probes_total") == before + 2, metrics
+
+    # allowed_clients without the loopback block: the probe still passes, quietly.
+    config = dict(cli_stack.config)
+    config["server"] = {**config["server"], "allowed_clients": ["192.0.2.0/24"]}
+    write_config(cli_stack, config)
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "configuration reloaded")
+    probed = await run_cli("probe", "-c", path)
+    assert probed.returncode == 0, probed.stderr
+    metrics = (await http_get(status, "/metrics"))[1]
+    assert value(metrics, "sidecar_probes_total") == before + 3, metrics
+    assert value(metrics, "sidecar_connections_refused_total") == 0, metrics
+    assert "refused client" not in started.stderr, started.stderr
+    # A client that is refused for real is counted and logged as before.
+    refused = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+    assert refused.error is not None or refused.refused, refused
+    await wait_for_log(started, "refused client")
+    metrics = (await http_get(status, "/metrics"))[1]
+    assert value(metrics, "sidecar_connections_refused_total") == 1, metrics
+    assert value(metrics, "sidecar_sessions_total") == 1, metrics

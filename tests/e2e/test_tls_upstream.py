@@ -4,6 +4,7 @@ STARTTLS (CVE-2011-0411 class: they must never be taken as a reply after the han
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -64,9 +65,12 @@ async def test_starttls_offered_is_used(
 
 
 async def test_opportunistic_without_starttls_is_plaintext(
-    relay_stack: RelayStackFactory,
+    relay_stack: RelayStackFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    result, mx, source = await _deliver(relay_stack, "opportunistic")
+    with caplog.at_level(logging.INFO, logger="sidecar.transaction"):
+        result, mx, source = await _deliver(relay_stack, "opportunistic")
+    fields = _transaction_fields(caplog)
+    assert fields["tls"] is None and fields["tls_fallback"] is None  # nothing failed
     assert final_status(result) == (250, "2.0.0")
     (connection,) = mx.connections
     (message,) = mx.messages
@@ -101,17 +105,29 @@ async def test_disabled_never_starts_tls(
     assert b"STARTTLS" not in _verbs(connection)
 
 
+def _transaction_fields(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    (record,) = [r for r in caplog.records if r.name == "sidecar.transaction"]
+    fields: dict[str, Any] = record.fields  # type: ignore[attr-defined]
+    return fields
+
+
 async def test_opportunistic_retries_in_plaintext_after_a_failed_handshake(
-    relay_stack: RelayStackFactory,
+    relay_stack: RelayStackFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # STARTTLS is advertised and accepted, but the server side has no certificate: the
     # handshake fails.
     broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    result, mx, source = await _deliver(
-        relay_stack,
-        "opportunistic",
-        tls_context=broken,
-    )
+    with caplog.at_level(logging.INFO, logger="sidecar"):
+        result, mx, source = await _deliver(
+            relay_stack,
+            "opportunistic",
+            tls_context=broken,
+        )
+    # The transaction line tells this plaintext from an MX without STARTTLS.
+    fields = _transaction_fields(caplog)
+    assert fields["tls"] is None
+    assert fields["tls_fallback"].startswith("TLS handshake failed: "), fields
+    assert any("delivering in plaintext" in r.getMessage() for r in caplog.records)
     assert final_status(result) == (250, "2.0.0")
     first, second = mx.connections
     assert _verbs(first)[:2] == [b"EHLO", b"STARTTLS"] and not first.messages
@@ -175,15 +191,17 @@ async def test_starttls_refused_by_the_mx(
     mx_tls_context: ssl.SSLContext,
     tls: str,
     refusal_reply: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """STARTTLS advertised but refused: opportunistic TLS delivers in plaintext (as MTAs do),
-    required TLS does not deliver."""
-    result, mx, source = await _deliver(
-        relay_stack,
-        tls,
-        tls_context=mx_tls_context,
-        replies={"STARTTLS": refusal_reply},
-    )
+    """STARTTLS advertised but refused: opportunistic TLS delivers in plaintext (as MTAs do)
+    and the transaction line says why, required TLS does not deliver."""
+    with caplog.at_level(logging.INFO, logger="sidecar.transaction"):
+        result, mx, source = await _deliver(
+            relay_stack,
+            tls,
+            tls_context=mx_tls_context,
+            replies={"STARTTLS": refusal_reply},
+        )
     if tls == "required":
         assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
         assert mx.messages == []
@@ -194,3 +212,6 @@ async def test_starttls_refused_by_the_mx(
     assert not message.tls and message.peer_host == source
     assert result.final is not None and result.final[1] in message.reply
     assert _verbs(connection)[:5] == [b"EHLO", b"STARTTLS", b"MAIL", b"RCPT", b"DATA"]
+    fields = _transaction_fields(caplog)
+    assert fields["tls"] is None
+    assert fields["tls_fallback"].startswith("STARTTLS refused: "), fields

@@ -32,6 +32,7 @@ from sidecar.status_view import (
     snapshot_from_json,
     take_snapshot,
 )
+from testkit.metrics import value
 
 BASE: dict[str, Any] = {
     "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
@@ -118,19 +119,28 @@ async def test_the_snapshot_shows_paths_counters_and_bounded_labels(
     }
 
     prom = render_prometheus(snap)
-    assert "sidecar_shaping_enabled 1\n" in prom
-    assert 'sidecar_shaping_backend_degraded{backend="memory"} 0\n' in prom
-    assert 'sidecar_shaping_connections{binding="b1",site="google"} 1\n' in prom
-    assert 'sidecar_shaping_connections{binding="b2",site="other"} 6\n' in prom
+    assert value(prom, "sidecar_shaping_enabled") == 1
+    assert value(prom, "sidecar_shaping_backend_degraded", backend="memory") == 0
+    assert value(prom, "sidecar_shaping_connections", binding="b1", site="google") == 1
+    assert value(prom, "sidecar_shaping_connections", binding="b2", site="other") == 6
     assert (
-        'sidecar_shaping_deferrals_total{binding="b1",site="google",limit="suspended"} 1\n' in prom
+        value(
+            prom, "sidecar_shaping_deferrals_total", binding="b1", site="google", limit="suspended"
+        )
+        == 1
     )
     assert (
-        'sidecar_shaping_deferrals_total{binding="b2",site="other",limit="connection_limit"} 3\n'
-        in prom
+        value(
+            prom,
+            "sidecar_shaping_deferrals_total",
+            binding="b2",
+            site="other",
+            limit="connection_limit",
+        )
+        == 3
     )
-    assert 'sidecar_shaping_suspensions{binding="b1",site="google"} 1\n' in prom
-    assert 'sidecar_shaping_suspensions{binding="b2",site="other"} 0\n' in prom
+    assert value(prom, "sidecar_shaping_suspensions", binding="b1", site="google") == 1
+    assert value(prom, "sidecar_shaping_suspensions", binding="b2", site="other") == 0
     assert "mx.example" not in prom  # unnamed sites never become labels
     for line in prom.splitlines():
         if line.startswith("sidecar_shaping_") and "_total" in line.split("{")[0]:
@@ -160,8 +170,8 @@ async def test_waits_are_counted_per_label(autojump_clock: trio.testing.MockCloc
     (label,) = shaping_state(shaper, []).labels
     assert (label.binding, label.site, label.waits, label.wait_seconds) == ("b2", "other", 1, 0.25)
     prom = render_prometheus(await snapshot_of(shaper))
-    assert 'sidecar_shaping_waits_total{binding="b2",site="other"} 1\n' in prom
-    assert 'sidecar_shaping_wait_seconds_total{binding="b2",site="other"} 0.250000\n' in prom
+    assert value(prom, "sidecar_shaping_waits_total", binding="b2", site="other") == 1
+    assert value(prom, "sidecar_shaping_wait_seconds_total", binding="b2", site="other") == 0.250000
 
 
 async def test_recent_paths_are_bounded(autojump_clock: trio.testing.MockClock) -> None:

@@ -264,3 +264,26 @@ def test_any_input_gives_well_formed_replies_and_no_exception(chunks: list[bytes
         if server.state is State.CLOSED:
             break
     output_replies(server)
+
+
+# -- probes: a connection that says nothing but NOOP or QUIT ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "spoke"),
+    [
+        (b"", False),
+        (b"NOOP\r\nQUIT\r\n", False),
+        (b"QUIT\r\n", False),
+        (b"noop probe\r\n", False),
+        (b"EHLO client.test\r\n", True),
+        (b"NOOP\r\nHELO client.test\r\n", True),
+        (b"RSET\r\n", True),
+        (b"GARBAGE\r\n", True),
+        (b"MAIL FROM:<a@b.test>\r\n", True),
+    ],
+)
+def test_spoke_tells_a_session_from_a_probe(lines: bytes, spoke: bool) -> None:
+    server = SmtpServer(LIMITS)
+    events(server, lines)
+    assert server.spoke is spoke

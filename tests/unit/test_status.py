@@ -13,9 +13,11 @@ from sidecar.status_view import (
     ServerState,
     StatusSnapshot,
     counters_of,
+    exposition_of,
     latencies_of,
     render_prometheus,
 )
+from testkit.metrics import value
 
 NO_DNS = DnsCounters(0, 0)
 
@@ -36,6 +38,7 @@ def snapshot(
         descriptors=Descriptors(1024, 100, 200),
         dns=dns,
         latencies=latencies_of(metrics),
+        exposition=exposition_of(metrics, ()),
     )
 
 
@@ -86,8 +89,8 @@ async def test_silent_client_is_dropped(autojump_clock: trio.testing.MockClock) 
 
 def test_histogram_buckets() -> None:
     histogram = Histogram(buckets=(0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 3.0):
-        histogram.observe(value)
+    for seconds in (0.05, 0.1, 0.5, 3.0):
+        histogram.observe(seconds)
     assert histogram.cumulative() == [("0.1", 2), ("1", 3), ("+Inf", 4)]
     assert histogram.count == 4
 
@@ -95,7 +98,7 @@ def test_histogram_buckets() -> None:
 def test_prometheus_text() -> None:
     metrics = Metrics()
     metrics.sessions = 2
-    metrics.transactions["delivered"] = 1
+    metrics.count_transaction("b1", "delivered")
     metrics.count_recipient(250)
     metrics.count_recipient(452)
     metrics.count_recipient(550)
@@ -107,12 +110,12 @@ def test_prometheus_text() -> None:
             DnsCounters(7, 2),
         )
     )
-    assert "sidecar_sessions_total 2\n" in text
-    assert 'sidecar_transactions_total{outcome="delivered"} 1\n' in text
-    assert 'sidecar_recipients_total{outcome="deferred"} 1\n' in text
-    assert 'sidecar_upstream_connect_seconds_bucket{le="0.005"} 1\n' in text
-    assert 'sidecar_haproxy_server_plumbed{server="127.0.0.1:5000"} 0\n' in text
-    assert "sidecar_dns_cache_hits_total 2\n" in text
+    assert value(text, "sidecar_sessions_total") == 2
+    assert value(text, "sidecar_transactions_total", binding="b1", outcome="delivered") == 1
+    assert value(text, "sidecar_recipients_total", outcome="deferred") == 1
+    assert value(text, "sidecar_upstream_connect_seconds_bucket", le="0.005") == 1
+    assert value(text, "sidecar_haproxy_server_plumbed", server="127.0.0.1:5000") == 0
+    assert value(text, "sidecar_dns_cache_hits_total") == 2
     assert text.endswith("\n")
 
 

@@ -59,6 +59,7 @@ class HAProxyFactory(_ProcessFactory):
         allowed_sources: Sequence[str] = (),
         allowed_destination_ports: Sequence[int] = (),
         reject_local_destinations: bool = False,
+        dontlognull: bool = False,
         start: bool = True,
     ) -> HAProxy:
         if ipv6 and bind_ipv6 is None:
@@ -73,6 +74,7 @@ class HAProxyFactory(_ProcessFactory):
             allowed_sources=allowed_sources,
             allowed_destination_ports=allowed_destination_ports,
             reject_local_destinations=reject_local_destinations,
+            dontlognull=dontlognull,
         )
         self.processes.append(haproxy)
         if start:
