@@ -116,9 +116,11 @@ install_exim_for_tests() {
     "$binary" -C /dev/null -bV 2>/dev/null | grep '^Exim version'
 }
 
-# The project's own virtual environment in .venv, with the sidecar installed editable. pip runs
-# only when pyproject.toml changed since the last install with these extras (a stamp in .venv
-# records its hash), so a second demo or test run starts at once.
+# The project's own virtual environment in .venv, with the sidecar installed editable and every
+# dependency at the version constraints.txt pins (scripts/update-constraints.sh re-pins them).
+# pip runs only when pyproject.toml or constraints.txt changed since the last install with
+# these extras (a stamp in .venv records their hash), so a second demo or test run starts at
+# once.
 make_venv() {
     local extras="${1:-}"
     if [ ! -x .venv/bin/python ]; then
@@ -126,14 +128,18 @@ make_venv() {
         python3 -m venv .venv
     fi
     local want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
     installed() { [ "$(cat ".venv/.installed$1" 2>/dev/null)" = "$want" ]; }
     # An install with [test] holds everything a plain one needs.
     if { installed "$extras" || { [ -z "$extras" ] && installed "[test]"; }; } &&
         .venv/bin/python -c 'import sidecar' 2>/dev/null; then
         return 0
     fi
-    echo "==> pip install -e .${extras}"
-    .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+    # The distribution was called "sidecar" before (a name PyPI gives another project).
+    if .venv/bin/pip show -q sidecar >/dev/null 2>&1; then
+        .venv/bin/pip uninstall -q -y sidecar
+    fi
+    echo "==> pip install -c constraints.txt -e .${extras}"
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
     echo "$want" > ".venv/.installed${extras}"
 }

@@ -39,6 +39,7 @@ from sidecar.status_view import render_table, snapshot_from_json
 from sidecar.workers import supervise
 
 CONFIG_ENVVAR = "SIDECAR_CONFIG"
+DISTRIBUTION = "smtp-proxy-sidecar"
 EXIT_CONFIG_ERROR = 2
 
 _F = TypeVar("_F", bound=Callable[..., object])
@@ -103,8 +104,10 @@ def _load(config_path: str) -> Config:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-# The version is looked up only when asked for: importlib.metadata costs ~1 MiB of RSS.
-@click.version_option(None, "-V", "--version", package_name="sidecar", prog_name="sidecar")
+# The version is looked up only when asked for: importlib.metadata costs ~1 MiB of RSS. The
+# distribution is "smtp-proxy-sidecar" (the name "sidecar" on PyPI is another project's); the
+# command and the package stay "sidecar".
+@click.version_option(None, "-V", "--version", package_name=DISTRIBUTION, prog_name="sidecar")
 def main() -> None:
     """Local SMTP-to-PROXY sidecar: delivers each message to its MX through an HAProxy egress
     with the binding's source address."""
