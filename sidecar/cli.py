@@ -148,7 +148,12 @@ def init(path: str, force: bool) -> None:
         click.echo(f"error: {path} already exists (use --force to overwrite it)", err=True)
         sys.exit(1)
     except OSError as e:
-        click.echo(f"error: cannot write {path}: {e.strerror or describe_error(e)}", err=True)
+        # In a container the working directory is usually read-only: say how to get the file.
+        click.echo(
+            f"error: cannot write {path}: {e.strerror or describe_error(e)} (write the starter"
+            " to stdout instead: sidecar init - > sidecar.toml)",
+            err=True,
+        )
         sys.exit(1)
     click.echo(f"wrote {path}; edit it, then run: sidecar check -c {os.fspath(path)}", err=True)
 
