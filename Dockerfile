@@ -1,22 +1,51 @@
-# The sidecar as a container next to your MTA. Mount your configuration at
-# /etc/sidecar/sidecar.toml (check it first with `sidecar check -c FILE`).
-#   docker run -v $PWD/sidecar.toml:/etc/sidecar/sidecar.toml:ro --network host sidecar
-FROM python:3.11-slim
+# The sidecar as a container next to your MTA (README: "The container"). Build and run:
+#   docker build -t smtp-proxy-sidecar .
+#   docker run -d --name sidecar --network host --stop-timeout 45 \
+#       -v /srv/sidecar:/etc/sidecar:ro smtp-proxy-sidecar
+# Mount the DIRECTORY that holds sidecar.toml (a single-file bind mount keeps the old file
+# after an edit on the host, and SIGHUP would re-read that one). The files must be readable
+# by uid/gid 2525, the user the sidecar runs as. Check the file first:
+#   docker run --rm -v /srv/sidecar:/etc/sidecar:ro smtp-proxy-sidecar sidecar check
+# A starter file (the working directory is not writable: write to stdout):
+#   docker run --rm smtp-proxy-sidecar sidecar init - > /srv/sidecar/sidecar.toml
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-RUN useradd --system --no-create-home --shell /usr/sbin/nologin sidecar
-
-WORKDIR /opt/sidecar
-COPY pyproject.toml README.md ./
+# Stage 1: install the sidecar and its pinned dependencies into a venv. The source tree, the
+# wheel built from it and pip's caches stay in this stage.
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
+WORKDIR /src
+COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
-RUN pip install --no-cache-dir . && rm -rf /opt/sidecar/build
+RUN python -m venv /opt/sidecar \
+    && /opt/sidecar/bin/pip install --quiet -c constraints.txt . \
+    && /opt/sidecar/bin/pip uninstall --quiet --yes pip setuptools
+COPY container/healthcheck.py /opt/sidecar/libexec/healthcheck.py
 
-USER sidecar
-ENV SIDECAR_CONFIG=/etc/sidecar/sidecar.toml
+# Stage 2: the base image, the user, and the venv: nothing else.
+FROM ${PYTHON_IMAGE}
+# A fixed uid/gid (2525, like the default listener port): the config and CA files mounted
+# into the container must be readable by it; Kubernetes' runAsNonRoot needs it numeric.
+RUN groupadd --system --gid 2525 sidecar \
+    && useradd --system --uid 2525 --gid 2525 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin sidecar
+COPY --from=build /opt/sidecar /opt/sidecar
+ENV PATH=/opt/sidecar/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SIDECAR_CONFIG=/etc/sidecar/sidecar.toml
+USER 2525:2525
+WORKDIR /
+# The default listener. A port below 1024 needs more than --cap-add NET_BIND_SERVICE for a
+# non-root user: see the README.
 EXPOSE 2525
 
-# Healthy while every listener answers with a 220 banner.
+# Healthy while every listener answers 220 (and /healthz when [status] is set), with the
+# configuration the running `sidecar run` was given: -c FILE, --config=FILE or SIDECAR_CONFIG.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
-    CMD ["sidecar", "probe"]
+    CMD ["/opt/sidecar/bin/python", "/opt/sidecar/libexec/healthcheck.py", "--timeout", "5"]
 
+# SIGTERM: stop accepting, give open sessions server.shutdown_grace (30 s by default). Docker
+# kills after 10 s unless told otherwise: run with --stop-timeout 45 (compose:
+# stop_grace_period: 45s; Kubernetes: terminationGracePeriodSeconds: 45).
 STOPSIGNAL SIGTERM
 CMD ["sidecar", "run"]

@@ -37,6 +37,7 @@ install_system_packages() {
         case " ${missing[*]} " in *" redis-server "*) stop_system_redis ;; esac
     fi
     install_exim_for_tests
+    install_opensmtpd_for_tests
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
         echo "error: Python >= 3.11 is required, found $(python3 --version)" >&2
         exit 1
@@ -116,9 +117,44 @@ install_exim_for_tests() {
     "$binary" -C /dev/null -bV 2>/dev/null | grep '^Exim version'
 }
 
-# The project's own virtual environment in .venv, with the sidecar installed editable. pip runs
-# only when pyproject.toml changed since the last install with these extras (a stamp in .venv
-# records its hash), so a second demo or test run starts at once.
+# OpenSMTPD for the end-to-end tests, unpacked like Exim (the opensmtpd package conflicts with
+# postfix): its users, its libraries (already those of postfix and exim here), and smtpctl
+# setgid opensmtpq (it refuses to run otherwise). Its spool and control socket are compiled in
+# (/var/spool/smtpd, /var/run/smtpd.sock): one instance per machine.
+OPENSMTPD_TEST_DIR=/opt/sidecar-test/opensmtpd
+install_opensmtpd_for_tests() {
+    local name
+    for name in opensmtpd opensmtpq; do
+        getent group "$name" >/dev/null || groupadd --system "$name"
+        getent passwd "$name" >/dev/null || useradd --system --gid "$name" --no-create-home \
+            --home-dir /var/lib/opensmtpd/empty --shell /usr/sbin/nologin "$name"
+    done
+    mkdir -p /var/lib/opensmtpd/empty
+    if [ -x "$OPENSMTPD_TEST_DIR/usr/sbin/smtpd" ]; then
+        return 0
+    fi
+    echo "==> unpacking opensmtpd into $OPENSMTPD_TEST_DIR"
+    apt_update_once
+    local work
+    work=$(mktemp -d)
+    chmod 755 "$work"
+    getent passwd _apt >/dev/null && chown _apt "$work"
+    (cd "$work" && apt-get download -qq opensmtpd >/dev/null)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        libevent-2.1-7 libdb5.3 libssl3 >/dev/null
+    rm -rf "$OPENSMTPD_TEST_DIR"
+    mkdir -p "$OPENSMTPD_TEST_DIR"
+    dpkg-deb -x "$work"/opensmtpd_*.deb "$OPENSMTPD_TEST_DIR"
+    rm -rf "$work"
+    chgrp opensmtpq "$OPENSMTPD_TEST_DIR/usr/sbin/smtpctl"
+    chmod 2755 "$OPENSMTPD_TEST_DIR/usr/sbin/smtpctl"
+}
+
+# The project's own virtual environment in .venv, with the sidecar installed editable and every
+# dependency at the version constraints.txt pins (scripts/update-constraints.sh re-pins them).
+# pip runs only when pyproject.toml or constraints.txt changed since the last install with
+# these extras (a stamp in .venv records their hash), so a second demo or test run starts at
+# once.
 make_venv() {
     local extras="${1:-}"
     if [ ! -x .venv/bin/python ]; then
@@ -126,14 +162,18 @@ make_venv() {
         python3 -m venv .venv
     fi
     local want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
     installed() { [ "$(cat ".venv/.installed$1" 2>/dev/null)" = "$want" ]; }
     # An install with [test] holds everything a plain one needs.
     if { installed "$extras" || { [ -z "$extras" ] && installed "[test]"; }; } &&
         .venv/bin/python -c 'import sidecar' 2>/dev/null; then
         return 0
     fi
-    echo "==> pip install -e .${extras}"
-    .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+    # The distribution was called "sidecar" before (a name PyPI gives another project).
+    if .venv/bin/pip show -q sidecar >/dev/null 2>&1; then
+        .venv/bin/pip uninstall -q -y sidecar
+    fi
+    echo "==> pip install -c constraints.txt -e .${extras}"
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
     echo "$want" > ".venv/.installed${extras}"
 }

@@ -41,6 +41,7 @@ from sidecar.workers import supervise
 
 CONFIG_ENVVAR = "SIDECAR_CONFIG"
 ACCESS_DENIED_BANNER = b"554 5.7.1 "
+DISTRIBUTION = "smtp-proxy-sidecar"
 EXIT_CONFIG_ERROR = 2
 
 _F = TypeVar("_F", bound=Callable[..., object])
@@ -105,8 +106,10 @@ def _load(config_path: str) -> Config:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-# The version is looked up only when asked for: importlib.metadata costs ~1 MiB of RSS.
-@click.version_option(None, "-V", "--version", package_name="sidecar", prog_name="sidecar")
+# The version is looked up only when asked for: importlib.metadata costs ~1 MiB of RSS. The
+# distribution is "smtp-proxy-sidecar" (the name "sidecar" on PyPI is another project's); the
+# command and the package stay "sidecar".
+@click.version_option(None, "-V", "--version", package_name=DISTRIBUTION, prog_name="sidecar")
 def main() -> None:
     """Local SMTP-to-PROXY sidecar: delivers each message to its MX through an HAProxy egress
     with the binding's source address."""
@@ -147,7 +150,12 @@ def init(path: str, force: bool) -> None:
         click.echo(f"error: {path} already exists (use --force to overwrite it)", err=True)
         sys.exit(1)
     except OSError as e:
-        click.echo(f"error: cannot write {path}: {e.strerror or describe_error(e)}", err=True)
+        # In a container the working directory is usually read-only: say how to get the file.
+        click.echo(
+            f"error: cannot write {path}: {e.strerror or describe_error(e)} (write the starter"
+            " to stdout instead: sidecar init - > sidecar.toml)",
+            err=True,
+        )
         sys.exit(1)
     click.echo(f"wrote {path}; edit it, then run: sidecar check -c {os.fspath(path)}", err=True)
 

@@ -8,6 +8,7 @@ process's descriptors (``RLIMIT_NOFILE``) do not go that far (:mod:`sidecar.limi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import signal
 import socket
@@ -449,6 +450,9 @@ async def run_until_signal(
     if status_sockets is None:
         status_sockets = await open_status_listener(config)
     send_reload, receive_reload = trio.open_memory_channel[Config](1)
+    # What the file held when the sidecar started (near enough: `sidecar run` read it just
+    # before), so that a SIGHUP can tell an unchanged file (see _reload).
+    loaded = file_digest(config_path) if config_path is not None else None
     held = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # the mask as it is (hold_signals)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
@@ -475,7 +479,7 @@ async def run_until_signal(
                         if shutdown.is_set():
                             log.warning("received SIGHUP while shutting down: ignored")
                         elif config_path is not None:
-                            await _reload(config_path, send_reload)
+                            loaded = await _reload(config_path, send_reload, loaded)
                     elif not shutdown.is_set():
                         log.warning("received %s, shutting down", name)
                         shutdown.set()
@@ -493,10 +497,37 @@ async def run_until_signal(
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-async def _reload(config_path: str, reloads: trio.MemorySendChannel[Config]) -> None:
+def file_digest(path: str) -> bytes | None:
+    """SHA-256 of the file's content, or None when it cannot be read (load_config says why)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()
+    except OSError:
+        return None
+
+
+async def _reload(
+    config_path: str, reloads: trio.MemorySendChannel[Config], loaded: bytes | None
+) -> bytes | None:
+    """Re-read ``config_path`` for a SIGHUP and send the new configuration to ``reloads``.
+
+    ``loaded`` is the digest of the content last read; when the file still holds the same
+    bytes, a warning says so (the reload goes on: files it names, such as
+    ``delivery.tls_ca_file``, may have changed). A file edited on a host and bind-mounted
+    into a container by itself is the usual cause: the mount keeps the old inode. Returns the
+    digest of what was read now."""
+    digest = file_digest(config_path)
+    if digest is not None and digest == loaded:
+        log.warning(
+            "configuration unchanged: %s has the same content as when last read (re-read"
+            " anyway, with the files it names); if it was edited, the sidecar sees another"
+            " file: a single-file bind mount keeps the old one, mount its directory",
+            config_path,
+        )
     try:
         new_config = load_config(config_path)
     except ConfigError as error:
         log.error("reload failed, keeping the running configuration: %s", error)
-        return
+        return loaded
     await reloads.send(new_config)
+    return digest

@@ -173,6 +173,8 @@ def test_init_unwritable_path_exits_1(runner: CliRunner, tmp_path: Path) -> None
     result = runner.invoke(main, ["init", str(tmp_path / "no" / "such" / "dir.toml")])
     assert result.exit_code == 1
     assert result.stderr.startswith("error: cannot write ")
+    # The container's case (a read-only working directory): the way out is in the message.
+    assert "sidecar init - > sidecar.toml" in result.stderr
 
 
 # -- group -------------------------------------------------------------------------------------
