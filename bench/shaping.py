@@ -51,7 +51,6 @@ from throughput import (
     ROOT,
     SIDECAR,
     SIDECAR_PORT,
-    SOURCE,
     Load,
     cpu_seconds,
     missing_prerequisite,
@@ -60,6 +59,7 @@ from throughput import (
     run_load,
     started,
 )
+from throughput import sidecar_config as throughput_config
 
 # Loopback addresses of this benchmark (throughput.py uses .1 to .6 and .44).
 SIDECARS = {"off": "127.0.9.5", "memory": "127.0.9.7", "redis": "127.0.9.8"}
@@ -81,30 +81,8 @@ def shaping_section(backend: str) -> str:
 
 
 def sidecar_config(address: str, backend: str) -> str:
-    return f"""[server]
-hostname = "sidecar.bench.test"
-max_connections = 8000
-workers = 1
-
-[[listener]]
-address = "{address}:{SIDECAR_PORT}"
-binding = "b1"
-
-[dns]
-nameservers = ["{DNS}:{DNS_PORT}"]
-
-[delivery]
-port = {MX_PORT}
-allow_private_destinations = true
-tls = "disabled"
-
-[ha_proxy_client]
-health_check_interval = 5
-
-[binding.b1]
-ha_proxy_server = "{EGRESS}:{EGRESS_PORT}"
-ha_proxy_src_addr = "{SOURCE}"
-{shaping_section(backend)}"""
+    """throughput.py's one-process sidecar config, with the ``[shaping]`` of ``backend``."""
+    return throughput_config(address, 1) + shaping_section(backend)
 
 
 def loads(messages: int) -> list[Load]:
