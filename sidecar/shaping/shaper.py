@@ -54,6 +54,9 @@ log = logging.getLogger("sidecar.shaping")
 
 LEASE: Final = 30.0  # seconds a slot is held without renewal: shaping.slot_lease's default
 PROBE_EVERY: Final = 1.0  # seconds between two probes of an unavailable backend
+STATE_TTL: Final = 1.0  # seconds a path's suspension and override, as last read from the
+# backend, are used before it is asked again: another sidecar's change shows within this, and
+# a message costs one backend call (its rate token), not three
 SERVED_WEIGHT: Final = 0.3  # weight of the newest gap in the mean time per queue place
 SITE_CACHE: Final = 10_000  # MX sets whose site is remembered (cleared when full)
 RECENT_PATHS: Final = 100  # (binding, path) pairs remembered for /status and /metrics
@@ -62,6 +65,8 @@ POLL_EVERY: Final = 0.25  # seconds between two tries of the first waiter for a 
 # sidecar's release is not announced here; this process's releases wake it at once)
 
 _T = TypeVar("_T")
+Suspended = tuple[float, str]  # seconds left, reason
+Overridden = tuple[PathLimits, float, str]  # limits, seconds left, reason
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,8 @@ class Shaper:
         # (shaping.backend, shaping.redis_url) it was built for (see shaper_for).
         self.backend_settings: tuple[str, str | None] = ("memory", None)
         self._sites: dict[frozenset[str], str] = {}
+        # per path key: (trio time read, suspension, override) as the backend last said
+        self._state: dict[str, tuple[float, Suspended | None, Overridden | None]] = {}
         self._served_gap: dict[str, float] = {}  # per path: seconds between two servings
         self._last_served: dict[str, float] = {}
         # The (binding, path) pairs used or acted on lately, newest last (/status, /metrics).
@@ -210,8 +217,29 @@ class Shaper:
     async def limits(self, binding: str, path: EgressPath) -> PathLimits:
         """The limits in force: a rule's override (its non-None keys) over the configured."""
         configured = self.policy.limits(binding, path.site)
-        found = await self._call(lambda b: b.overrides(path.key))
+        _, found = await self._path_state(path)
         return configured if found is None else merge(found[0], configured)
+
+    async def _path_state(self, path: EgressPath) -> tuple[Suspended | None, Overridden | None]:
+        """The path's suspension and override, read from the backend at most every
+        :data:`STATE_TTL` seconds (their time left counted down meanwhile)."""
+        now = trio.current_time()
+        cached = self._state.get(path.key)
+        if cached is None or now - cached[0] >= STATE_TTL:
+            suspension = await self._call(lambda b: b.suspension(path.key))
+            override = await self._call(lambda b: b.overrides(path.key))
+            if len(self._state) >= SITE_CACHE:
+                self._state.clear()
+            cached = self._state[path.key] = (now, suspension, override)
+        read_at, suspension, override = cached
+        elapsed = now - read_at
+        if suspension is not None:
+            left = suspension[0] - elapsed
+            suspension = (left, suspension[1]) if left > 0 else None
+        if override is not None:
+            left = override[1] - elapsed
+            override = (override[0], left, override[2]) if left > 0 else None
+        return suspension, override
 
     # -- the session's questions ------------------------------------------------------------
 
@@ -314,8 +342,10 @@ class Shaper:
         )
         if rule.action == "suspend":
             await self._call(lambda b: b.suspend(path.key, rule.duration, reason))
+            self._state.pop(path.key, None)
         else:
             await self._call(lambda b: b.override(path.key, rule.limits, rule.duration, reason))
+            self._state.pop(path.key, None)
 
     # -- by hand ------------------------------------------------------------------------------
 
@@ -334,6 +364,7 @@ class Shaper:
             reason,
         )
         await self._call(lambda b: b.suspend(path.key, duration, reason))
+        self._state.pop(path.key, None)
 
     async def resume(self, path: EgressPath, binding: str | None = None) -> None:
         """End the path's suspension and limit override now (``sidecar resume``)."""
@@ -341,6 +372,7 @@ class Shaper:
             self._seen(binding, path)
         log.warning("shaping: egress %s to site %s resumed", path.source, path.site)
         await self._call(lambda b: b.resume(path.key))
+        self._state.pop(path.key, None)
 
     async def usage(self, path: EgressPath) -> PathUsage:
         """Slots in use, local waiters, suspension and override of ``path``."""
@@ -481,7 +513,7 @@ class Shaper:
         return await op(self._fallback), self._fallback
 
     async def _suspended(self, binding: str, path: EgressPath) -> Reply | None:
-        found = await self._call(lambda b: b.suspension(path.key))
+        found, _ = await self._path_state(path)
         if found is None:
             return None
         self.stats.deferrals["suspended"] += 1
