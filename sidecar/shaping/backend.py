@@ -51,6 +51,11 @@ class ShapingBackend(Protocol):
         "192.0.2.10|gmail|messages"): 0.0 admitted now; a wait <= ``max_wait`` reserved;
         ``None``: not admitted within ``max_wait``, nothing reserved."""
 
+    async def take(self, key: str, rate: Rate, n: int) -> int:
+        """Up to ``n`` GCRA admissions of ``key`` that are due now (no wait), in one call:
+        how many (0..n). A sidecar spends them itself, so that a high rate does not cost
+        one round trip per event; never more than the rate admits."""
+
     async def suspend(self, path: str, duration: float, reason: str) -> None:
         """No new connection or transaction on ``path`` for ``duration`` seconds."""
 

@@ -14,6 +14,7 @@ waits, then goes), or ``None`` (not within ``max_wait``: nothing reserved).
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from sidecar.shaping.model import Rate
@@ -53,6 +54,16 @@ class Gcra:
         if len(self._tat) >= self._next_prune:
             self.prune(now)
         return wait
+
+    def take(self, key: str, rate: Rate, now: float, n: int) -> int:
+        """Admit up to ``n`` events of ``key`` that are admissible at ``now`` (no wait), at
+        once: the burst room left, at most ``n``. Returns how many (0 when none is)."""
+        tat = max(self._tat.get(key, now), now)
+        room = math.floor((now + (rate.per - rate.interval) - tat) / rate.interval + EPSILON) + 1
+        taken = max(0, min(n, room))
+        if taken:
+            self._tat[key] = tat + taken * rate.interval
+        return taken
 
     def prune(self, now: float) -> None:
         """Forget the keys whose TAT is not after ``now`` (a fresh key behaves the same)."""

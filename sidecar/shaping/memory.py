@@ -81,6 +81,10 @@ class MemoryBackend:
         ``None`` (nothing reserved)."""
         return self._gcra.reserve(key, rate, self._clock(), max_wait)
 
+    async def take(self, key: str, rate: Rate, n: int) -> int:
+        """Up to ``n`` admissions of ``key`` that need no wait, at once (see the protocol)."""
+        return self._gcra.take(key, rate, self._clock(), n)
+
     async def suspend(self, path: str, duration: float, reason: str) -> None:
         """Suspend ``path`` for ``duration`` seconds from now (replacing any suspension)."""
         self._suspensions[path] = (self._clock() + duration, reason)

@@ -92,6 +92,24 @@ return fmt(wait)
 """
 )
 
+# Several admissions due now at once: KEYS[1] the rate key; ARGV interval, tau, n. Takes the
+# burst room left (at most n) in one step; returns how many (0..n).
+_TAKE: Final = (
+    _PRELUDE
+    + """
+local interval, tau, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local room = math.floor((now + tau - tat) / interval + 1e-9) + 1
+local taken = math.max(0, math.min(n, room))
+if taken > 0 then
+  local new_tat = tat + taken * interval
+  redis.call('SET', KEYS[1], fmt(new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
+end
+return taken
+"""
+)
+
 # Slots: KEYS[1] the path's sorted set; ARGV holder, limit, lease (seconds). Expired leases go
 # first; a holder already in the set only has its lease extended. Returns 1 taken, 0 full.
 _ACQUIRE: Final = (
@@ -299,6 +317,7 @@ class RedisBackend:
                         await stack.enter_async_context(context)
                     register = client.register_script
                     self._reserve = register(_RESERVE)
+                    self._take = register(_TAKE)
                     self._acquire = register(_ACQUIRE)
                     self._renew = register(_RENEW)
                     self._in_use = register(_IN_USE)
@@ -392,6 +411,13 @@ class RedisBackend:
         args = [repr(rate.interval), repr(rate.per - rate.interval), repr(float(max_wait))]
         result = await self._call("reserve", lambda: self._reserve(keys=[redis_key], args=args))
         return None if result is None else float(result)
+
+    async def take(self, key: str, rate: Rate, n: int) -> int:
+        """Up to ``n`` admissions of ``key`` due now, in one atomic script: how many."""
+        redis_key = self._key("rate", key)
+        args = [repr(rate.interval), repr(rate.per - rate.interval), str(int(n))]
+        result = await self._call("take", lambda: self._take(keys=[redis_key], args=args))
+        return int(result or 0)
 
     # -- suspensions and overrides ------------------------------------------------------------
 

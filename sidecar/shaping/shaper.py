@@ -34,7 +34,7 @@ from sidecar.config import Config
 from sidecar.replies import Reply, shaping_limit_reached, shaping_suspended
 from sidecar.shaping.backend import BackendUnavailable, ShapingBackend
 from sidecar.shaping.memory import MemoryBackend
-from sidecar.shaping.model import DIRECT, EgressPath, PathLimits
+from sidecar.shaping.model import DIRECT, EgressPath, PathLimits, Rate
 from sidecar.shaping.policy import ShapingPolicy, merge
 
 __all__ = [
@@ -57,6 +57,8 @@ PROBE_EVERY: Final = 1.0  # seconds between two probes of an unavailable backend
 STATE_TTL: Final = 1.0  # seconds a path's suspension and override, as last read from the
 # backend, are used before it is asked again: another sidecar's change shows within this, and
 # a message costs one backend call (its rate token), not three
+TOKEN_BATCH: Final = 64  # most rate tokens taken from the backend in one call
+TOKEN_HOLD: Final = 1.0  # seconds a batch's tokens are good for (unspent ones are lost)
 SERVED_WEIGHT: Final = 0.3  # weight of the newest gap in the mean time per queue place
 SITE_CACHE: Final = 10_000  # MX sets whose site is remembered (cleared when full)
 RECENT_PATHS: Final = 100  # (binding, path) pairs remembered for /status and /metrics
@@ -193,6 +195,8 @@ class Shaper:
         # per path key: (trio time read, suspension, override) as the backend last said
         self._state: dict[str, tuple[float, Suspended | None, Overridden | None]] = {}
         self._served_gap: dict[str, float] = {}  # per path: seconds between two servings
+        # per rate key: (tokens of the batch left, trio time they are good until)
+        self._tokens: dict[str, tuple[int, float]] = {}
         self._last_served: dict[str, float] = {}
         # The (binding, path) pairs used or acted on lately, newest last (/status, /metrics).
         self._recent: OrderedDict[tuple[str, str], EgressPath] = OrderedDict()
@@ -313,13 +317,39 @@ class Shaper:
         rate = (await self.limits(binding, path)).max_message_rate
         if rate is None:
             return None
-        wait = await self._call(lambda b: b.reserve(path.key + "|messages", rate, self.max_wait))
+        key = path.key + "|messages"
+        if await self._spend_token(key, rate):
+            return None
+        wait = await self._call(lambda b: b.reserve(key, rate, self.max_wait))
         if wait is None:
             return self._defer(binding, path, "max_message_rate", str(rate))
         if wait > 0:
             await trio.sleep(wait)
             self._waited(binding, path, wait)
         return None
+
+    async def _spend_token(self, key: str, rate: Rate) -> bool:
+        """A rate token due now from this process's batch for ``key``, taking a new batch
+        from the backend when the last is spent or old. Only for rates high enough
+        (count >= 100 * 2) that a batch of a hundredth of the count (at most
+        :data:`TOKEN_BATCH`) is small beside the limit: at most that many go unspent per
+        sidecar and :data:`TOKEN_HOLD` seconds, never one more than the rate admits."""
+        batch = min(TOKEN_BATCH, rate.count // 100)
+        if batch < 2:
+            return False
+        now = trio.current_time()
+        held = self._tokens.get(key)
+        if held is not None and held[0] > 0 and held[1] > now:
+            self._tokens[key] = (held[0] - 1, held[1])
+            return True
+        taken = await self._call(lambda b: b.take(key, rate, batch))
+        if taken <= 0:
+            self._tokens.pop(key, None)
+            return False
+        if len(self._tokens) >= SITE_CACHE:
+            self._tokens.clear()
+        self._tokens[key] = (taken - 1, now + TOKEN_HOLD)
+        return True
 
     async def observe(self, binding: str, path: EgressPath, reply: Reply) -> None:
         """Apply the first ``[[shaping.rule]]`` of the path's site that matches the MX's

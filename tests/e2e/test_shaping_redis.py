@@ -374,3 +374,11 @@ async def test_a_cluster_unreachable_at_start_is_connected_later(
                 except BackendUnavailable:
                     await trio.sleep(0.1)
         assert await backend.slots_in_use(PATH) == 1
+
+
+async def test_take_admits_the_burst_room_left_in_one_call(backend: RedisBackend) -> None:
+    rate = Rate(10, 60.0)  # a burst of 10, then one every 6 s: nothing comes back meanwhile
+    assert await backend.take("takes", rate, 4) == 4
+    assert await backend.take("takes", rate, 10) == 6
+    assert await backend.take("takes", rate, 1) == 0
+    assert await backend.reserve("takes", rate, 0.0) is None

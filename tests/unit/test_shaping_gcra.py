@@ -80,3 +80,12 @@ def test_never_more_than_count_plus_elapsed_over_interval_in_any_window(
         for j in range(i, len(admitted)):
             inside = j - i + 1
             assert inside <= count + (admitted[j] - start) / rate.interval + 1e-6
+
+
+def test_take_admits_the_burst_room_left_at_once_and_no_more() -> None:
+    gcra, rate = Gcra(), Rate(10, 1.0)  # a burst of 10, then one per 0.1 s
+    assert gcra.take("k", rate, 0.0, 4) == 4
+    assert gcra.take("k", rate, 0.0, 10) == 6  # the rest of the burst
+    assert gcra.take("k", rate, 0.0, 1) == 0
+    assert gcra.reserve("k", rate, 0.0, 0.0) is None  # taken means reserved for everyone
+    assert gcra.take("k", rate, 0.35, 10) == 3

@@ -306,3 +306,29 @@ async def test_fallback_while_the_backend_is_down_logged_once_then_back(
     unavailable = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(unavailable) == 1 and unavailable[0].levelname == "WARNING"
     assert any("answers again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_high_message_rate_takes_its_tokens_in_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A shared backend is asked once per batch (a hundredth of the count, at most 64), not
+    once per message; a small rate stays one call per message (exact)."""
+
+    class Counting(MemoryBackend):
+        takes = 0
+
+        async def take(self, key: str, rate: Any, n: int) -> int:
+            type(self).takes += 1
+            return await super().take(key, rate, n)
+
+    backend = Counting()
+    s = make({"max_message_rate": "100000/h"}, max_wait=2.0, backend=backend)
+    p = gpath(s)
+    for _ in range(128):
+        assert await s.start_transaction("b1", p) is None
+    assert Counting.takes == 2
+    small = make({"max_message_rate": "10/s"}, max_wait=2.0, backend=Counting())
+    Counting.takes = 0
+    for _ in range(10):
+        assert await small.start_transaction("b1", gpath(small)) is None
+    assert Counting.takes == 0  # one reserve per message instead
