@@ -85,3 +85,8 @@ def log_transaction(fields: Mapping[str, object]) -> None:
         return
     message = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
     transaction_log.info("transaction %s", message, extra={"fields": dict(fields)})
+
+
+def shutdown_logging() -> None:
+    """Flush and close the log handlers (at exit)."""
+    logging.shutdown()
