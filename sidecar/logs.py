@@ -1,32 +1,68 @@
 """Logging set-up: readable text by default, one JSON object per line for log shippers, and the
-one-line-per-transaction record."""
+one-line-per-transaction record.
+
+The transaction line is on the hot path (one per message), so it is cheap: the record is made
+without a caller look-up, its text is built only by a formatter that prints it, and
+:class:`BufferedStreamHandler` writes lines in batches: at most ``FLUSH_DELAY`` seconds or
+``FLUSH_LINES`` lines late, at once for WARNING and above, and always on flush/close
+(``logging.shutdown``, which runs at exit and in each worker's exit path).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Mapping
-from typing import Literal
+from typing import IO, Literal
 
 LogFormat = Literal["text", "json"]
 transaction_log = logging.getLogger("sidecar.transaction")
 
+FLUSH_DELAY = 0.2  # seconds a buffered line may wait before it is written
+FLUSH_LINES = 256  # lines buffered at most before a write
+
+
+class _Clock:
+    """``2026-11-25T10:00:00`` style strings of a time, the last second's kept (one strftime
+    per second rather than one per line)."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.second = -1
+        self.text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.text = time.strftime(self.pattern, time.gmtime(second))
+            self.second = second
+        return self.text
+
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; a transaction's fields are keys of their own (its
+    ``message`` is then just ``transaction``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock("%Y-%m-%dT%H:%M:%S")
+
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
         entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._clock(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": "transaction" if isinstance(fields, Mapping) else record.getMessage(),
         }
         worker = getattr(record, "worker", None)
         if worker is not None:
             entry["worker"] = worker
-        fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
             entry.update(fields)
         if record.exc_info:
@@ -36,6 +72,96 @@ class JsonFormatter(logging.Formatter):
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s [worker %(worker)s] %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """``logging.Formatter`` with the local time string made once per second."""
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+        self._clock = _Clock(self.default_time_format)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._clock.second:
+            self._clock.text = time.strftime(self._clock.pattern, time.localtime(second))
+            self._clock.second = second
+        return f"{self._clock.text},{int(record.msecs):03d}"
+
+
+class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
+    """A StreamHandler that writes in batches, each line at most ``delay`` seconds late.
+
+    Lines at WARNING and above, and the ``lines``-th buffered one, write the batch at once; a
+    daemon thread (started on demand, again after a fork) writes what waits longer than
+    ``delay``. ``flush()`` and ``close()`` write everything, so ``logging.shutdown`` loses
+    nothing; a line can only be lost if the process is killed (SIGKILL) within ``delay``.
+    """
+
+    def __init__(
+        self, stream: IO[str], delay: float = FLUSH_DELAY, lines: int = FLUSH_LINES
+    ) -> None:
+        super().__init__(stream)
+        self.delay = delay
+        self.lines = lines
+        self.buffer: list[str] = []
+        self._pending = threading.Event()
+        self._pid = 0  # the process whose flusher thread runs (none yet)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if self._pid != os.getpid():
+            # First line, or first in a forked child: lines the parent had buffered are its
+            # own to write; this process gets its own flusher.
+            self.buffer.clear()
+            self._pending = threading.Event()  # not one whose lock a lost thread may hold
+            self._pid = os.getpid()
+            threading.Thread(target=self._flusher, name="log-flusher", daemon=True).start()
+        self.buffer.append(line)
+        if record.levelno >= logging.WARNING or len(self.buffer) >= self.lines:
+            self.flush()
+        elif len(self.buffer) == 1:
+            self._pending.set()
+
+    def flush(self) -> None:
+        with self.lock if self.lock is not None else _NO_LOCK:
+            if self.buffer:
+                text = "\n".join(self.buffer) + "\n"
+                self.buffer.clear()
+                try:
+                    self.stream.write(text)
+                except Exception:
+                    sys.stderr.write("sidecar: cannot write log lines\n")
+            super().flush()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+    def _flusher(self) -> None:
+        me = os.getpid()
+        while self._pid == me:
+            self._pending.wait()
+            time.sleep(self.delay)
+            self._pending.clear()
+            self.flush()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
 
 
 class _WorkerTag(logging.Filter):
@@ -53,25 +179,57 @@ def tag_worker(index: int) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerTag(index))
         if not isinstance(handler.formatter, JsonFormatter):
-            handler.setFormatter(logging.Formatter(WORKER_TEXT_FORMAT))
+            handler.setFormatter(TextFormatter(WORKER_TEXT_FORMAT))
 
 
 def configure_logging(level: str = "info", log_format: LogFormat = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    """Log to stderr at ``level``, as text or one JSON object per line, in batches
+    (:class:`BufferedStreamHandler`)."""
+    handler = BufferedStreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    # No format here shows the thread, process or process name: not looked up per record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
 
+def shutdown_logging() -> None:
+    """Write every buffered line and close the handlers (at exit, before ``os._exit``)."""
+    logging.shutdown()
+
+
+_NEEDS_QUOTES = re.compile(r'[ "=\\]').search
+
+
 def _text_value(value: object) -> str:
     text = "-" if value is None else str(value)
-    if not text or any(c in text for c in ' "=\\'):
+    if not text or _NEEDS_QUOTES(text) is not None:
         return json.dumps(text, ensure_ascii=False)
     return text
+
+
+class _TextFields:
+    """The ``key=value`` text of a transaction's fields, built only when a formatter asks."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        parts = []
+        for key, value in self.fields.items():
+            if value is None:
+                parts.append(f"{key}=-")
+            elif isinstance(value, str):
+                plain = value and _NEEDS_QUOTES(value) is None
+                parts.append(f"{key}={value if plain else _text_value(value)}")
+            elif value.__class__ is int or value.__class__ is float:
+                parts.append(f"{key}={value}")
+            else:
+                parts.append(f"{key}={_text_value(value)}")
+        return " ".join(parts)
 
 
 def transaction_logging() -> bool:
@@ -80,13 +238,13 @@ def transaction_logging() -> bool:
 
 
 def log_transaction(fields: Mapping[str, object]) -> None:
-    """One INFO line for one transaction: ``key=value`` pairs in text, the fields in JSON."""
+    """One INFO line for one transaction: ``key=value`` pairs in text, the fields in JSON.
+
+    ``fields`` is kept, not copied: the caller must not change it afterwards."""
     if not transaction_log.isEnabledFor(logging.INFO):
         return
-    message = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-    transaction_log.info("transaction %s", message, extra={"fields": dict(fields)})
-
-
-def shutdown_logging() -> None:
-    """Flush and close the log handlers (at exit)."""
-    logging.shutdown()
+    record = transaction_log.makeRecord(
+        transaction_log.name, logging.INFO, "(transaction)", 0, "transaction %s",
+        (_TextFields(fields),), None, extra={"fields": fields},
+    )  # fmt: skip
+    transaction_log.handle(record)

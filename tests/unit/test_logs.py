@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import io
 import json
 import logging
+import time
 
 import pytest
 
-from sidecar.logs import JsonFormatter, log_transaction
+from sidecar.logs import (
+    TEXT_FORMAT,
+    BufferedStreamHandler,
+    JsonFormatter,
+    TextFormatter,
+    log_transaction,
+    shutdown_logging,
+)
 
 
 def test_text_line_quotes_only_what_needs_it(caplog: pytest.LogCaptureFixture) -> None:
@@ -21,3 +30,91 @@ def test_json_line_carries_the_fields(caplog: pytest.LogCaptureFixture) -> None:
     assert entry["session"] == "1a" and entry["bytes"] == 239
     assert entry["level"] == "info" and entry["logger"] == "sidecar.transaction"
     assert entry["time"].endswith("Z")
+
+
+def test_text_line_of_numbers_none_and_awkward_strings(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="sidecar.transaction"):
+        log_transaction(
+            {"bytes": 239, "duration": 0.5, "site": None, "empty": "", "q": 'a"b', "eq": "k=v"}
+        )
+    assert caplog.messages == [
+        'transaction bytes=239 duration=0.5 site=- empty="" q="a\\"b" eq="k=v"'
+    ]
+
+
+def test_json_transaction_message_does_not_repeat_the_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="sidecar.transaction"):
+        log_transaction({"session": "1a", "outcome": "delivered"})
+    entry = json.loads(JsonFormatter().format(caplog.records[0]))
+    assert entry["message"] == "transaction" and entry["outcome"] == "delivered"
+
+
+def test_text_formatter_time_matches_the_standard_one() -> None:
+    record = logging.LogRecord("x", logging.INFO, "f", 1, "hi", (), None)
+    formatter = TextFormatter()
+    for created in (record.created, record.created + 0.25, record.created + 3600.5):
+        record.created, record.msecs = created, (created % 1) * 1000
+        assert formatter.format(record) == logging.Formatter(TEXT_FORMAT).format(record)
+
+
+def _record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("sidecar.test", level, "f", 1, message, (), None)
+
+
+def test_buffered_handler_writes_info_lines_in_a_batch_at_most_delay_late() -> None:
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, delay=0.05, lines=100)
+    handler.handle(_record(logging.INFO, "one"))
+    handler.handle(_record(logging.INFO, "two"))
+    assert stream.getvalue() == ""  # buffered
+    deadline = time.monotonic() + 5
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.getvalue() == "one\ntwo\n"
+    handler.handle(_record(logging.INFO, "three"))  # the flusher serves later lines too
+    while stream.getvalue().count("\n") < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.getvalue() == "one\ntwo\nthree\n"
+
+
+def test_buffered_handler_writes_at_once_on_a_warning_and_when_full() -> None:
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, delay=60, lines=3)
+    handler.handle(_record(logging.INFO, "a"))
+    handler.handle(_record(logging.WARNING, "w"))
+    assert stream.getvalue() == "a\nw\n"
+    for text in "bcd":
+        handler.handle(_record(logging.INFO, text))
+    assert stream.getvalue() == "a\nw\nb\nc\nd\n"
+
+
+def test_buffered_handler_loses_nothing_on_flush_and_close() -> None:
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, delay=60, lines=1000)
+    for index in range(10):
+        handler.handle(_record(logging.INFO, str(index)))
+    handler.flush()
+    assert stream.getvalue().split() == [str(index) for index in range(10)]
+    handler.handle(_record(logging.INFO, "last"))
+    handler.close()
+    assert stream.getvalue().split()[-1] == "last"
+
+
+def test_logging_shutdown_writes_the_buffered_lines() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("sidecar.test.shutdown")
+    handler = BufferedStreamHandler(stream, delay=60, lines=1000)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("first")  # starts the flusher
+        logger.info("buffered")
+        logger.setLevel(logging.INFO)
+        logger.info("buffered too")
+        assert "buffered too" not in stream.getvalue()
+        shutdown_logging()
+        assert stream.getvalue().splitlines()[-1] == "buffered too"
+    finally:
+        logger.removeHandler(handler)
