@@ -17,11 +17,13 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import IO, Literal
 
 LogFormat = Literal["text", "json"]
 transaction_log = logging.getLogger("sidecar.transaction")
+_ROOT = logging.getLogger()
 
 FLUSH_DELAY = 0.2  # seconds a buffered line may wait before it is written
 FLUSH_LINES = 256  # lines buffered at most before a write
@@ -69,6 +71,22 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
+    def transaction_line(
+        self, created: float, fields: Mapping[str, object], worker: int | None
+    ) -> str | None:
+        """What :meth:`format` makes of a transaction record created at ``created``."""
+        msecs = int((created - int(created)) * 1000)
+        entry: dict[str, object] = {
+            "time": f"{self._clock(created)}.{msecs:03d}Z",
+            "level": "info",
+            "logger": transaction_log.name,
+            "message": "transaction",
+        }
+        if worker is not None:
+            entry["worker"] = worker
+        entry.update(fields)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s [worker %(worker)s] %(name)s: %(message)s"
@@ -90,6 +108,27 @@ class TextFormatter(logging.Formatter):
             self._clock.second = second
         return f"{self._clock.text},{int(record.msecs):03d}"
 
+    def transaction_line(
+        self, created: float, fields: Mapping[str, object], worker: int | None
+    ) -> str | None:
+        """What :meth:`format` makes of a transaction record created at ``created``; None
+        for a format other than the two of ``sidecar run``."""
+        if self._fmt == TEXT_FORMAT:
+            where = ""
+        elif self._fmt == WORKER_TEXT_FORMAT and worker is not None:
+            where = f" [worker {worker}]"
+        else:
+            return None
+        second = int(created)
+        if second != self._clock.second:
+            self._clock.text = time.strftime(self._clock.pattern, time.localtime(second))
+            self._clock.second = second
+        msecs = int((created - second) * 1000)
+        return (
+            f"{self._clock.text},{msecs:03d} INFO{where} {transaction_log.name}: transaction"
+            f" {_TextFields(fields)}"
+        )
+
 
 class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
     """A StreamHandler that writes in batches, each line at most ``delay`` seconds late.
@@ -107,8 +146,10 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
         self.delay = delay
         self.lines = lines
         self.buffer: list[str] = []
+        self.worker: int | None = None  # the [worker i] of a transaction line (tag_worker)
         self._pending = threading.Event()
-        self._pid = 0  # the process whose flusher thread runs (none yet)
+        self._flusher_running = False
+        _BUFFERED.add(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -116,18 +157,37 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
         except Exception:
             self.handleError(record)
             return
-        if self._pid != os.getpid():
-            # First line, or first in a forked child: lines the parent had buffered are its
-            # own to write; this process gets its own flusher.
-            self.buffer.clear()
-            self._pending = threading.Event()  # not one whose lock a lost thread may hold
-            self._pid = os.getpid()
+        self._add(line, record.levelno)
+
+    def emit_transaction(self, created: float, fields: Mapping[str, object]) -> bool:
+        """Buffer a transaction line made by the formatter straight from ``fields`` (no
+        LogRecord); False if this handler's formatter cannot (then log it the usual way)."""
+        formatter = self.formatter
+        if not isinstance(formatter, TextFormatter | JsonFormatter):
+            return False
+        line = formatter.transaction_line(created, fields, self.worker)
+        if line is None:
+            return False
+        with self.lock if self.lock is not None else _NO_LOCK:
+            self._add(line, logging.INFO)
+        return True
+
+    def _add(self, line: str, level: int) -> None:
+        """Buffer ``line`` (the handler's lock held); write now if it is urgent or full."""
+        if not self._flusher_running:
+            self._flusher_running = True
             threading.Thread(target=self._flusher, name="log-flusher", daemon=True).start()
         self.buffer.append(line)
-        if record.levelno >= logging.WARNING or len(self.buffer) >= self.lines:
+        if level >= logging.WARNING or len(self.buffer) >= self.lines:
             self.flush()
         elif len(self.buffer) == 1:
             self._pending.set()
+
+    def _after_fork_in_child(self) -> None:
+        # What the parent had buffered is the parent's to write; the flusher thread is gone.
+        self.buffer.clear()
+        self._pending = threading.Event()  # not one whose lock a lost thread may hold
+        self._flusher_running = False
 
     def flush(self) -> None:
         with self.lock if self.lock is not None else _NO_LOCK:
@@ -145,12 +205,23 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
         super().close()
 
     def _flusher(self) -> None:
-        me = os.getpid()
-        while self._pid == me:
-            self._pending.wait()
+        pending = self._pending
+        while pending is self._pending:  # a forked child has a new one (and no such thread)
+            pending.wait()
             time.sleep(self.delay)
-            self._pending.clear()
+            pending.clear()
             self.flush()
+
+
+_BUFFERED: weakref.WeakSet[BufferedStreamHandler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_BUFFERED):
+        handler._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _NoLock:
@@ -178,6 +249,8 @@ def tag_worker(index: int) -> None:
     """In worker process ``index`` (``server.workers``): every log line says which worker."""
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerTag(index))
+        if isinstance(handler, BufferedStreamHandler):
+            handler.worker = index
         if not isinstance(handler.formatter, JsonFormatter):
             handler.setFormatter(TextFormatter(WORKER_TEXT_FORMAT))
 
@@ -237,11 +310,33 @@ def transaction_logging() -> bool:
     return transaction_log.isEnabledFor(logging.INFO)
 
 
+def _nothing_on_the_way() -> bool:
+    """No handler or filter between the transaction logger and the root, and propagation."""
+    logger: logging.Logger | None = transaction_log
+    while logger is not None and logger is not _ROOT:
+        if logger.handlers or logger.filters or not logger.propagate:
+            return False
+        logger = logger.parent
+    return True
+
+
 def log_transaction(fields: Mapping[str, object]) -> None:
     """One INFO line for one transaction: ``key=value`` pairs in text, the fields in JSON.
 
     ``fields`` is kept, not copied: the caller must not change it afterwards."""
     if not transaction_log.isEnabledFor(logging.INFO):
+        return
+    # The usual set-up (one buffered handler on the root, nothing on the way): the line
+    # goes straight into its buffer, without a LogRecord and the handling around it.
+    handlers = _ROOT.handlers
+    if (
+        len(handlers) == 1
+        and _nothing_on_the_way()
+        and isinstance(handler := handlers[0], BufferedStreamHandler)
+        and all(isinstance(item, _WorkerTag) for item in handler.filters)
+        and handler.level <= logging.INFO
+        and handler.emit_transaction(time.time(), fields)
+    ):
         return
     record = transaction_log.makeRecord(
         transaction_log.name, logging.INFO, "(transaction)", 0, "transaction %s",

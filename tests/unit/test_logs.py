@@ -9,11 +9,14 @@ import pytest
 
 from sidecar.logs import (
     TEXT_FORMAT,
+    WORKER_TEXT_FORMAT,
     BufferedStreamHandler,
     JsonFormatter,
     TextFormatter,
+    _TextFields,
     log_transaction,
     shutdown_logging,
+    transaction_log,
 )
 
 
@@ -118,3 +121,44 @@ def test_logging_shutdown_writes_the_buffered_lines() -> None:
         assert stream.getvalue().splitlines()[-1] == "buffered too"
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    ("formatter", "worker"),
+    [
+        (TextFormatter(), None),
+        (TextFormatter(WORKER_TEXT_FORMAT), 2),
+        (JsonFormatter(), None),
+        (JsonFormatter(), 1),
+    ],
+    ids=["text", "text-worker", "json", "json-worker"],
+)
+def test_direct_transaction_line_is_the_formatted_record(
+    formatter: TextFormatter | JsonFormatter, worker: int | None
+) -> None:
+    fields = {"session": "1a", "tls": None, "reply": "250 2.0.0 Ok", "bytes": 7}
+    record = transaction_log.makeRecord(
+        transaction_log.name, logging.INFO, "f", 1, "transaction %s",
+        (_TextFields(fields),), None, extra={"fields": fields},
+    )  # fmt: skip
+    if worker is not None:
+        record.worker = worker
+    for created in (1_700_000_000.25, 1_700_003_600.999):
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert formatter.transaction_line(created, fields, worker) == formatter.format(record)
+
+
+def test_log_transaction_goes_straight_to_a_lone_buffered_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, delay=60)
+    handler.setFormatter(TextFormatter())
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    monkeypatch.setattr(logging.LogRecord, "__init__", None)  # no record may be made
+    monkeypatch.setattr(transaction_log, "level", logging.INFO)
+    log_transaction({"session": "1a", "outcome": "delivered"})
+    handler.flush()
+    assert stream.getvalue().endswith(
+        " INFO sidecar.transaction: transaction session=1a outcome=delivered\n"
+    )
