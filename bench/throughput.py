@@ -167,7 +167,7 @@ def run_load(load: Load, host: str, port: int, timeout: float = 900.0) -> float:
     )
     elapsed = time.monotonic() - started_at
     if result.returncode != 0 or "fatal" in result.stderr:
-        raise RuntimeError(f"smtp-source failed: {result.stderr[-500:]}")
+        raise RuntimeError(f"smtp-source to {host}:{port} failed: {result.stderr[-500:]}")
     return elapsed
 
 

@@ -10,6 +10,7 @@ without a caller look-up, its text is built only by a formatter that prints it, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -133,10 +134,13 @@ class TextFormatter(logging.Formatter):
 class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
     """A StreamHandler that writes in batches, each line at most ``delay`` seconds late.
 
-    Lines at WARNING and above, and the ``lines``-th buffered one, write the batch at once; a
-    daemon thread (started on demand, again after a fork) writes what waits longer than
-    ``delay``. ``flush()`` and ``close()`` write everything, so ``logging.shutdown`` loses
-    nothing; a line can only be lost if the process is killed (SIGKILL) within ``delay``.
+    A daemon thread (started on demand, again after a fork) writes the batch ``delay``
+    seconds after its first line, or at once when ``lines`` are waiting: the write (which may
+    block on a slow file or pipe) is off the event loop's thread. Lines at WARNING and above
+    write the batch at once, from the thread that logs them, and so does any line when
+    ``8 * lines`` are waiting (the writer cannot keep up: memory stays bounded). ``flush()``
+    and ``close()`` write everything, so ``logging.shutdown`` loses nothing; a line can only
+    be lost if the process is killed (SIGKILL) within ``delay``. Lines keep their order.
     """
 
     def __init__(
@@ -147,7 +151,10 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
         self.lines = lines
         self.buffer: list[str] = []
         self.worker: int | None = None  # the [worker i] of a transaction line (tag_worker)
-        self._pending = threading.Event()
+        self._buffer_lock = threading.Lock()  # the buffer only: held for an append or a swap
+        self._write_lock = threading.Lock()  # a batch taken and written, one at a time
+        self._pending = threading.Event()  # lines wait
+        self._full = threading.Event()  # write them now
         self._flusher_running = False
         _BUFFERED.add(self)
 
@@ -168,47 +175,55 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
         line = formatter.transaction_line(created, fields, self.worker)
         if line is None:
             return False
-        with self.lock if self.lock is not None else _NO_LOCK:
-            self._add(line, logging.INFO)
+        self._add(line, logging.INFO)
         return True
 
     def _add(self, line: str, level: int) -> None:
-        """Buffer ``line`` (the handler's lock held); write now if it is urgent or full."""
+        """Buffer ``line``; write now if it is urgent or far too many wait."""
         if not self._flusher_running:
             self._flusher_running = True
             threading.Thread(target=self._flusher, name="log-flusher", daemon=True).start()
-        self.buffer.append(line)
-        if level >= logging.WARNING or len(self.buffer) >= self.lines:
+        with self._buffer_lock:
+            self.buffer.append(line)
+            waiting = len(self.buffer)
+        if level >= logging.WARNING or waiting >= 8 * self.lines:
             self.flush()
-        elif len(self.buffer) == 1:
+        elif waiting == 1:
             self._pending.set()
-
-    def _after_fork_in_child(self) -> None:
-        # What the parent had buffered is the parent's to write; the flusher thread is gone.
-        self.buffer.clear()
-        self._pending = threading.Event()  # not one whose lock a lost thread may hold
-        self._flusher_running = False
+        elif waiting == self.lines:
+            self._full.set()
 
     def flush(self) -> None:
-        with self.lock if self.lock is not None else _NO_LOCK:
-            if self.buffer:
-                text = "\n".join(self.buffer) + "\n"
-                self.buffer.clear()
+        with self._write_lock:
+            with self._buffer_lock:
+                batch, self.buffer = self.buffer, []
+            if batch:
                 try:
-                    self.stream.write(text)
+                    self.stream.write("\n".join(batch) + "\n")
                 except Exception:
                     sys.stderr.write("sidecar: cannot write log lines\n")
-            super().flush()
+            with contextlib.suppress(Exception):
+                self.stream.flush()
 
     def close(self) -> None:
         self.flush()
         super().close()
 
+    def _after_fork_in_child(self) -> None:
+        # What the parent had buffered is the parent's to write; the flusher thread is gone.
+        self.buffer = []
+        self._buffer_lock = threading.Lock()  # not ones a lost thread may hold
+        self._write_lock = threading.Lock()
+        self._pending = threading.Event()
+        self._full = threading.Event()
+        self._flusher_running = False
+
     def _flusher(self) -> None:
         pending = self._pending
         while pending is self._pending:  # a forked child has a new one (and no such thread)
             pending.wait()
-            time.sleep(self.delay)
+            self._full.wait(self.delay)
+            self._full.clear()
             pending.clear()
             self.flush()
 
@@ -222,17 +237,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 
 
 class _WorkerTag(logging.Filter):

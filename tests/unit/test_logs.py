@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 
 import pytest
@@ -82,7 +83,7 @@ def test_buffered_handler_writes_info_lines_in_a_batch_at_most_delay_late() -> N
     assert stream.getvalue() == "one\ntwo\nthree\n"
 
 
-def test_buffered_handler_writes_at_once_on_a_warning_and_when_full() -> None:
+def test_buffered_handler_writes_at_once_on_a_warning_and_soon_when_full() -> None:
     stream = io.StringIO()
     handler = BufferedStreamHandler(stream, delay=60, lines=3)
     handler.handle(_record(logging.INFO, "a"))
@@ -90,7 +91,38 @@ def test_buffered_handler_writes_at_once_on_a_warning_and_when_full() -> None:
     assert stream.getvalue() == "a\nw\n"
     for text in "bcd":
         handler.handle(_record(logging.INFO, text))
+    # A full batch is the flusher thread's to write, without waiting for the delay.
+    deadline = time.monotonic() + 5
+    while stream.getvalue() != "a\nw\nb\nc\nd\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert stream.getvalue() == "a\nw\nb\nc\nd\n"
+
+
+class _StuckStream(io.StringIO):
+    """A stream whose writes from the flusher thread block until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        if threading.current_thread().name == "log-flusher":
+            self.release.wait(10)
+        return super().write(text)
+
+
+def test_buffered_handler_bounds_what_waits_when_the_writer_is_stuck() -> None:
+    stream = _StuckStream()
+    handler = BufferedStreamHandler(stream, delay=0.01, lines=2)
+    handler.handle(_record(logging.INFO, "first"))  # the flusher takes it and blocks
+    time.sleep(0.1)
+    threading.Timer(0.3, stream.release.set).start()
+    started = time.monotonic()
+    for index in range(16):  # 8 * lines: the logging thread waits for the writer
+        handler.handle(_record(logging.INFO, str(index)))
+    assert time.monotonic() - started > 0.2 and len(handler.buffer) < 16
+    handler.close()
+    assert stream.getvalue().split() == ["first"] + [str(index) for index in range(16)]
 
 
 def test_buffered_handler_loses_nothing_on_flush_and_close() -> None:
