@@ -27,7 +27,10 @@ transaction_log = logging.getLogger("sidecar.transaction")
 _ROOT = logging.getLogger()
 
 FLUSH_DELAY = 0.2  # seconds a buffered line may wait before it is written
-FLUSH_LINES = 256  # lines buffered at most before a write
+FLUSH_LINES = 256  # lines that wake the writer at once
+# Lines that may wait while a write is slow (a file system stalls, a pipe is full; ~6 MiB):
+# beyond that the logging thread writes, and waits, itself.
+FLUSH_MAX_LINES = 16384
 
 
 class _Clock:
@@ -138,17 +141,22 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
     seconds after its first line, or at once when ``lines`` are waiting: the write (which may
     block on a slow file or pipe) is off the event loop's thread. Lines at WARNING and above
     write the batch at once, from the thread that logs them, and so does any line when
-    ``8 * lines`` are waiting (the writer cannot keep up: memory stays bounded). ``flush()``
+    ``max_lines`` are waiting (the writer cannot keep up: memory stays bounded). ``flush()``
     and ``close()`` write everything, so ``logging.shutdown`` loses nothing; a line can only
     be lost if the process is killed (SIGKILL) within ``delay``. Lines keep their order.
     """
 
     def __init__(
-        self, stream: IO[str], delay: float = FLUSH_DELAY, lines: int = FLUSH_LINES
+        self,
+        stream: IO[str],
+        delay: float = FLUSH_DELAY,
+        lines: int = FLUSH_LINES,
+        max_lines: int = FLUSH_MAX_LINES,
     ) -> None:
         super().__init__(stream)
         self.delay = delay
         self.lines = lines
+        self.max_lines = max(lines, max_lines)
         self.buffer: list[str] = []
         self.worker: int | None = None  # the [worker i] of a transaction line (tag_worker)
         self._buffer_lock = threading.Lock()  # the buffer only: held for an append or a swap
@@ -186,7 +194,7 @@ class BufferedStreamHandler(logging.StreamHandler[IO[str]]):
         with self._buffer_lock:
             self.buffer.append(line)
             waiting = len(self.buffer)
-        if level >= logging.WARNING or waiting >= 8 * self.lines:
+        if level >= logging.WARNING or waiting >= self.max_lines:
             self.flush()
         elif waiting == 1:
             self._pending.set()

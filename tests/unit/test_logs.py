@@ -113,12 +113,12 @@ class _StuckStream(io.StringIO):
 
 def test_buffered_handler_bounds_what_waits_when_the_writer_is_stuck() -> None:
     stream = _StuckStream()
-    handler = BufferedStreamHandler(stream, delay=0.01, lines=2)
+    handler = BufferedStreamHandler(stream, delay=0.01, lines=2, max_lines=16)
     handler.handle(_record(logging.INFO, "first"))  # the flusher takes it and blocks
     time.sleep(0.1)
     threading.Timer(0.3, stream.release.set).start()
     started = time.monotonic()
-    for index in range(16):  # 8 * lines: the logging thread waits for the writer
+    for index in range(16):  # max_lines: the logging thread waits for the writer
         handler.handle(_record(logging.INFO, str(index)))
     assert time.monotonic() - started > 0.2 and len(handler.buffer) < 16
     handler.close()
