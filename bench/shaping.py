@@ -45,7 +45,7 @@ from throughput import (
     EGRESS,
     EGRESS_PORT,
     HAPROXY,
-    HAPROXY_COMMON,
+    HAPROXY_NT1,
     MX,
     MX_PORT,
     ROOT,
@@ -61,7 +61,7 @@ from throughput import (
 )
 from throughput import sidecar_config as throughput_config
 
-# Loopback addresses of this benchmark (throughput.py uses .1 to .6 and .44).
+# Loopback addresses of this benchmark (throughput.py uses .1 to .6, .10 to .12 and .44).
 SIDECARS = {"off": "127.0.9.5", "memory": "127.0.9.7", "redis": "127.0.9.8"}
 REDIS, REDIS_PORT = "127.0.9.9", 6379
 
@@ -97,7 +97,7 @@ def services(workdir: Path, backends: list[str]) -> Iterator[dict[str, int]]:
     """smtp-sink, dnsmasq, the egress HAProxy, redis-server (for the redis column) and one
     sidecar per backend; yields the sidecars' pids by backend."""
     (workdir / "egress.cfg").write_text(
-        HAPROXY_COMMON
+        HAPROXY_NT1  # nbthread 1, as its figures were measured
         + f"""frontend egress
     bind {EGRESS}:{EGRESS_PORT} accept-proxy
     default_backend mx

@@ -6,6 +6,12 @@ delivery, in one run, alternating, with Postfix's smtp-source as the load and sm
               -> smtp-sink: what a C proxy does with no SMTP awareness at all
     direct:   smtp-source -> smtp-sink, the floor
 
+As deployed by default (issue 15): the sidecar logs at INFO (one line per transaction, here to
+a file as a container's stdout goes to one) and HAProxy runs with its default threading; one
+HAProxy process serves both chain hops and is the sidecar's egress. Side by side:
+    sidecar warn: the same sidecar at --log-level warning (no transaction lines)
+    chain nt1:    the chain as two HAProxy processes with nbthread 1 each (earlier figures)
+
 The same run then measures, against the same processes:
 - latency: a small blocking raw-socket SMTP client sends messages one after another, one per
   connection, rotating over direct, chain and sidecar message by message; each is timed from
@@ -62,14 +68,20 @@ EGRESS = "127.0.9.3"
 FRONT = "127.0.9.4"
 SIDECAR_ADDRESS = "127.0.9.5"
 WORKERS_ADDRESS = "127.0.9.6"  # a second sidecar, with server.workers = --workers
+WARN_ADDRESS = "127.0.9.10"  # the sidecar at --log-level warning
+EGRESS_NT1 = "127.0.9.11"  # the chain of two nbthread 1 HAProxy processes
+FRONT_NT1 = "127.0.9.12"
 SOURCE = "127.0.9.44"
 MX_PORT, DNS_PORT, EGRESS_PORT, FRONT_PORT, SIDECAR_PORT = 10025, 5353, 5000, 2526, 2525
 
 HAPROXY = ["haproxy", "-db", "-f"]
-HAPROXY_COMMON = """\
+HAPROXY_GLOBAL = """\
 global
     maxconn 8000
-    nbthread 1
+"""
+HAPROXY_COMMON = (
+    HAPROXY_GLOBAL
+    + """\
 defaults
     mode tcp
     timeout connect 2s
@@ -77,6 +89,8 @@ defaults
     timeout server 11m
     retries 1
 """
+)
+HAPROXY_NT1 = HAPROXY_COMMON.replace("maxconn 8000\n", "maxconn 8000\n    nbthread 1\n")
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -153,34 +167,41 @@ def run_load(load: Load, host: str, port: int, timeout: float = 900.0) -> float:
     )
     elapsed = time.monotonic() - started_at
     if result.returncode != 0 or "fatal" in result.stderr:
-        raise RuntimeError(f"smtp-source failed: {result.stderr[-500:]}")
+        raise RuntimeError(f"smtp-source to {host}:{port} failed: {result.stderr[-500:]}")
     return elapsed
 
 
-def write_configs(workdir: Path, workers: int = 2) -> None:
-    (workdir / "egress.cfg").write_text(
-        HAPROXY_COMMON
-        + f"""frontend egress
-    bind {EGRESS}:{EGRESS_PORT} accept-proxy
+def egress_section(egress: str) -> str:
+    return f"""frontend egress_in
+    bind {egress}:{EGRESS_PORT} accept-proxy
     default_backend mx
 backend mx
     source 0.0.0.0 usesrc clientip
     server mx 0.0.0.0:0
 """
-    )
-    (workdir / "front.cfg").write_text(
-        HAPROXY_COMMON
-        + f"""frontend front
-    bind {FRONT}:{FRONT_PORT}
+
+
+def front_section(front: str, egress: str) -> str:
+    return f"""frontend front
+    bind {front}:{FRONT_PORT}
     tcp-request connection set-src ipv4({SOURCE})
     tcp-request connection set-dst ipv4({MX})
     tcp-request connection set-dst-port int({MX_PORT})
-    default_backend egress
-backend egress
-    server egress {EGRESS}:{EGRESS_PORT} send-proxy-v2
+    default_backend to_egress
+backend to_egress
+    server egress {egress}:{EGRESS_PORT} send-proxy-v2
 """
+
+
+def write_configs(workdir: Path, workers: int = 2) -> None:
+    # Default threading: one process, both hops, and the sidecars' egress.
+    (workdir / "haproxy.cfg").write_text(
+        HAPROXY_COMMON + egress_section(EGRESS) + front_section(FRONT, EGRESS)
     )
+    (workdir / "egress-nt1.cfg").write_text(HAPROXY_NT1 + egress_section(EGRESS_NT1))
+    (workdir / "front-nt1.cfg").write_text(HAPROXY_NT1 + front_section(FRONT_NT1, EGRESS_NT1))
     (workdir / "sidecar.toml").write_text(sidecar_config(SIDECAR_ADDRESS, 1))
+    (workdir / "sidecar-warn.toml").write_text(sidecar_config(WARN_ADDRESS, 1))
     (workdir / "sidecar-workers.toml").write_text(sidecar_config(WORKERS_ADDRESS, workers))
 
 
@@ -538,24 +559,31 @@ def services(
     with (
         started(sink, "smtp-sink", workdir, (MX, MX_PORT)),
         started(dnsmasq, "dnsmasq", workdir, (MX, MX_PORT)),  # UDP: no TCP probe
-        started([*HAPROXY, "egress.cfg"], "egress", workdir, (EGRESS, EGRESS_PORT)),
-        started([*HAPROXY, "front.cfg"], "front", workdir, (FRONT, FRONT_PORT)),
+        started([*HAPROXY, "haproxy.cfg"], "haproxy", workdir, (FRONT, FRONT_PORT)),
+        started([*HAPROXY, "egress-nt1.cfg"], "egress-nt1", workdir, (EGRESS_NT1, EGRESS_PORT)),
+        started([*HAPROXY, "front-nt1.cfg"], "front-nt1", workdir, (FRONT_NT1, FRONT_PORT)),
         started(
-            [*profiler, str(SIDECAR), "run", "-c", "sidecar.toml", "--log-level", "warning"],
+            [*profiler, str(SIDECAR), "run", "-c", "sidecar.toml"],  # INFO, the default
             "sidecar",
             workdir,
             (SIDECAR_ADDRESS, SIDECAR_PORT),
             signal.SIGINT if profiler else signal.SIGTERM,  # py-spy writes on SIGINT
         ) as sidecar_pid,
     ):
-        if workers == 1:
+        if profiler:
             yield {"sidecar": sidecar_pid}
             return
-        second = SIDECAR if baseline is None else baseline / ".venv" / "bin" / "sidecar"
-        argv = [str(second), "run", "-c", "sidecar-workers.toml", "--log-level", "warning"]
-        ready = (WORKERS_ADDRESS, SIDECAR_PORT)
-        with started(argv, "sidecar-workers", workdir, ready) as workers_pid:
-            yield {"sidecar": sidecar_pid, workers_path(workers, baseline): workers_pid}
+        warn = [str(SIDECAR), "run", "-c", "sidecar-warn.toml", "--log-level", "warning"]
+        with started(warn, "sidecar-warn", workdir, (WARN_ADDRESS, SIDECAR_PORT)) as warn_pid:
+            pids = {"sidecar": sidecar_pid, "sidecar warn": warn_pid}
+            if workers == 1:
+                yield pids
+                return
+            second = SIDECAR if baseline is None else baseline / ".venv" / "bin" / "sidecar"
+            argv = [str(second), "run", "-c", "sidecar-workers.toml"]
+            ready = (WORKERS_ADDRESS, SIDECAR_PORT)
+            with started(argv, "sidecar-workers", workdir, ready) as workers_pid:
+                yield {**pids, workers_path(workers, baseline): workers_pid}
 
 
 @dataclass
@@ -630,6 +658,8 @@ def main() -> int:
         "sidecar": (SIDECAR_ADDRESS, SIDECAR_PORT),
         "chain": (FRONT, FRONT_PORT),
         "direct": (MX, MX_PORT),
+        "sidecar warn": (WARN_ADDRESS, SIDECAR_PORT),
+        "chain nt1": (FRONT_NT1, FRONT_PORT),
     }
     if plan.workers > 1:
         paths[workers_path(plan.workers, plan.baseline)] = (WORKERS_ADDRESS, SIDECAR_PORT)
@@ -671,16 +701,19 @@ def report(plan: Plan, results: Results) -> list[str]:
 def report_throughput(
     loads: list[Load], results: Results, workers: int, baseline: Path | None = None
 ) -> list[str]:
-    """One row per load: each path's rate, and for each sidecar its ratio to the chain and
-    its CPU seconds per 1000 messages (all its processes)."""
-    sidecars = ["sidecar"] + ([workers_path(workers, baseline)] if workers > 1 else [])
+    """One row per load: each path's rate, and for each sidecar its ratio to the chain (default
+    threading) and its CPU seconds per 1000 messages (all its processes); then the sidecar's
+    ratio to the nbthread 1 chain and what its INFO log costs (CPU against ``sidecar warn``)."""
+    sidecars = ["sidecar", "sidecar warn"]
+    sidecars += [workers_path(workers, baseline)] if workers > 1 else []
     header = f"{'load':48} {'direct':>8} {'chain':>8}"
     for path in sidecars:
         header += f" | {path:>12} {'vs chain':>8} {'CPU/1000':>8}"
+    header += f" | {'chain nt1':>9} {'sidecar vs nt1':>14} {'INFO log CPU':>12}"
     lines = ["", header]
     for load in loads:
         rates = {}
-        for path in ("direct", "chain", *sidecars):
+        for path in ("direct", "chain", "chain nt1", *sidecars):
             seconds = statistics.median(results.throughput[(load.name, path)])
             if load.size >= 1024 * 1024:
                 rates[path] = load.messages * load.size / seconds / 1e6  # MB/s
@@ -691,9 +724,16 @@ def report_throughput(
         for path in sidecars:
             per_1000 = statistics.median(results.cpu[(load.name, path)]) / load.messages * 1000
             row += f" | {rates[path]:>12.1f} {rates[path] / rates['chain']:>7.2f}x {per_1000:>8.2f}"
+        info, warn = (statistics.median(results.cpu[(load.name, p)]) for p in sidecars[:2])
+        row += f" | {rates['chain nt1']:>9.1f} {rates['sidecar'] / rates['chain nt1']:>13.2f}x"
+        row += f" {(info - warn) / info:>+11.0%}"
         lines.append(f"{row}  ({unit})")
     lines += [
         "",
+        "sidecar: the default (INFO, a line per transaction to a file); sidecar warn: at"
+        " --log-level warning; chain: one HAProxy, default threading, both hops (the sidecars'"
+        " egress too); chain nt1: two HAProxy processes with nbthread 1.",
+        "INFO log CPU: (sidecar - sidecar warn) / sidecar, CPU per message.",
         "CPU/1000: the sidecar's CPU seconds per 1000 messages, all its processes together.",
         f"sidecar peak RSS (one process): {mib(results.peak_rss)} MiB",
     ]

@@ -32,7 +32,7 @@ from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.errors import describe_error
 from sidecar.explain import explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
-from sidecar.logs import configure_logging
+from sidecar.logs import configure_logging, shutdown_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
@@ -192,6 +192,8 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
     except ListenError as e:
         click.echo(f"error: cannot listen on {e}", err=True)
         sys.exit(1)
+    finally:
+        shutdown_logging()  # the buffered log lines (also at exit; here before click's exit)
 
 
 @main.command()

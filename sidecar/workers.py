@@ -27,7 +27,7 @@ from types import FrameType
 import trio
 
 from sidecar.config import Config, HostPort, Listener
-from sidecar.logs import tag_worker
+from sidecar.logs import shutdown_logging, tag_worker
 from sidecar.server import ListenError, run_until_signal
 from sidecar.tcp import addresses_of, listen, listening_socket
 
@@ -176,7 +176,7 @@ class Supervisor:
                     signal.signal(signum, signal.SIG_DFL)
                 code = run_worker(index, self.sockets[index], self.config, self.config_path)
             finally:
-                logging.shutdown()
+                shutdown_logging()  # the buffered lines: os._exit runs no atexit hook
                 sys.stderr.flush()
                 os._exit(code)
         self.workers[pid] = _Worker(index, pid, time.monotonic(), delay)

@@ -166,6 +166,38 @@ async def test_json_log_lines(cli_stack: CliStack, processes: Processes) -> None
     assert await wait_exit(started) == 0
 
 
+async def stop_during_a_transaction(stack: CliStack, started: SidecarProcess) -> None:
+    """SIGTERM while a client is in DATA, which then ends its message within the grace: its
+    transaction line comes after the "shutting down" warning, just before the exit."""
+    async with await RawSMTPClient.connect(stack.listener) as client:
+        assert (await client.read_reply()).startswith(b"220 ")
+        assert (await client.command(b"EHLO client.test")).startswith(b"250")
+        assert (await client.command(b"MAIL FROM:<a@client.test>")).startswith(b"250")
+        assert (await client.command(b"RCPT TO:<rcpt@example.test>")).startswith(b"250")
+        assert (await client.command(b"DATA")).startswith(b"354")
+        started.process.send_signal(signal.SIGTERM)
+        await wait_for_log(started, "shutting down")
+        await client.send(MESSAGE + b".\r\n")
+        assert (await client.read_reply()).startswith(b"250 ")
+
+
+async def test_no_transaction_line_lost_on_sigterm(
+    cli_stack: CliStack, processes: Processes
+) -> None:
+    # Lines are written in batches (up to 0.2 s late): those of the transactions before a
+    # SIGTERM and of one that ends in the grace period all get out before the process ends.
+    started = await processes.start(["run", "-c", str(cli_stack.config_path)])
+    await wait_listening(cli_stack.listener, started)
+    count = 20
+    for _ in range(count):
+        result = await send(cli_stack.listener, "a@client.test", ["rcpt@example.test"], MESSAGE)
+        assert result.error is None and not result.refused, result
+    await stop_during_a_transaction(cli_stack, started)
+    assert await wait_exit(started) == 0
+    lines = [line for line in started.stderr.splitlines() if "sidecar.transaction" in line]
+    assert len(lines) == count + 1 and all("outcome=delivered" in line for line in lines), lines
+
+
 async def test_sighup_reloads_new_sessions_use_it(
     cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:

@@ -24,7 +24,13 @@ from .harness import (
     wait_exit,
     wait_listening,
 )
-from .test_operations import http_get, wait_for_log, with_status, write_config
+from .test_operations import (
+    http_get,
+    stop_during_a_transaction,
+    wait_for_log,
+    with_status,
+    write_config,
+)
 
 
 def with_workers(stack: CliStack, lab: Lab, workers: int = 2) -> Endpoint:
@@ -75,10 +81,10 @@ async def test_workers_share_the_listener_and_each_serve_status(
     await wait_listening(cli_stack.listener, started)
     await send_ok(cli_stack, 24)
     assert len(await cli_stack.mxes[0].wait_for_messages(24)) == 24
-    # The kernel spread the 24 connections over both workers: each logged transactions.
-    log = started.stderr
+    # The kernel spread the 24 connections over both workers: each logged transactions
+    # (within the log's flush delay).
     for index in (0, 1):
-        assert f"[worker {index}] sidecar.transaction" in log, log
+        await wait_for_log(started, f"[worker {index}] sidecar.transaction")
     assert len(worker_pids(started)) == 2
 
     for index in (0, 1):
@@ -169,3 +175,18 @@ async def test_workers_stop_when_the_supervisor_is_killed(
         while any(alive(pid) for pid in worker_pids(started).values()):
             await trio.sleep(0.05)
     assert refuses_connections(cli_stack.listener)
+
+
+async def test_workers_lose_no_transaction_line_on_sigterm(
+    cli_stack: CliStack, processes: Processes, lab: Lab
+) -> None:
+    # Each worker buffers its lines (up to 0.2 s) and ends with os._exit: its exit path must
+    # write them first.
+    with_workers(cli_stack, lab)
+    started = await start_workers(cli_stack, processes)
+    count = 24
+    await send_ok(cli_stack, count)
+    await stop_during_a_transaction(cli_stack, started)
+    assert await wait_exit(started) == 0
+    lines = [line for line in started.stderr.splitlines() if "sidecar.transaction" in line]
+    assert len(lines) == count + 1, lines

@@ -3,6 +3,7 @@ never an exception out of ``Session.run`` (it would take the whole server down).
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
@@ -12,6 +13,7 @@ import trio.testing
 
 from sidecar import session as session_module
 from sidecar.config import parse_config
+from sidecar.logs import BufferedStreamHandler, TextFormatter
 from sidecar.server import build_context
 from sidecar.session import Session
 from sidecar.smtp.server import TransactionReset
@@ -78,3 +80,29 @@ async def test_unexpected_error_is_421_and_logged(
     ]
     (record,) = caplog.records
     assert "unhandled error" in record.getMessage() and record.exc_info is not None
+
+
+async def test_a_crashed_session_still_logs_its_transaction_within_the_flush_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(self: Session, event: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(session_module._ON_EVENT, TransactionReset, broken)
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, delay=0.05)
+    handler.setFormatter(TextFormatter())
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        await converse(b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRSET\r\n")
+        with trio.fail_after(5):
+            while "outcome=aborted" not in stream.getvalue():
+                await trio.sleep(0.01)  # written by the flusher, no flush() asked for
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+    (line,) = [line for line in stream.getvalue().splitlines() if "sidecar.transaction" in line]
+    assert "rcpt=0/0/0 outcome=aborted" in line
