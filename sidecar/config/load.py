@@ -719,15 +719,22 @@ def _positive_int(value: object, path: str) -> int:
     return value
 
 
-def _positive_float(value: object, path: str) -> float:
+def _seconds(value: object, path: str, *, zero_ok: bool, expected: str) -> float:
+    """A finite number of seconds, above 0 (or 0 too with ``zero_ok``); ``expected`` says
+    what it must be in the error."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or value <= 0
+        or value < 0
+        or (value == 0 and not zero_ok)
     ):
-        raise ConfigError(path, f"must be a positive number of seconds, got {_show(value)}")
+        raise ConfigError(path, f"must be {expected}, got {_show(value)}")
     return float(value)
+
+
+def _positive_float(value: object, path: str) -> float:
+    return _seconds(value, path, zero_ok=False, expected="a positive number of seconds")
 
 
 def _port(value: object, path: str) -> int:
@@ -777,14 +784,7 @@ def _duration(value: object, path: str) -> float:
 
 
 def _non_negative_float(value: object, path: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigError(path, f"must be a number of seconds, 0 or more, got {_show(value)}")
-    return float(value)
+    return _seconds(value, path, zero_ok=True, expected="a number of seconds, 0 or more")
 
 
 def _parse_shaping_backend(value: object, path: str) -> ShapingBackendKind:
