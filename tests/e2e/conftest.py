@@ -11,6 +11,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -36,6 +37,7 @@ from .mta import MailStack, make_mail_stack
 
 ROOT_REQUIRED = "e2e tests need root: HAProxy's usesrc clientip requires CAP_NET_ADMIN"
 _HERE = Path(__file__).parent
+_F = TypeVar("_F", HAProxyFactory, DnsmasqFactory, RedisFactory)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -57,40 +59,33 @@ def addresses() -> Addresses:
     return Addresses()
 
 
-@pytest.fixture
-def haproxy_factory(tmp_path: Path, addresses: Addresses) -> Iterator[HAProxyFactory]:
-    """``haproxy_factory(ipv6=..., retries=..., allowed_...=...)`` -> started HAProxy."""
-    factory = HAProxyFactory(tmp_path, addresses)
+def _stopped_after(factory: _F) -> Iterator[_F]:
+    """Yield a process factory; at teardown stop every process it started and print their
+    logs (pytest shows them for failed tests only)."""
     try:
         yield factory
     finally:
         factory.stop_all()
         if factory.processes:
             print(factory.logs())
+
+
+@pytest.fixture
+def haproxy_factory(tmp_path: Path, addresses: Addresses) -> Iterator[HAProxyFactory]:
+    """``haproxy_factory(ipv6=..., retries=..., allowed_...=...)`` -> started HAProxy."""
+    yield from _stopped_after(HAProxyFactory(tmp_path, addresses))
 
 
 @pytest.fixture
 def dnsmasq_factory(tmp_path: Path, addresses: Addresses) -> Iterator[DnsmasqFactory]:
     """``dnsmasq_factory([MXRecord(...), HostRecord(...), ...], ttl=...)`` -> started dnsmasq."""
-    factory = DnsmasqFactory(tmp_path, addresses)
-    try:
-        yield factory
-    finally:
-        factory.stop_all()
-        if factory.processes:
-            print(factory.logs())
+    yield from _stopped_after(DnsmasqFactory(tmp_path, addresses))
 
 
 @pytest.fixture
 def redis_factory(tmp_path: Path, addresses: Addresses) -> Iterator[RedisFactory]:
     """``redis_factory()`` -> a started private redis-server (``.url``, ``.stop()``, ...)."""
-    factory = RedisFactory(tmp_path, addresses)
-    try:
-        yield factory
-    finally:
-        factory.stop_all()
-        if factory.processes:
-            print(factory.logs())
+    yield from _stopped_after(RedisFactory(tmp_path, addresses))
 
 
 @pytest.fixture
