@@ -13,7 +13,6 @@ import logging
 import signal
 import socket
 from functools import partial
-from ipaddress import IPv6Address, ip_address
 
 import trio
 
@@ -38,7 +37,7 @@ from sidecar.shaping.control import control
 from sidecar.shaping.shaper import Shaper, shaper_for
 from sidecar.status import StatusSource, serve_status
 from sidecar.status_view import ShapingState, StatusSnapshot, shaping_state, take_snapshot
-from sidecar.tcp import TcpStream, accept_all, listen
+from sidecar.tcp import TcpStream, accept_all, listen, peer_in
 
 log = logging.getLogger("sidecar.server")
 
@@ -55,13 +54,7 @@ def build_context(config: Config, previous: ServerContext | None = None) -> Serv
 
 
 def client_allowed(config: Config, client: str) -> bool:
-    try:
-        address = ip_address(client.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in config.server.allowed_clients)
+    return peer_in(config.server.allowed_clients, client)
 
 
 async def _refuse(stream: TcpStream, answer: bytes) -> None:

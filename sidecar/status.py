@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import h11
@@ -29,6 +29,7 @@ from sidecar.status_view import (
     render_json,
     render_prometheus,
 )
+from sidecar.tcp import peer_in
 
 log = logging.getLogger("sidecar.status")
 
@@ -80,15 +81,7 @@ class StatusSource:
 def control_allowed(networks: tuple[IPv4Network | IPv6Network, ...], peer: str | None) -> bool:
     """Whether the caller at ``peer`` (an IP address as text; None: unknown) is in
     ``networks`` (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
-    if peer is None:
-        return False
-    try:
-        address = ip_address(peer.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    return peer is not None and peer_in(networks, peer)
 
 
 def _json_reply(code: int, answer: Mapping[str, object]) -> tuple[int, str, bytes]:

@@ -15,7 +15,8 @@ import heapq
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
 import trio
 
@@ -297,6 +298,19 @@ def stream_from(stream: trio.SocketStream) -> TcpStream:
     trio_socket = stream.socket
     family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
     return TcpStream(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
+
+
+def peer_in(networks: Iterable[IPv4Network | IPv6Network], peer: str) -> bool:
+    """Whether the peer address ``peer`` (text, maybe with a %zone) is in one of
+    ``networks``; an IPv4-mapped IPv6 address counts as its IPv4 address. False for text
+    that is no address."""
+    try:
+        address = ip_address(peer.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 # ---- listening ------------------------------------------------------------------------------
