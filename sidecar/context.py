@@ -16,6 +16,7 @@ from sidecar import replies
 from sidecar.config import Config
 from sidecar.health import HealthRegistry
 from sidecar.metrics import Metrics
+from sidecar.mxtls.outcome import NullReporter, TlsReporter
 from sidecar.pool import UpstreamPool
 from sidecar.routing import Router
 from sidecar.shaping.shaper import Shaper
@@ -36,6 +37,8 @@ class ServerContext:
     metrics: Metrics = field(default_factory=Metrics)
     pool: UpstreamPool | None = None  # idle upstreams shared by sessions (None: no reuse)
     shaper: Shaper | None = None  # traffic shaping (None: nothing is shaped)
+    # Where the outcome of each TLS session attempt with an MX goes (TLS-RPT, RFC 8460).
+    tls_reporter: TlsReporter = field(default_factory=NullReporter)
     shutting_down: trio.Event = field(default_factory=trio.Event)
     # The streams of sessions waiting for a command between transactions: a shutdown
     # interrupts those waits at once.

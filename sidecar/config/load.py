@@ -846,6 +846,7 @@ _BY_NAME: dict[tuple[type[Any], str], _Parser] = {
     (DeliveryConfig, "port"): _port,
     (DeliveryConfig, "tls"): _parse_tls,
     (DeliveryConfig, "tls_ca_file"): _str,
+    (DeliveryConfig, "state_dir"): _str,
     (HealthConfig, "health_check_probe"): _parse_probe,
     (StatusConfig, "address"): _status_address,
     (StatusConfig, "allow_control_from"): _parse_control_networks,

@@ -118,6 +118,14 @@ class DomainPolicy:
     tls: TlsPolicy | None = field(
         default=None, metadata=doc("STARTTLS policy towards this domain's MXes")
     )
+    dane: bool | None = field(
+        default=None,
+        metadata=doc("DANE (RFC 7672) for this domain's MXes: overrides delivery.dane"),
+    )
+    mta_sts: bool | None = field(
+        default=None,
+        metadata=doc("MTA-STS (RFC 8461) for this domain: overrides delivery.mta_sts"),
+    )
 
 
 @dataclass(frozen=True)
@@ -401,6 +409,24 @@ class DeliveryConfig:
     tls_ca_file: str | None = field(
         default=None,
         metadata=doc('path of the CA bundle (PEM) for tls = "verify"; unset: the system\'s'),
+    )
+    dane: bool = field(
+        default=False,
+        metadata=doc(
+            "DANE for SMTP (RFC 7672): authenticate MXes that publish TLSA records; needs a "
+            "local DNSSEC-validating resolver in dns.nameservers"
+        ),
+    )
+    mta_sts: bool = field(
+        default=True,
+        metadata=doc("MTA-STS (RFC 8461): fetch, cache and apply recipient domains' policies"),
+    )
+    state_dir: str = field(
+        default="/var/lib/sidecar",
+        metadata=doc(
+            "directory of the on-disk state (MTA-STS policy cache, TLS-RPT results); "
+            "created if missing"
+        ),
     )
     # The TLS client context built from tls_ca_file when the configuration was loaded (so a
     # file that cannot be read fails `sidecar check`, start-up and SIGHUP, never a delivery).

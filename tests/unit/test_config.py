@@ -909,6 +909,9 @@ def test_minimal_config_round_trips_with_defaults_filled_in() -> None:
         "port": 25,
         "allow_private_destinations": False,
         "tls": "opportunistic",
+        "dane": False,
+        "mta_sts": True,
+        "state_dir": "/var/lib/sidecar",
         # RFC 5321 section 4.5.3.2 values, cut to fit the MTA's own waits (issue 10, item 8)
         "setup_timeout": 240.0,
         "connect_timeout": 10.0,

@@ -73,6 +73,9 @@ EVERY_KEY: dict[str, Any] = {
         "port": 2525,
         "allow_private_destinations": True,
         "tls": "required",
+        "dane": True,
+        "mta_sts": False,
+        "state_dir": "/srv/sidecar-state",
         # tls_ca_file: in test_every_key_with_a_ca_file (it needs a readable bundle)
         "setup_timeout": 100.0,
         "connect_timeout": 3.0,
@@ -124,7 +127,14 @@ EVERY_KEY: dict[str, Any] = {
             "domain": {"x.example": {"tls": "verify"}},
         }
     },
-    "domain": {"y.example": {"ha_proxy_bypass": False, "tls": "opportunistic"}},
+    "domain": {
+        "y.example": {
+            "ha_proxy_bypass": False,
+            "tls": "opportunistic",
+            "dane": True,
+            "mta_sts": False,
+        }
+    },
     "status": {"address": "127.0.0.1:9925"},
     "shaping": {
         "backend": "redis",
