@@ -197,6 +197,10 @@ class Shaper:
         self._served_gap: dict[str, float] = {}  # per path: seconds between two servings
         # per rate key: (tokens of the batch left, trio time they are good until)
         self._tokens: dict[str, tuple[int, float]] = {}
+        # Backend reads in flight, per key (a rate key's batch, a path's state): the sessions
+        # that need the same answer meanwhile wait for it rather than ask again. At a batch's
+        # end, 100 sessions would otherwise each take a batch (and all but one be wasted).
+        self._in_flight: dict[str, trio.Event] = {}
         self._last_served: dict[str, float] = {}
         # The (binding, path) pairs used or acted on lately, newest last (/status, /metrics).
         self._recent: OrderedDict[tuple[str, str], EgressPath] = OrderedDict()
@@ -230,8 +234,18 @@ class Shaper:
         now = trio.current_time()
         cached = self._state.get(path.key)
         if cached is None or now - cached[0] >= STATE_TTL:
-            suspension = await self._call(lambda b: b.suspension(path.key))
-            override = await self._call(lambda b: b.overrides(path.key))
+            flight = "state|" + path.key
+            pending = self._in_flight.get(flight)
+            if pending is not None:
+                await pending.wait()
+                return await self._path_state(path)
+            self._in_flight[flight] = done = trio.Event()
+            try:
+                suspension = await self._call(lambda b: b.suspension(path.key))
+                override = await self._call(lambda b: b.overrides(path.key))
+            finally:
+                del self._in_flight[flight]
+                done.set()
             if len(self._state) >= SITE_CACHE:
                 self._state.clear()
             cached = self._state[path.key] = (now, suspension, override)
@@ -337,12 +351,24 @@ class Shaper:
         batch = min(TOKEN_BATCH, rate.count // 100)
         if batch < 2:
             return False
-        now = trio.current_time()
-        held = self._tokens.get(key)
-        if held is not None and held[0] > 0 and held[1] > now:
-            self._tokens[key] = (held[0] - 1, held[1])
-            return True
-        taken = await self._call(lambda b: b.take(key, rate, batch))
+        while True:
+            now = trio.current_time()
+            held = self._tokens.get(key)
+            if held is not None and held[0] > 0 and held[1] > now:
+                self._tokens[key] = (held[0] - 1, held[1])
+                return True
+            pending = self._in_flight.get(key)
+            if pending is None:
+                break
+            await pending.wait()  # another session is taking a batch: share it
+            if key not in self._tokens:  # the backend had none: the caller reserves
+                return False
+        self._in_flight[key] = done = trio.Event()
+        try:
+            taken = await self._call(lambda b: b.take(key, rate, batch))
+        finally:
+            del self._in_flight[key]
+            done.set()
         if taken <= 0:
             self._tokens.pop(key, None)
             return False

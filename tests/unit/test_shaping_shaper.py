@@ -332,3 +332,42 @@ async def test_a_high_message_rate_takes_its_tokens_in_batches(
     for _ in range(10):
         assert await small.start_transaction("b1", gpath(small)) is None
     assert Counting.takes == 0  # one reserve per message instead
+
+
+async def test_sessions_at_a_batch_boundary_share_one_backend_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """100 sessions that find the batch spent at once wait for one take and share its
+    tokens (and one read of the path's state), rather than each take a batch of its own
+    (all but one of which were wasted) and each read the state: a shared backend's
+    round trip is where concurrent sessions meet (issue 12, the Redis -d cost)."""
+
+    class Slow(MemoryBackend):
+        takes = 0
+        reads = 0
+
+        async def take(self, key: str, rate: Any, n: int) -> int:
+            type(self).takes += 1
+            await trio.sleep(0.001)  # a round trip
+            return await super().take(key, rate, n)
+
+        async def suspension(self, key: str) -> Any:
+            type(self).reads += 1
+            await trio.sleep(0.001)
+            return await super().suspension(key)
+
+    s = make({"max_message_rate": "100000/h"}, max_wait=2.0, backend=Slow())
+    p = gpath(s)
+    admitted = 0
+
+    async def session() -> None:
+        nonlocal admitted
+        assert await s.start_transaction("b1", p) is None
+        admitted += 1
+
+    async with trio.open_nursery() as n:
+        for _ in range(64):
+            n.start_soon(session)
+    assert admitted == 64
+    assert Slow.takes == 1
+    assert Slow.reads == 1
