@@ -172,7 +172,7 @@ def report(backends: list[str], plan: list[Load], rounds: int, results: Results)
     ]
     header = f"{'load (msg/s)':48} {'off':>8} {'CPU/1000':>8}"
     for backend in backends[1:]:
-        header += f" | {backend:>8} {'cost':>7} {'CPU/1000':>8}"
+        header += f" | {backend:>8} {'cost':>7} {'CPU/1000':>8} {'CPU cost':>8}"
     lines.append(header)
     for load in plan:
         rate = {
@@ -182,15 +182,19 @@ def report(backends: list[str], plan: list[Load], rounds: int, results: Results)
             b: statistics.median(results.cpu[(load.name, b)]) / load.messages * 1000
             for b in backends
         }
-        row = f"{load.name:48} {rate['off']:>8.1f} {cpu['off']:>8.2f}"
+        row = f"{load.name:48} {rate['off']:>8.1f} {cpu['off']:>8.3f}"
         for backend in backends[1:]:
             cost = (1 - rate[backend] / rate["off"]) * 100
-            row += f" | {rate[backend]:>8.1f} {cost:>+6.1f}% {cpu[backend]:>8.2f}"
+            cpu_cost = (cpu[backend] / cpu["off"] - 1) * 100
+            row += (
+                f" | {rate[backend]:>8.1f} {cost:>+6.1f}% {cpu[backend]:>8.3f} {cpu_cost:>+7.1f}%"
+            )
         lines.append(row)
     lines += [
         "",
         "cost: throughput lost against off, same run (targets: memory < 5%, redis < 15%);",
-        "CPU/1000: the sidecar's CPU seconds per 1000 messages (redis-server's not counted).",
+        "CPU/1000: the sidecar's CPU seconds per 1000 messages (redis-server's not counted);",
+        "CPU cost: CPU/1000 against off's (the steadier figure when the machine is shared).",
         "",
         "seconds per round:",
     ]
