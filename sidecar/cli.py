@@ -30,7 +30,7 @@ import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.errors import describe_error
-from sidecar.explain import explain_route, status_reader
+from sidecar.explain import dane_resolver_warning, explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging, shutdown_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
@@ -126,6 +126,9 @@ def check(config_path: str) -> None:
     import tomli_w
 
     click.echo(tomli_w.dumps(config_to_dict(config)), nl=False)
+    dane_warning = dane_resolver_warning(config)
+    if dane_warning is not None:
+        click.echo(f"warning: {dane_warning}", err=True)
     budget = expected_budget(config)
     if budget.reduced:
         click.echo(
