@@ -19,6 +19,9 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from sidecar.explain import explain_route
+from sidecar.smtp.commands import parse_rcpt_to
+
 from .harness import (
     FAST_DELIVERY,
     FAST_SERVER,
@@ -310,3 +313,35 @@ async def test_a_dane_mx_without_starttls_gets_no_mail(world: DaneWorld) -> None
     text = _refusal_text(result, "nostarttls.dane.test")
     assert "STARTTLS not offered and the TLS policy is DANE" in text, text
     assert host.mx.connections and host.mail_commands == []
+
+
+async def test_route_shows_the_tls_policy_of_each_mx(world: DaneWorld, ca: trustme.CA) -> None:
+    """``sidecar route`` (explain_route) against the real validating resolver: the DANE host
+    with its usable TLSA record, the other MX host and why DANE does not apply to it, and an
+    insecure domain."""
+    secure, plain = await world.mxes(ca.issue_cert("mx0.dane.test"), ca.issue_cert("mx1"))
+    endpoint = await world.start(
+        [
+            Record("route", "MX", f"10 {secure.name}."),
+            Record("route", "MX", f"20 {plain.name}."),
+            Record(world.tlsa(secure), "TLSA", f"3 1 1 {secure.spki_sha256}"),
+        ],
+        insecure=[Record("@", "MX", f"10 {secure.name}.")],
+    )
+    del endpoint
+    config = world.lab.sidecar.running[0].config
+    listener = config.listeners[0]
+    lines, ok = await explain_route(
+        config, listener, parse_rcpt_to("TO:<a@route.dane.test>").recipient
+    )
+    assert ok, lines
+    text = "\n".join(lines)
+    assert (
+        "tls policy per MX (DANE is on for route.dane.test; its MX RRset is DNSSEC-secure):" in text
+    )
+    assert f"  {secure.name}: dane (TLSA {world.tlsa(secure)}.dane.test: DANE-EE 1 1 " in text
+    assert f"  {plain.name}: opportunistic (no DANE: no secure TLSA records)" in text
+    lines, ok = await explain_route(
+        config, listener, parse_rcpt_to("TO:<a@insecure.test>").recipient
+    )
+    assert "its MX RRset is NOT DNSSEC-secure: DANE does not apply" in "\n".join(lines), lines
