@@ -185,7 +185,7 @@ def dane_tlsa_failed(host: str, owner: str) -> Reply:
 def dane_no_usable_mx(domain: str, detail: str) -> Reply:
     """Every MX host of a DANE domain was left out before connecting (its TLSA look-up
     failed); ``detail`` says why for the first ones."""
-    return reply(451, "4.7.5", f"No usable MX for {domain} under DANE: {_plain(detail, 300)}")
+    return reply(451, "4.7.5", f"No usable MX for {domain}: {_plain(detail, 300)}")
 
 
 def tls_policy_failed(domain: str, enhanced: str, problems: str) -> Reply:

@@ -199,7 +199,9 @@ class Resolver:
             del results[domain]
         ttls: list[int] = []
         result = await self._resolve_mx(domain, ttls, dnssec)
-        if ttls and min(ttls) > 0:
+        # A failed TLSA look-up (a host left out for it) is not kept: it may be transient.
+        failed = any(host.dane_failure is not None for host in result.hosts)
+        if ttls and min(ttls) > 0 and not failed:
             if len(results) >= self._config.cache_size:
                 results.pop(next(iter(results)))  # the oldest entry
             results[domain] = (now + min(*ttls, MAX_RESULT_TTL), result)
@@ -315,7 +317,9 @@ class Resolver:
         try:
             dane = await self._tlsa(host, canonical[0] if canonical else host, ttls)
         except ResolutionError as error:
-            return dataclasses.replace(result, dane_failure=error.reply.text)
+            # The reply's text without its enhanced code: "DANE: TLSA lookup for ... failed".
+            why = error.reply.lines[0].split(" ", 1)[-1]
+            return dataclasses.replace(result, dane_failure=why)
         if dane is None:
             return dataclasses.replace(result, insecure="no secure TLSA records")
         return dataclasses.replace(result, dane=dane)
