@@ -187,6 +187,9 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
     hold_signals()  # handled once the sidecar is up, never fatal before
     config = _load(config_path)
     configure_logging(log_level, "json" if log_format == "json" else "text")
+    dane_warning = dane_resolver_warning(config)
+    if dane_warning is not None:  # as `sidecar check` says it
+        logging.getLogger("sidecar").warning("%s", dane_warning)
     raise_nofile_limit()  # before forking: workers inherit it
     try:
         if config.server.workers > 1:
