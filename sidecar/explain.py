@@ -200,12 +200,13 @@ def dane_resolver_warning(config: Config) -> str | None:
 
 
 def explain_tls(router: Router, route: Route, group: str | None) -> list[str]:
-    """The TLS lines of ``sidecar route``: whether DANE applies to the domain and, per MX
-    host, the policy its connections use and why (DANE with its usable TLSA records, or why
-    not: an insecure MX RRset or address records, no TLSA records, a failed TLSA look-up)."""
+    """The TLS lines of ``sidecar route`` for a domain under DANE (none otherwise: the
+    configured ``tls`` applies to every MX): per MX host, the policy its connections use
+    and why (DANE with its usable TLSA records, or why not: an insecure MX RRset or address
+    records, no TLSA records, a failed TLSA look-up)."""
     domain = route.domain
     if not router.dane_enabled(route.binding, group, domain):
-        return [f"tls policy: {route.tls} for every MX (DANE is off for {domain})"]
+        return []  # the "tls:" line (the configured policy) is all there is to say
     mx = route.mx
     if mx.secure is None:
         return [f"tls policy: {route.tls} for every MX (DANE: no DNS look-up for this address)"]
