@@ -78,7 +78,7 @@ class TlsaRecord:
             raise TlsaError(f"a TLSA record has 4 fields, not {len(fields)}: {text[:80]!r}")
         numbers = []
         for name, field in zip(("usage", "selector", "matching type"), fields[:3], strict=True):
-            if not field.isdigit() or len(field) > 3 or int(field) > 255:
+            if not (field.isascii() and field.isdigit()) or len(field) > 3 or int(field) > 255:
                 raise TlsaError(f"TLSA {name} is not a number 0-255: {field[:10]!r}")
             numbers.append(int(field))
         hex_text = "".join(fields[3:])
