@@ -78,6 +78,7 @@ def test_presentation_format_is_read() -> None:
         "3 1 x ab",
         "3 1 1 abc",
         "3 1 1 zz",
+        "\u0663 1 1 ab",  # an Arabic-Indic 3: int() takes it, a TLSA record must not
         "256 1 1 ab",
         "-1 1 1 ab",
         "3 1 1 " + "a" * 40000,
