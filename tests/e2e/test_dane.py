@@ -345,3 +345,31 @@ async def test_route_shows_the_tls_policy_of_each_mx(world: DaneWorld, ca: trust
         config, listener, parse_rcpt_to("TO:<a@insecure.test>").recipient
     )
     assert "its MX RRset is NOT DNSSEC-secure: DANE does not apply" in "\n".join(lines), lines
+
+
+async def test_a_cached_connection_is_reused_only_under_the_same_policy(
+    world: DaneWorld, ca: trustme.CA
+) -> None:
+    """Two domains with the same MX host (one site): mail to the DANE one and to the
+    insecure one (no DANE: its MX RRset is not signed) never share a connection; mail to
+    the DANE domain again reuses the DANE-checked one."""
+    (host,) = await world.mxes(ca.issue_cert("mx0.dane.test"))
+    endpoint = await world.start(
+        [
+            Record("cached", "MX", f"10 {host.name}."),
+            Record(world.tlsa(host), "TLSA", f"3 1 1 {host.spki_sha256}"),
+        ],
+        insecure=[Record("@", "MX", f"10 {host.name}.")],
+        delivery={"connection_cache": True, "connection_cache_idle": 30},
+    )
+    for domain in ("cached.dane.test", "insecure.test", "cached.dane.test", "insecure.test"):
+        assert final_status(await _one(endpoint, domain)) == (250, "2.0.0")
+    assert len(host.mx.messages) == 4
+    assert len(host.mx.connections) == 2  # one per policy, each used twice
+    first, second = host.mx.connections
+    assert [m.connection_index for m in host.mx.messages] == [
+        first.index,
+        second.index,
+        first.index,
+        second.index,
+    ]
