@@ -11,11 +11,13 @@ need_root() {
 
 # Debian packages: HAProxy (the egress), dnsmasq (a real DNS server for tests and the demo),
 # swaks (an SMTP client), iproute2, Python's venv support when the system Python lacks it,
-# redis-server (the shared shaping backend's tests start private instances of it), and two real
-# MTAs for the end-to-end tests (Postfix, and Exim unpacked beside it: see
-# install_exim_for_tests).
+# redis-server (the shared shaping backend's tests start private instances of it), nsd, unbound
+# and ldnsutils (the DANE tests sign a zone with ldns-signzone, serve it with a private nsd and
+# resolve it through a private validating unbound: testkit/dnssec.py), and two real MTAs for
+# the end-to-end tests (Postfix, and Exim unpacked beside it: see install_exim_for_tests).
 install_system_packages() {
-    local wanted=(haproxy dnsmasq-base swaks iproute2 ca-certificates postfix redis-server)
+    local wanted=(haproxy dnsmasq-base swaks iproute2 ca-certificates postfix redis-server
+        nsd unbound ldnsutils)
     local missing=()
     for package in "${wanted[@]}"; do
         is_installed "$package" || missing+=("$package")
@@ -35,6 +37,8 @@ install_system_packages() {
             "${missing[@]}" >/dev/null
         case " ${missing[*]} " in *" postfix "*) stop_system_postfix ;; esac
         case " ${missing[*]} " in *" redis-server "*) stop_system_redis ;; esac
+        case " ${missing[*]} " in *" nsd "*) stop_system_service nsd ;; esac
+        case " ${missing[*]} " in *" unbound "*) stop_system_service unbound ;; esac
     fi
     install_exim_for_tests
     install_opensmtpd_for_tests
@@ -74,6 +78,18 @@ stop_system_redis() {
     elif [ -x /etc/init.d/redis-server ]; then
         /etc/init.d/redis-server stop >/dev/null 2>&1 || true
         update-rc.d redis-server disable >/dev/null 2>&1 || true
+    fi
+}
+
+# Nor nsd's and unbound's (they would take port 53): the DANE tests run private instances on
+# test addresses, and a production sidecar's validating resolver is the operator's choice.
+stop_system_service() {
+    local service=$1
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now "$service.service" >/dev/null 2>&1 || true
+    elif [ -x "/etc/init.d/$service" ]; then
+        "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+        update-rc.d "$service" disable >/dev/null 2>&1 || true
     fi
 }
 

@@ -30,7 +30,7 @@ import trio
 
 from sidecar.config import Config, ConfigError, config_to_dict, load_config
 from sidecar.errors import describe_error
-from sidecar.explain import explain_route, status_reader
+from sidecar.explain import dane_resolver_warning, explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging, shutdown_logging
 from sidecar.server import ListenError, hold_signals, run_until_signal
@@ -126,6 +126,9 @@ def check(config_path: str) -> None:
     import tomli_w
 
     click.echo(tomli_w.dumps(config_to_dict(config)), nl=False)
+    dane_warning = dane_resolver_warning(config)
+    if dane_warning is not None:
+        click.echo(f"warning: {dane_warning}", err=True)
     budget = expected_budget(config)
     if budget.reduced:
         click.echo(
@@ -184,6 +187,9 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
     hold_signals()  # handled once the sidecar is up, never fatal before
     config = _load(config_path)
     configure_logging(log_level, "json" if log_format == "json" else "text")
+    dane_warning = dane_resolver_warning(config)
+    if dane_warning is not None:  # as `sidecar check` says it
+        logging.getLogger("sidecar").warning("%s", dane_warning)
     raise_nofile_limit()  # before forking: workers inherit it
     try:
         if config.server.workers > 1:

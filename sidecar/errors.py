@@ -120,8 +120,8 @@ class LocalResourceError(Exception):
 MAX_DESCRIPTION = 300
 
 # "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)" -> "wrong version number"
-_SSL_PREFIX = re.compile(r"^\[[A-Za-z0-9_]+: [A-Za-z0-9_]+\] ")
-_SSL_SUFFIX = re.compile(r" \(_ssl\.c:\d+\)$")
+_SSL_PREFIX = re.compile(r"^\[[A-Za-z0-9_]+(: [A-Za-z0-9_]+)?\] ?")
+_SSL_SUFFIX = re.compile(r" ?\(_ssl\.c:\d+\)$")
 
 
 def describe_error(error: BaseException, limit: int = MAX_DESCRIPTION) -> str:
@@ -171,8 +171,14 @@ def _describe_one(error: BaseException, limit: int) -> str:
     if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
         return f"certificate verify failed: {error.verify_message}"
     if isinstance(error, ssl.SSLError):
-        text = str(error.args[1]) if len(error.args) > 1 else str(error)
-        return _SSL_SUFFIX.sub("", _SSL_PREFIX.sub("", text))
+        text = str(error.args[1]) if len(error.args) > 1 else " ".join(map(str, error.args))
+        text = _SSL_SUFFIX.sub("", _SSL_PREFIX.sub("", text)).strip()
+        bare = text.strip("[]() ")
+        if bare and bare != (getattr(error, "library", None) or "SSL"):
+            return text
+        # Nothing but OpenSSL's decoration: its reason code says more than "" or "[SSL]".
+        reason = (getattr(error, "reason", None) or "").replace("_", " ").lower()
+        return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
     if isinstance(error, OSError) and error.strerror:
         if error.filename is not None:
             return f'{error.strerror}: "{error.filename}"'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from ipaddress import ip_address
 from typing import Any
 
 import trio
@@ -18,6 +19,7 @@ from sidecar.shaping.model import DIRECT
 from sidecar.shaping.policy import ShapingPolicy
 from sidecar.shaping.shaper import shaping_configured
 from sidecar.smtp.commands import Address
+from sidecar.upstream import effective_policy
 
 LIMIT_NAMES = (
     "connection_limit",
@@ -166,6 +168,71 @@ def _mx_lines(config: Config, route: Route) -> list[str]:
     return lines
 
 
+def dane_resolver_warning(config: Config) -> str | None:
+    """What ``sidecar check`` warns about when DANE is on (``delivery.dane``, or ``dane`` in
+    any domain table) and the sidecar cannot tell that its resolver validates DNSSEC: DANE
+    trusts the AD bit of ``dns.nameservers`` (RFC 7672 section 2.1 asks for a validating
+    resolver the client trusts; as Postfix and Exim do, one on this host), so they must be
+    on loopback. None: nothing to say."""
+    tables = [config.domains, *(b.domains for b in config.bindings.values())]
+    tables += [g.domains for g in config.binding_groups.values()]
+    on = config.delivery.dane or any(p.dane for table in tables for p in table.values())
+    if not on:
+        return None
+    advice = (
+        "DANE trusts the AD bit of the resolver, so dns.nameservers must be a local "
+        "DNSSEC-validating resolver (e.g. unbound on 127.0.0.1; see the README)"
+    )
+    servers = config.dns.nameservers
+    if not servers:
+        return f"dane is on and dns.nameservers is empty (the system's resolver): {advice}"
+    remote = []
+    for server in servers:
+        try:
+            loopback = ip_address(server.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            remote.append(str(server))
+    if remote:
+        return f"dane is on and dns.nameservers {', '.join(remote)} is not on loopback: {advice}"
+    return None
+
+
+def explain_tls(router: Router, route: Route, group: str | None) -> list[str]:
+    """The TLS lines of ``sidecar route`` for a domain under DANE (none otherwise: the
+    configured ``tls`` applies to every MX): per MX host, the policy its connections use
+    and why (DANE with its usable TLSA records, or why not: an insecure MX RRset or address
+    records, no TLSA records, a failed TLSA look-up)."""
+    domain = route.domain
+    if not router.dane_enabled(route.binding, group, domain):
+        return []  # the "tls:" line (the configured policy) is all there is to say
+    mx = route.mx
+    if mx.secure is None:
+        return [f"tls policy: {route.tls} for every MX (DANE: no DNS look-up for this address)"]
+    state = "DNSSEC-secure" if mx.secure else "NOT DNSSEC-secure: DANE does not apply"
+    lines = [f"tls policy per MX (DANE is on for {domain}; its MX RRset is {state}):"]
+    by_host = {candidate.mx: candidate for candidate in route.candidates}
+    for host in mx.hosts:
+        if host.dane_failure is not None:
+            lines.append(f"  {host.name}: not used ({host.dane_failure})")
+            continue
+        candidate = by_host.get(host.name)
+        if candidate is None:
+            lines.append(f"  {host.name}: no usable address")
+            continue
+        _, label = effective_policy(route, candidate)
+        if host.dane is not None:
+            lines.append(
+                f"  {host.name}: {label} (TLSA {host.dane.tlsa_name}: {host.dane.describe()})"
+            )
+            if host.dane.authenticates and host.dane.names:
+                lines.append(f"    DANE-TA names: {', '.join(host.dane.names)}")
+        else:
+            lines.append(f"  {host.name}: {label} (no DANE: {host.insecure or 'not looked up'})")
+    return lines
+
+
 async def _path_anyway(
     config: Config,
     router: Router,
@@ -202,22 +269,34 @@ async def _path_anyway(
         if recipient.literal is not None:
             mx = MXResult(domain, (MXHost(str(recipient.literal), 0, (recipient.literal,)),))
         else:
-            mx = await router.resolver.resolve_mx(domain)
+            dane = router.dane_enabled(first, group, domain)
+            mx = await router.resolver.resolve_mx(domain, dnssec=dane)
     except RouteError as failed:
         lines.append(f"MX hosts for {domain}: none ({failed.reply.code} {failed.reply.text})")
         down.append(f"DNS of {domain}")
     else:
-        route = router.candidates(
-            domain,
-            first,
-            router.is_bypass(first, group, domain),
-            mx,
-            router.tls_policy(first, group, domain),
-        )
-        lines.append(f"tls:       {route.tls}")
-        lines += _mx_lines(config, route)
-        if not route.candidates:
-            down.append("no usable MX address")
+        try:
+            route = router.candidates(
+                domain,
+                first,
+                router.is_bypass(first, group, domain),
+                mx,
+                router.tls_policy(first, group, domain),
+            )
+        except RouteError as unusable:
+            # No MX host is usable (e.g. every TLSA look-up of a DANE domain failed).
+            for host in mx.hosts:
+                addresses = ", ".join(str(a) for a in host.addresses) or "no address"
+                why = f" - not used ({host.dane_failure})" if host.dane_failure else ""
+                lines.append(f"  {host.preference:>5} {host.name}: {addresses}{why}")
+            lines.append(f"MX hosts for {domain}: none usable ({unusable.reply.text})")
+            down.append("no usable MX")
+        else:
+            lines.append(f"tls:       {route.tls}")
+            lines += _mx_lines(config, route)
+            lines += explain_tls(router, route, group)
+            if not route.candidates:
+                down.append("no usable MX address")
     lines.append(f"down:      {'; '.join(down) or describe_error(error)}")
     return lines
 
@@ -264,6 +343,7 @@ async def explain_route(
         for server in route.servers:
             lines.append(f"proxy:     {server} - {states.get(str(server), '?')}")
     lines += _mx_lines(config, route)
+    lines += explain_tls(router, route, listener.binding_group)
     if shaping_configured(config) and route.candidates:
         reader = read_status
         if reader is not None:

@@ -80,6 +80,9 @@ class Metrics:
     # Opportunistic STARTTLS that failed (refused, handshake failed) so that the mail went
     # in plaintext to that MX, by binding.
     starttls_fallbacks: dict[str, int] = field(default_factory=dict)
+    # Transactions that had an upstream, by the TLS policy it was opened under
+    # (sidecar.mxtls.outcome.PolicyLabel: dane, mta-sts, verify, required, opportunistic, none).
+    tls_policies: dict[str, int] = field(default_factory=dict)
 
     def count_transaction(self, binding: str | None, outcome: str) -> None:
         """One transaction ended with ``outcome`` (TRANSACTION_OUTCOMES) on ``binding``."""
@@ -90,6 +93,10 @@ class Metrics:
     def count_starttls_fallback(self, binding: str) -> None:
         """An opportunistic STARTTLS failed and the session went on in plaintext."""
         self.starttls_fallbacks[binding] = self.starttls_fallbacks.get(binding, 0) + 1
+
+    def count_tls_policy(self, label: str) -> None:
+        """A transaction ended on an upstream opened under TLS policy ``label``."""
+        self.tls_policies[label] = self.tls_policies.get(label, 0) + 1
 
     def count_recipient(self, code: int) -> None:
         self.recipients[recipient_outcome(code)] += 1

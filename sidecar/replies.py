@@ -90,6 +90,8 @@ __all__ = [
     "VRFY_CANNOT",
     "Reply",
     "binding_unplumbed",
+    "dane_no_usable_mx",
+    "dane_tlsa_failed",
     "dns_temporary",
     "ehlo_reply",
     "group_unplumbed",
@@ -111,6 +113,7 @@ __all__ = [
     "setup_timed_out",
     "shaping_limit_reached",
     "shaping_suspended",
+    "tls_policy_failed",
     "unsupported_parameter",
 ]
 
@@ -166,6 +169,31 @@ def proxy_unreachable(binding: str, errors: str) -> Reply:
 
 def no_mx_reachable(domain: str, problems: str) -> Reply:
     return reply(451, "4.4.1", f"No MX of {domain} reachable: {problems}")
+
+
+# TLS policies towards the MX (issue 13): RFC 3463 X.7.5 "cryptographic failure" when an MX
+# failed its policy's check (a DANE or PKIX mismatch, a TLSA look-up that failed), X.7.4
+# "security features not supported" when a policy requires STARTTLS and the MX did not offer
+# it (the codes Postfix uses for the same failures). Always 4xx: DNS and certificates change,
+# and the MTA retries (issue 13: never a 5xx for a TLS policy failure).
+def dane_tlsa_failed(host: str, owner: str) -> Reply:
+    """The TLSA look-up of a DNSSEC-secure MX host failed (SERVFAIL: bogus, or the resolver
+    could not get an answer; a timeout): RFC 7672 section 2.2 says that host must not be used."""
+    return reply(451, "4.7.5", f"DANE: TLSA lookup for {owner} failed, MX {host} not used")
+
+
+def dane_no_usable_mx(domain: str, detail: str) -> Reply:
+    """Every MX host of a DANE domain was left out before connecting (its TLSA look-up
+    failed); ``detail`` says why for the first ones."""
+    return reply(451, "4.7.5", f"No usable MX for {domain}: {_plain(detail, 300)}")
+
+
+def tls_policy_failed(domain: str, enhanced: str, problems: str) -> Reply:
+    """No MX of ``domain`` met the TLS policy that applies to it; ``problems`` names each
+    failure, e.g. "mx.example[192.0.2.1]: DANE: certificate does not match TLSA"."""
+    return reply(
+        451, enhanced, f"TLS policy not met by any MX of {domain}: {_plain(problems, 300)}"
+    )
 
 
 def setup_timed_out(seconds: float) -> Reply:

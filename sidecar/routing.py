@@ -14,6 +14,7 @@ from sidecar import replies
 from sidecar.config import Binding, Config, DomainPolicy, HostPort, Listener, TlsPolicy
 from sidecar.errors import RouteError
 from sidecar.health import HealthRegistry
+from sidecar.mxtls.dane import DanePolicy
 from sidecar.resolver import MXHost, MXResult, Resolver
 from sidecar.smtp.replies import Reply
 
@@ -24,12 +25,15 @@ IPAddress = IPv4Address | IPv6Address
 class RouteKey:
     """What two recipients must share to share a transaction, and a transaction to reuse a
     connection (DESIGN.md invariant 3): the binding, bypass or not, the destination's site
-    (every MX host name of its MX answer, :attr:`MXResult.site`) and the TLS policy."""
+    (every MX host name of its MX answer, :attr:`MXResult.site`) and the TLS policy: the
+    configured one and the MX hosts under DANE (a connection authenticated by DANE is not
+    reused for a route without it, nor the other way round)."""
 
     binding: str
     bypass: bool
     site: frozenset[str]
     tls: TlsPolicy
+    dane: tuple[str, ...] = ()  # the MX hosts with a DANE policy (RFC 7672), sorted
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Candidate:
     mx: str
     address: IPAddress
     source: IPAddress | None  # None: bypass, delivered directly from this host
+    # The MX host's DANE policy (its secure TLSA records), which then takes precedence over
+    # the route's configured ``tls`` (DESIGN.md section 2); None: no DANE for this host.
+    dane: DanePolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,8 @@ class Route:
         The MX part is the whole set of MX names of the answer (:attr:`MXResult.site`), never
         the subset of hosts this look-up happened to keep: a shuffle or a cut must not make
         two recipients of one domain look like two routes (issue 10, item 2)."""
-        return RouteKey(self.binding.name, self.bypass, self.mx.site, self.tls)
+        dane = tuple(sorted(host.name for host in self.mx.hosts if host.dane is not None))
+        return RouteKey(self.binding.name, self.bypass, self.mx.site, self.tls, dane)
 
     @property
     def servers(self) -> tuple[HostPort, ...]:
@@ -111,6 +119,7 @@ class Router:
         self.resolver = resolver
         self.health = health
         self._turns = {name: itertools.count() for name in config.binding_groups}
+        resolver.tlsa_port = config.delivery.port  # TLSA records: _<port>._tcp.<MX host>
 
     def _policies(self, binding: Binding, group: str | None, domain: str) -> list[DomainPolicy]:
         """The domain's settings, most specific scope first: binding, group, top level."""
@@ -131,6 +140,14 @@ class Router:
             if policy.tls is not None:
                 return policy.tls
         return self.config.delivery.tls
+
+    def dane_enabled(self, binding: Binding, group: str | None, domain: str) -> bool:
+        """Whether DANE (RFC 7672) applies to ``domain``: its own ``dane`` setting (most
+        specific scope first), else ``delivery.dane``."""
+        for policy in self._policies(binding, group, domain):
+            if policy.dane is not None:
+                return policy.dane
+        return self.config.delivery.dane
 
     def has_plumbed_server(self, binding: Binding) -> bool:
         return any(self.health.is_plumbed(server) for server in binding.ha_proxy_server)
@@ -187,6 +204,8 @@ class Router:
             raise RouteError(unplumbed(binding))
         if literal is not None:
             mx = MXResult(domain, (MXHost(str(literal), 0, (literal,)),))
+        elif self.dane_enabled(binding, group, domain):
+            mx = await self.resolver.resolve_mx(domain, dnssec=True)  # RFC 7672 section 2.2
         else:
             mx = await self.resolver.resolve_mx(domain)  # ResolutionError is a RouteError
         tls = self.tls_policy(binding, group, domain)
@@ -203,7 +222,14 @@ class Router:
         delivery = self.config.delivery
         chosen: list[Candidate] = []
         skipped: list[str] = []
+        dane_failures: list[str] = []
         for host in mx.hosts:
+            if host.dane_failure is not None:
+                # RFC 7672 section 2.2: a secure MX host whose TLSA look-up failed is not
+                # used (never tried without DANE, nor in the clear).
+                skipped.append(f"{host.name}: {host.dane_failure}")
+                dane_failures.append(host.dane_failure)
+                continue
             for address in host.addresses:
                 if not delivery.allow_private_destinations:
                     why = refused_destination(address)
@@ -219,7 +245,9 @@ class Router:
                     )
                     skipped.append(f"{host.name} {address}: binding {binding.name} has no {option}")
                     continue
-                chosen.append(Candidate(host.name, address, source))
+                chosen.append(Candidate(host.name, address, source, host.dane))
+        if not chosen and dane_failures:
+            raise RouteError(replies.dane_no_usable_mx(domain, "; ".join(dane_failures[:3])))
         if not chosen:
             detail = "; ".join(skipped[:3]) or "no addresses"
             raise RouteError(replies.no_usable_mx_address(domain, binding.name, detail))

@@ -483,7 +483,13 @@ class Session:
         ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
         try:
             upstream = await open_upstream(
-                route, ehlo_name, self.config.delivery, context.health, context.metrics, by=by
+                route,
+                ehlo_name,
+                self.config.delivery,
+                context.health,
+                context.metrics,
+                by=by,
+                reporter=context.tls_reporter,
             )
         except BaseException:
             if grant is not None:
@@ -688,6 +694,8 @@ class Session:
         if binding is None and txn.route is not None:
             binding = txn.route.binding.name
         self.context.metrics.count_transaction(binding, outcome)
+        if via is not None:
+            self.context.metrics.count_tls_policy(via.tls_policy)
         if not transaction_logging():
             return
         counts = txn.recipient_outcomes
@@ -703,6 +711,7 @@ class Session:
                 "mx_address": None if via is None else via.mx_address,
                 "tls": None if via is None else via.tls,
                 "tls_fallback": None if via is None else via.tls_fallback,
+                "tls_policy": None if via is None else via.tls_policy,
                 "site": None if txn.path is None else txn.path.site,
                 "shaping_wait": round(txn.shaping_wait, 3),
                 "rcpt": f"{counts['accepted']}/{counts['deferred']}/{counts['rejected']}",

@@ -205,6 +205,7 @@ class Exposition:
     transactions: tuple[tuple[str, str, int], ...]  # (binding, outcome, count)
     connection_cache_hits: int
     starttls_fallbacks: Counts  # by binding
+    tls_policies: Counts = ()  # transactions by the TLS policy of their upstream
 
 
 # -- assembling --------------------------------------------------------------------------------
@@ -254,6 +255,7 @@ def exposition_of(metrics: Metrics, bindings: Iterable[str]) -> Exposition:
             (binding, metrics.starttls_fallbacks.get(binding, 0))
             for binding in sorted({*bindings, *metrics.starttls_fallbacks})
         ),
+        tls_policies=tuple(sorted(metrics.tls_policies.items())),
     )
 
 
@@ -665,6 +667,15 @@ class SnapshotCollector(Collector):
             for binding, count in extra.starttls_fallbacks:
                 fallbacks.add_metric([binding], count)
             yield fallbacks
+            policies = CounterMetricFamily(
+                "sidecar_transactions_by_tls_policy",
+                "Transactions by the TLS policy their MX connection was opened under"
+                " (dane, mta-sts, verify, required, opportunistic, none).",
+                labels=["tls_policy"],
+            )
+            for label, count in extra.tls_policies:
+                policies.add_metric([label], count)
+            yield policies
         plumbed = GaugeMetricFamily(
             "sidecar_haproxy_server_plumbed",
             "1 when the HAProxy server is plumbed.",

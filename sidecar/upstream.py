@@ -29,6 +29,8 @@ from sidecar.errors import (
 from sidecar.health import HealthRegistry
 from sidecar.limits import local_resource_errno
 from sidecar.metrics import Metrics
+from sidecar.mxtls.dane import DanePolicy, PeerChainUnavailable, match_chain, peer_chain
+from sidecar.mxtls.outcome import PolicyLabel, ResultType, TlsOutcome, TlsReporter
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.shaping.shaper import Grant
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities
@@ -59,6 +61,16 @@ class _CandidateFailed(Exception):
     def __init__(self, problem: str, reply: Reply | None = None) -> None:
         super().__init__(problem)
         self.reply = reply
+
+
+class _PolicyFailed(_CandidateFailed):
+    """This MX did not meet the TLS policy that applies to it (DANE, or a configured
+    "required"/"verify"): skipped, and when no MX is left the client's 4xx names the policy,
+    with ``enhanced`` as its RFC 3463 code (X.7.5 a failed check, X.7.4 no STARTTLS)."""
+
+    def __init__(self, problem: str, enhanced: str = "4.7.5") -> None:
+        super().__init__(problem)
+        self.enhanced = enhanced
 
 
 class _MxRefused(_CandidateFailed):
@@ -93,6 +105,29 @@ def _unverified_context() -> ssl.SSLContext:
 _cached_verifying_context = functools.cache(verifying_context)
 
 
+def effective_policy(route: Route, candidate: Candidate) -> tuple[TlsPolicy, PolicyLabel]:
+    """The STARTTLS policy for ``candidate`` and its name in the log line and /metrics
+    (``tls_policy=``). DANE takes precedence over the configured ``tls`` (DESIGN.md section
+    2, RFC 8461 section 2): with usable TLSA records STARTTLS is required and the chain is
+    checked against them ("dane"); with only unusable ones it is required, unauthenticated
+    (RFC 7672 section 3.1.3: "required"), unless the configuration asks for "verify"."""
+    dane = candidate.dane
+    if dane is not None:
+        if dane.authenticates:
+            return "required", "dane"
+        if route.tls != "verify":
+            return "required", "required"
+    return route.tls, _LABELS[route.tls]
+
+
+_LABELS: dict[TlsPolicy, PolicyLabel] = {
+    "disabled": "none",
+    "opportunistic": "opportunistic",
+    "required": "required",
+    "verify": "verify",
+}
+
+
 def tls_context(policy: TlsPolicy, delivery: DeliveryConfig) -> ssl.SSLContext:
     """The client context for ``policy``. Raises ``OSError``/``ssl.SSLError`` only for a
     ``tls_ca_file`` that was not loaded with the configuration and cannot be read."""
@@ -107,8 +142,9 @@ def tls_context(policy: TlsPolicy, delivery: DeliveryConfig) -> ssl.SSLContext:
 class UpstreamDescription:
     """Where a connection goes, for the transaction log line: the binding, the HAProxy
     server ("direct" for a bypass domain), the PROXY header's source address, the MX host
-    and address, the TLS protocol and cipher (``None``: plaintext), and why an opportunistic
-    STARTTLS failed when the connection fell back to plaintext (``None``: it did not)."""
+    and address, the TLS protocol and cipher (``None``: plaintext), why an opportunistic
+    STARTTLS failed when the connection fell back to plaintext (``None``: it did not), and
+    the TLS policy it was opened under (``tls_policy=`` of the log line)."""
 
     binding: str
     proxy: str
@@ -117,6 +153,7 @@ class UpstreamDescription:
     mx_address: str
     tls: str | None
     tls_fallback: str | None = None
+    tls_policy: PolicyLabel = "opportunistic"  # the policy it was opened under
 
 
 @dataclass
@@ -136,6 +173,13 @@ class Upstream:
     tls_fallback: str | None = None
     route_key: RouteKey | None = None
     tls_policy: TlsPolicy = "opportunistic"
+    # The policy's name for the log line and /metrics; the MX host's DANE policy (checked
+    # after the handshake when it authenticates); who records TLS-RPT outcomes, and for
+    # which policy domain (the recipient domain).
+    policy_label: PolicyLabel = "opportunistic"
+    dane: DanePolicy | None = None
+    reporter: TlsReporter | None = None
+    policy_domain: str = ""
     closed: bool = False
     metrics: Metrics | None = None
     transactions: int = 0  # final replies received: how often it was used
@@ -160,6 +204,7 @@ class Upstream:
                 mx_address=str(candidate.address),
                 tls=self.tls,
                 tls_fallback=self.tls_fallback,
+                tls_policy=self.policy_label,
             )
         return self._description
 
@@ -396,7 +441,11 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
             _fell_back(upstream, f"STARTTLS refused: {_quote(answer)}")
             return
-        raise _CandidateFailed(f"STARTTLS refused: {_quote(answer)}")
+        problem = f"{_policy_prefix(upstream)}STARTTLS refused: {_quote(answer)}"
+        _report(upstream, "starttls-not-supported", problem)
+        if answer.code == 421:
+            raise _CandidateFailed(problem)
+        raise _PolicyFailed(problem, "4.7.4")
     # Whatever the MX sent before the handshake is discarded (CVE-2011-0411 class), and so is
     # everything learnt from the plaintext EHLO.
     upstream.parser.take_unparsed()
@@ -407,17 +456,74 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
         with trio.fail_at(min(trio.current_time() + upstream.delivery.mx_command_timeout, by)):
             await tls_stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
-        raise _TlsFailed(f"TLS handshake failed: {describe_error(error)}") from None
+        problem = f"{_policy_prefix(upstream)}TLS handshake failed: {describe_error(error)}"
+        _report(upstream, "validation-failure", problem)
+        raise _TlsFailed(problem) from None
     upstream.stream = ScopedStream(tls_stream)
     ssl_object = tls_stream._ssl_object  # the stdlib SSLObject behind trio's SSLStream
     cipher = ssl_object.cipher()
     upstream.tls = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+    if upstream.dane is not None and upstream.dane.authenticates:
+        _check_dane(upstream, upstream.dane, ssl_object)
+    elif upstream.dane is not None:
+        _report(upstream, None, "DANE: only unusable TLSA records, encrypted")
     await _greet(upstream, ehlo_name, by)
     upstream.tls_settled = True
 
 
 class _TlsFailed(_CandidateFailed):
     pass
+
+
+def _policy_prefix(upstream: Upstream) -> str:
+    """``"DANE: "`` when the MX host is under DANE, so that a failure names the policy."""
+    return "DANE: " if upstream.dane is not None else ""
+
+
+def _check_dane(upstream: Upstream, dane: DanePolicy, ssl_object: ssl.SSLObject) -> None:
+    """The MX's chain against its usable TLSA records (RFC 7672 section 3), after a
+    handshake that verified nothing (CERT_NONE); :class:`_PolicyFailed` when it does not
+    match. The chain must be readable: a Python that cannot give it is a local fault."""
+    try:
+        chain = peer_chain(ssl_object)
+    except PeerChainUnavailable as error:
+        log.error("DANE towards %s: %s", upstream.candidate.mx, error)
+        raise UpstreamError(replies.local_tls_error(str(error))) from None
+    check = match_chain(dane, chain)
+    if not check.ok:
+        problem = f"DANE: {check.problem}"
+        result: ResultType = (
+            "certificate-host-mismatch"
+            if check.result_type == "certificate-host-mismatch"
+            else "validation-failure"
+        )
+        _report(upstream, result, problem)
+        raise _PolicyFailed(problem, "4.7.5")
+    log.debug("DANE: %s matched %s", upstream.candidate.mx, check.matched)
+    _report(upstream, None, f"DANE: matched {check.matched}")
+
+
+def _report(upstream: Upstream, result: ResultType | None, detail: str) -> None:
+    """One TLS-RPT outcome (RFC 8460) of an MX under DANE (policy type "tlsa"); other
+    policies are reported by their own code. A reporting fault never fails a delivery."""
+    dane = upstream.dane
+    if dane is None or upstream.reporter is None:
+        return
+    candidate = upstream.candidate
+    outcome = TlsOutcome(
+        policy_domain=upstream.policy_domain,
+        policy_type="tlsa",
+        mx_host=candidate.mx,
+        receiving_ip=str(candidate.address),
+        sending_ip=None if candidate.source is None else str(candidate.source),
+        result=result,
+        policy_strings=dane.strings,
+        detail=detail or (result or "success"),
+    )
+    try:
+        upstream.reporter.record(outcome)
+    except Exception:  # the reporter must not raise; should it, the delivery goes on
+        log.exception("TLS-RPT reporter failed")
 
 
 def _fell_back(upstream: Upstream, why: str) -> None:
@@ -445,9 +551,11 @@ async def _open_one(
     metrics: Metrics | None,
     by: float,
     tls_failed: str | None = None,
+    reporter: TlsReporter | None = None,
 ) -> Upstream:
     """One MX address. ``tls_failed``: why STARTTLS with it just failed (the plaintext retry
     of an opportunistic policy), so the connection says it fell back."""
+    policy, label = effective_policy(route, candidate)
     started = trio.current_time()
     if route.bypass:
         stream = await _connect_direct(candidate, delivery, by)
@@ -460,8 +568,12 @@ async def _open_one(
         server,
         delivery,
         route_key=route.key,
-        tls_policy=route.tls,
+        tls_policy=policy,
         metrics=metrics,
+        policy_label=label,
+        dane=candidate.dane,
+        reporter=reporter,
+        policy_domain=route.domain,
     )
     connected = trio.current_time()
     try:
@@ -482,8 +594,12 @@ async def _open_one(
         if use_tls:
             if upstream.supports("STARTTLS"):
                 await _start_tls(upstream, ehlo_name, by)
-            elif route.tls in ("required", "verify"):
-                raise _CandidateFailed(f"STARTTLS not offered and the TLS policy is {route.tls}")
+            elif policy in ("required", "verify"):
+                # RFC 7672 section 2.2: a DANE MX that offers no STARTTLS gets no mail.
+                name = "DANE" if candidate.dane is not None else policy
+                problem = f"STARTTLS not offered and the TLS policy is {name}"
+                _report(upstream, "starttls-not-supported", f"DANE: {problem}")
+                raise _PolicyFailed(problem, "4.7.4")
         return upstream
     except (UpstreamError, _MxRefused):
         await upstream.quit()
@@ -501,34 +617,57 @@ async def open_upstream(
     metrics: Metrics | None = None,
     *,
     by: float = math.inf,
+    reporter: TlsReporter | None = None,
 ) -> Upstream:
     """The first candidate that gives a usable SMTP session, or :class:`UpstreamError`.
     Every step (connect, banner, EHLO, STARTTLS) has its own time limit from ``delivery``,
-    and all of them end by ``by`` (an absolute trio time: the RCPT set-up budget)."""
+    and all of them end by ``by`` (an absolute trio time: the RCPT set-up budget).
+
+    An MX that fails its TLS policy (:func:`effective_policy`) is skipped; when an MX failed
+    one and none took the mail, the client's 4xx names the policy (RFC 3463 X.7.x).
+    ``reporter`` receives the TLS-RPT outcomes of MX hosts under DANE."""
     problems: list[str] = []
     refusals: list[Reply] = []  # the MXes' own (banners, EHLO replies)
+    policy_code: str | None = None  # the enhanced code of the last policy failure
     for candidate in route.candidates:
-        use_tls = route.tls != "disabled"
+        policy, _ = effective_policy(route, candidate)
+        use_tls = policy != "disabled"
         tls_failed: str | None = None
         while True:
             try:
                 return await _open_one(
-                    route, candidate, ehlo_name, delivery, health, use_tls, metrics, by, tls_failed
+                    route,
+                    candidate,
+                    ehlo_name,
+                    delivery,
+                    health,
+                    use_tls,
+                    metrics,
+                    by,
+                    tls_failed,
+                    reporter,
                 )
             except _TlsFailed as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
                 if error.reply is not None:
                     refusals.append(error.reply)
-                if route.tls == "opportunistic" and use_tls:
+                if policy == "opportunistic" and use_tls:
                     use_tls = False  # as MTAs do: the same MX again, in plaintext
                     tls_failed = str(error)
                     continue
+                policy_code = "4.7.5"  # a TLS policy required this handshake
+            except _PolicyFailed as error:
+                problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
+                policy_code = error.enhanced
             except (UpstreamLost, _CandidateFailed) as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
                 if isinstance(error, _CandidateFailed) and error.reply is not None:
                     refusals.append(error.reply)
             break
         log.info("MX attempt failed for %s: %r", route.domain, problems[-1])
-    raise UpstreamError(
-        replies.no_mx_reachable(route.domain, "; ".join(problems[-3:])), mx_replies=refusals
-    )
+    detail = "; ".join(problems[-3:])
+    if policy_code is not None:
+        raise UpstreamError(
+            replies.tls_policy_failed(route.domain, policy_code, detail), mx_replies=refusals
+        )
+    raise UpstreamError(replies.no_mx_reachable(route.domain, detail), mx_replies=refusals)

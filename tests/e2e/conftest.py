@@ -21,6 +21,7 @@ from .harness import (
     Addresses,
     CliStack,
     DnsmasqFactory,
+    DnssecFactory,
     DnsStubFactory,
     HAProxyFactory,
     Lab,
@@ -37,7 +38,7 @@ from .mta import MailStack, make_mail_stack
 
 ROOT_REQUIRED = "e2e tests need root: HAProxy's usesrc clientip requires CAP_NET_ADMIN"
 _HERE = Path(__file__).parent
-_F = TypeVar("_F", HAProxyFactory, DnsmasqFactory, RedisFactory)
+_F = TypeVar("_F", HAProxyFactory, DnsmasqFactory, RedisFactory, DnssecFactory)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -86,6 +87,13 @@ def dnsmasq_factory(tmp_path: Path, addresses: Addresses) -> Iterator[DnsmasqFac
 def redis_factory(tmp_path: Path, addresses: Addresses) -> Iterator[RedisFactory]:
     """``redis_factory()`` -> a started private redis-server (``.url``, ``.stop()``, ...)."""
     yield from _stopped_after(RedisFactory(tmp_path, addresses))
+
+
+@pytest.fixture
+def dnssec_factory(tmp_path: Path, addresses: Addresses) -> Iterator[DnssecFactory]:
+    """``dnssec_factory([SignedZone(...), ...])`` -> a started validating unbound in front of
+    a started nsd serving those zones (testkit/dnssec.py)."""
+    yield from _stopped_after(DnssecFactory(tmp_path, addresses))
 
 
 @pytest.fixture

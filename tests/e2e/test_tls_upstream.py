@@ -82,7 +82,7 @@ async def test_required_without_starttls_is_not_delivered(
     relay_stack: RelayStackFactory,
 ) -> None:
     result, mx, _ = await _deliver(relay_stack, "required")
-    assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+    assert refusal(result, "rcpt@example.test") == (451, "4.7.4")  # RFC 3463 X.7.4: TLS not offered
     assert b"STARTTLS" in result.refused["rcpt@example.test"][1]
     assert result.final is None
     assert mx.messages == []
@@ -142,7 +142,7 @@ async def test_required_with_a_failed_handshake_says_why(relay_stack: RelayStack
     BrokenResourceError), never "TLS handshake failed: " and nothing after it."""
     broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: the handshake fails
     result, mx, _ = await _deliver(relay_stack, "required", tls_context=broken)
-    assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+    assert refusal(result, "rcpt@example.test") == (451, "4.7.5")  # the TLS policy failed
     text = result.refused["rcpt@example.test"][1]
     assert b"TLS handshake failed: EOF occurred in violation of protocol" in text, text
     assert mx.messages == []
@@ -203,7 +203,7 @@ async def test_starttls_refused_by_the_mx(
             replies={"STARTTLS": refusal_reply},
         )
     if tls == "required":
-        assert refusal(result, "rcpt@example.test") == (451, "4.4.1")
+        assert refusal(result, "rcpt@example.test") == (451, "4.7.4")
         assert mx.messages == []
         return
     assert final_status(result) == (250, "2.0.0")

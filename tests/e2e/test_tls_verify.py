@@ -81,6 +81,7 @@ async def test_verify_delivers_to_an_mx_with_a_valid_certificate(
     (record,) = [r for r in caplog.records if r.name == "sidecar.transaction"]
     tls = record.fields["tls"]  # type: ignore[attr-defined]
     assert tls.startswith("TLSv1.") and len(tls.split()) == 2, tls
+    assert record.fields["tls_policy"] == "verify"  # type: ignore[attr-defined]
 
     # A certificate that does not name the MX host: not delivered, the client may retry.
     result = await _one(endpoint, "wrongname.test")

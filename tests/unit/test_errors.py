@@ -116,3 +116,20 @@ def test_a_cycle_in_the_chain_ends() -> None:
     first, second = RuntimeError("a"), RuntimeError("b")
     first.__cause__, second.__cause__ = second, first
     assert describe_error(first) == "a: b"
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (ssl.SSLError(), "SSLError"),  # was "()"
+        (ssl.SSLError(1, "[SSL] (_ssl.c:1000)"), "SSLError"),  # was "[SSL]"
+        (ssl.SSLError(1, ""), "SSLError"),
+        (ssl.SSLError(1, "[SSL] record layer failure (_ssl.c:1000)"), "record layer failure"),
+    ],
+)
+def test_a_tls_failure_never_has_an_empty_or_bare_reason(error: ssl.SSLError, text: str) -> None:
+    """A TLS failure is followed by words, never "", "()" or "[SSL]" alone."""
+    assert describe_error(error) == text
+    wrapped = trio.BrokenResourceError()
+    wrapped.__cause__ = error
+    assert describe_error(wrapped) == text

@@ -254,7 +254,7 @@ def _twelve_equal_mx_hosts(resolver: Resolver) -> None:
     """Make ``resolver`` answer as a domain with 12 MX hosts of equal preference and TTL 0
     would: no answer is cached, so every look-up shuffles and cuts anew."""
 
-    async def query(name: str, rdtype: str, ttls: list[int]) -> list[_Rdata]:
+    async def query(name: str, rdtype: str, ttls: list[int], dnssec: bool = False) -> list[_Rdata]:
         if rdtype == "MX":
             return [
                 _Rdata(preference=10, exchange=dns.name.from_text(f"mx{i}.bigmail.example"))

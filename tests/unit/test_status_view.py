@@ -71,6 +71,8 @@ def busy(ctx: ServerContext) -> ServerContext:
     metrics.probes = 4
     metrics.connection_cache_hits = 2
     metrics.count_starttls_fallback("b2")
+    for label in ("dane", "opportunistic", "opportunistic"):
+        metrics.count_tls_policy(label)
     for code in (250, 452, 550):
         metrics.count_recipient(code)
     metrics.bytes_to_mx, metrics.bytes_from_mx = 12345, 678

@@ -19,6 +19,7 @@ from testkit.dns import (
     make_resolver,
 )
 from testkit.dns_stub import StubDns
+from testkit.dnssec import Nsd, Record, SignedZone, Unbound
 from testkit.haproxy import HAProxy, haproxy_config, open_proxied_stream
 from testkit.mx import (
     DEFAULT_CAPABILITIES,
@@ -36,7 +37,14 @@ from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed
 from testkit.process import HarnessError, ManagedProcess, wait_until
 from testkit.redis import RedisSentinel, RedisServer
 
-from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory, RedisFactory
+from .factories import (
+    DnsmasqFactory,
+    DnssecFactory,
+    DnsStubFactory,
+    HAProxyFactory,
+    MXFactory,
+    RedisFactory,
+)
 from .processes import (
     SIDECAR,
     Processes,
@@ -78,6 +86,7 @@ __all__ = [
     "DnsStubFactory",
     "Dnsmasq",
     "DnsmasqFactory",
+    "DnssecFactory",
     "Endpoint",
     "ForwardZone",
     "HAProxy",
@@ -90,10 +99,12 @@ __all__ = [
     "MXMessage",
     "MXRecord",
     "ManagedProcess",
+    "Nsd",
     "NullMXRecord",
     "Processes",
     "RawRecord",
     "RawSMTPClient",
+    "Record",
     "RedisFactory",
     "RedisSentinel",
     "RedisServer",
@@ -105,9 +116,11 @@ __all__ = [
     "SendResult",
     "SidecarFactory",
     "SidecarProcess",
+    "SignedZone",
     "Stack",
     "StubDns",
     "TestMX",
+    "Unbound",
     "allocate_ipv4",
     "client_tls_context",
     "final_status",

@@ -13,13 +13,21 @@ import trio
 
 from testkit.dns import Dnsmasq, DnsRecord
 from testkit.dns_stub import Handler, StubDns, rcode, silent
+from testkit.dnssec import Nsd, SignedZone, Unbound
 from testkit.haproxy import HAProxy
 from testkit.mx import TestMX
 from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint
 from testkit.process import ManagedProcess
 from testkit.redis import RedisSentinel, RedisServer
 
-__all__ = ["DnsStubFactory", "DnsmasqFactory", "HAProxyFactory", "MXFactory", "RedisFactory"]
+__all__ = [
+    "DnsStubFactory",
+    "DnsmasqFactory",
+    "DnssecFactory",
+    "HAProxyFactory",
+    "MXFactory",
+    "RedisFactory",
+]
 
 
 class _ProcessFactory:
@@ -105,6 +113,21 @@ class DnsmasqFactory(_ProcessFactory):
         if start:
             dnsmasq.start()
         return dnsmasq
+
+
+class DnssecFactory(_ProcessFactory):
+    """``dnssec_factory(zones)`` -> a started validating :class:`Unbound` (its ``endpoint``
+    goes in ``dns.nameservers``) in front of a started :class:`Nsd` serving ``zones``
+    (signed ones with their keys as unbound's trust anchors), each on a fresh address."""
+
+    def __call__(self, zones: Sequence[SignedZone]) -> Unbound:
+        nsd = Nsd(self._new_workdir("nsd"), self.addresses.endpoint(udp=True), zones)
+        self.processes.append(nsd)
+        nsd.start()
+        unbound = Unbound(self._new_workdir("unbound"), self.addresses.endpoint(udp=True), nsd)
+        self.processes.append(unbound)
+        unbound.start()
+        return unbound
 
 
 class RedisFactory(_ProcessFactory):
