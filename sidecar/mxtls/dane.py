@@ -10,20 +10,18 @@ never by hand.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
+# cryptography (~9 MiB of RSS once imported) is loaded on the first certificate checked, not
+# at start-up: a sidecar without DANE never pays for it (the 1000-idle-sessions budget).
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.x509.verification import ExtensionPolicy
 
 __all__ = [
     "DANE_EE",
@@ -111,6 +109,8 @@ class TlsaRecord:
     def matches(self, certificate: x509.Certificate) -> bool:
         """Whether ``certificate`` (its DER, or its SubjectPublicKeyInfo's, per the
         selector) is what this record's data names (RFC 6698 section 2.1.2, 2.1.3)."""
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         if self.selector == SELECTOR_CERT:
             selected = certificate.public_bytes(Encoding.DER)
         elif self.selector == SELECTOR_SPKI:
@@ -206,6 +206,8 @@ class DaneCheck:
 
 
 def _load_chain(chain: Sequence[bytes]) -> list[x509.Certificate] | str:
+    from cryptography import x509
+
     if not chain:
         return "the MX sent no certificate"
     if len(chain) > MAX_CHAIN:
@@ -269,19 +271,27 @@ def match_chain(
     )
 
 
-# DANE-TA is not the Web PKI: its anchor is whatever the domain's TLSA record names, often a
-# private CA. The CA/Browser Forum rules on extensions (basic constraints, key usage...) stay,
-# but the criticality RFC 5280 leaves to the issuer is accepted either way: a critical
-# subjectAltName beside a non-empty subject, a critical extendedKeyUsage (private CAs such
-# as trustme issue both).
-_CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
-    x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None
-)
-_EE_POLICY = (
-    ExtensionPolicy.webpki_defaults_ee()
-    .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
-)
+@functools.cache
+def _extension_policies() -> tuple[ExtensionPolicy, ExtensionPolicy]:
+    """(CA policy, leaf policy) of DANE-TA path validation.
+
+    DANE-TA is not the Web PKI: its anchor is whatever the domain's TLSA record names, often
+    a private CA. The CA/Browser Forum rules on extensions (basic constraints, key usage...)
+    stay, but the criticality RFC 5280 leaves to the issuer is accepted either way: a
+    critical subjectAltName beside a non-empty subject, a critical extendedKeyUsage (private
+    CAs such as trustme issue both)."""
+    from cryptography import x509
+    from cryptography.x509.verification import Criticality, ExtensionPolicy
+
+    ca_policy = ExtensionPolicy.webpki_defaults_ca().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None
+    )
+    ee_policy = (
+        ExtensionPolicy.webpki_defaults_ee()
+        .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
+    )
+    return ca_policy, ee_policy
 
 
 def _verify_up_to(
@@ -293,6 +303,10 @@ def _verify_up_to(
 ) -> str | None:
     """None when ``leaf`` chains (through ``intermediates``) to ``anchor`` and names one of
     ``names`` at ``now``; else what failed (non-empty)."""
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    ca_policy, ee_policy = _extension_policies()
     when = now or datetime.datetime.now(datetime.UTC)
     last = "no reference identifier"
     for name in names:
@@ -301,7 +315,7 @@ def _verify_up_to(
                 PolicyBuilder()
                 .store(Store([anchor]))
                 .time(when)
-                .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
                 .build_server_verifier(x509.DNSName(name))
             )
             verifier.verify(leaf, [c for c in intermediates if c != anchor])
