@@ -483,7 +483,13 @@ class Session:
         ehlo_name = route.binding.ehlo_hostname or self.config.server.hostname
         try:
             upstream = await open_upstream(
-                route, ehlo_name, self.config.delivery, context.health, context.metrics, by=by
+                route,
+                ehlo_name,
+                self.config.delivery,
+                context.health,
+                context.metrics,
+                by=by,
+                tls_reporter=context.tls_reporter,
             )
         except BaseException:
             if grant is not None:

@@ -29,6 +29,8 @@ from sidecar.errors import (
 from sidecar.health import HealthRegistry
 from sidecar.limits import local_resource_errno
 from sidecar.metrics import Metrics
+from sidecar.mxtls.outcome import ResultType, TlsOutcome, TlsReporter
+from sidecar.mxtls.tlsrpt import handshake_failure
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.shaping.shaper import Grant
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities
@@ -138,6 +140,10 @@ class Upstream:
     tls_policy: TlsPolicy = "opportunistic"
     closed: bool = False
     metrics: Metrics | None = None
+    # Where the outcome of the TLS session attempt goes (TLS-RPT); None: nowhere. ``domain``:
+    # the recipient domain it was opened for (TLS-RPT's policy domain).
+    tls_reporter: TlsReporter | None = None
+    domain: str = ""
     transactions: int = 0  # final replies received: how often it was used
     # Transactions allowed on this connection (shaping's max_deliveries_per_connection);
     # None: delivery.connection_reuse_limit.
@@ -392,6 +398,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
         raise UpstreamError(replies.local_tls_error(why)) from None
     answer = await upstream.command(b"STARTTLS\r\n", by=by)
     if answer.code != 220:
+        _record_tls(upstream, "starttls-not-supported", f"STARTTLS refused: {_quote(answer)}")
         if answer.code != 421 and upstream.tls_policy == "opportunistic":
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
             _fell_back(upstream, f"STARTTLS refused: {_quote(answer)}")
@@ -407,7 +414,9 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
         with trio.fail_at(min(trio.current_time() + upstream.delivery.mx_command_timeout, by)):
             await tls_stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
+        _record_tls(upstream, *handshake_failure(error))
         raise _TlsFailed(f"TLS handshake failed: {describe_error(error)}") from None
+    _record_tls(upstream, None)
     upstream.stream = ScopedStream(tls_stream)
     ssl_object = tls_stream._ssl_object  # the stdlib SSLObject behind trio's SSLStream
     cipher = ssl_object.cipher()
@@ -418,6 +427,28 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
 
 class _TlsFailed(_CandidateFailed):
     pass
+
+
+def _record_tls(upstream: Upstream, result: ResultType | None, detail: str = "") -> None:
+    """The outcome of ``upstream``'s TLS session attempt, for TLS-RPT (RFC 8460): ``None``
+    for a session that was established, else the section 4.3 result type and the reason.
+    Under the configured policies (no DANE, no MTA-STS) the policy type is
+    "no-policy-found"."""
+    reporter = upstream.tls_reporter
+    if reporter is None:
+        return
+    candidate = upstream.candidate
+    reporter.record(
+        TlsOutcome(
+            policy_domain=upstream.domain or candidate.mx,
+            policy_type="no-policy-found",
+            mx_host=candidate.mx,
+            receiving_ip=str(candidate.address),
+            sending_ip=str(candidate.source) if candidate.source is not None else None,
+            result=result,
+            detail=detail,
+        )
+    )
 
 
 def _fell_back(upstream: Upstream, why: str) -> None:
@@ -445,6 +476,7 @@ async def _open_one(
     metrics: Metrics | None,
     by: float,
     tls_failed: str | None = None,
+    tls_reporter: TlsReporter | None = None,
 ) -> Upstream:
     """One MX address. ``tls_failed``: why STARTTLS with it just failed (the plaintext retry
     of an opportunistic policy), so the connection says it fell back."""
@@ -462,6 +494,8 @@ async def _open_one(
         route_key=route.key,
         tls_policy=route.tls,
         metrics=metrics,
+        tls_reporter=tls_reporter,
+        domain=route.domain,
     )
     connected = trio.current_time()
     try:
@@ -482,8 +516,12 @@ async def _open_one(
         if use_tls:
             if upstream.supports("STARTTLS"):
                 await _start_tls(upstream, ehlo_name, by)
-            elif route.tls in ("required", "verify"):
-                raise _CandidateFailed(f"STARTTLS not offered and the TLS policy is {route.tls}")
+            else:
+                _record_tls(upstream, "starttls-not-supported", "STARTTLS not offered")
+                if route.tls in ("required", "verify"):
+                    raise _CandidateFailed(
+                        f"STARTTLS not offered and the TLS policy is {route.tls}"
+                    )
         return upstream
     except (UpstreamError, _MxRefused):
         await upstream.quit()
@@ -501,6 +539,7 @@ async def open_upstream(
     metrics: Metrics | None = None,
     *,
     by: float = math.inf,
+    tls_reporter: TlsReporter | None = None,
 ) -> Upstream:
     """The first candidate that gives a usable SMTP session, or :class:`UpstreamError`.
     Every step (connect, banner, EHLO, STARTTLS) has its own time limit from ``delivery``,
@@ -513,7 +552,16 @@ async def open_upstream(
         while True:
             try:
                 return await _open_one(
-                    route, candidate, ehlo_name, delivery, health, use_tls, metrics, by, tls_failed
+                    route,
+                    candidate,
+                    ehlo_name,
+                    delivery,
+                    health,
+                    use_tls,
+                    metrics,
+                    by,
+                    tls_failed,
+                    tls_reporter=tls_reporter,
                 )
             except _TlsFailed as error:
                 problems.append(f"{candidate.mx}[{candidate.address}]: {error}")
