@@ -16,6 +16,7 @@ from testkit.dns import (
     NullMXRecord,
     RawRecord,
     RefusedZone,
+    TxtRecord,
     make_resolver,
 )
 from testkit.dns_stub import StubDns
@@ -108,6 +109,7 @@ __all__ = [
     "Stack",
     "StubDns",
     "TestMX",
+    "TxtRecord",
     "allocate_ipv4",
     "client_tls_context",
     "final_status",
