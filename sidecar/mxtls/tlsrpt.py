@@ -43,8 +43,9 @@ _EXT_VALUE = re.compile(r"[\x21-\x3a\x3c\x3e-\x7e]+")
 _URI = re.compile(r"[\x22-\x7e]+")
 # An address of a mailto: URI, after percent-decoding, that the cron recipe can hand to
 # sendmail as an argument: a plain local part (no spaces, quotes or shell-special
-# characters), one "@", a domain name. Other addresses serve no report.
-_MAILBOX = re.compile(r"[A-Za-z0-9._+=-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
+# characters, no leading "-" that would read as an option), one "@", a domain name. Other
+# addresses serve no report.
+_MAILBOX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
 
 
 class RecordError(ValueError):

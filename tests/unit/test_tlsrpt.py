@@ -94,7 +94,9 @@ def test_records_that_do_not_follow_section_3_are_refused(text: str) -> None:
 
 
 def test_uris_of_other_schemes_serve_no_report() -> None:
-    record = parse_record("v=TLSRPTv1; rua=http://insecure.test/r, mailto:a%20b@x.test")
+    record = parse_record(
+        "v=TLSRPTv1; rua=http://insecure.test/r, mailto:a%20b@x.test, mailto:-oQ@x.test"
+    )
     assert record.targets == ()
     assert select_record(["v=TLSRPTv1; rua=http://insecure.test/r"]) is None
 
@@ -114,7 +116,7 @@ _URI_CHARS = st.text(
     max_size=30,
 )
 _MAILBOX = st.from_regex(
-    r"[a-z0-9._+=-]{1,12}@[a-z0-9-]{1,10}(\.[a-z0-9-]{1,10}){0,2}", fullmatch=True
+    r"[a-z0-9][a-z0-9._+=-]{0,11}@[a-z0-9-]{1,10}(\.[a-z0-9-]{1,10}){0,2}", fullmatch=True
 )
 
 
