@@ -37,7 +37,7 @@ from sidecar.errors import describe_error
 from sidecar.explain import explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging, shutdown_logging
-from sidecar.mxtls.tlsrpt_store import StateDirError, TlsRptStore
+from sidecar.mxtls.tlsrpt_store import StateDirError, TlsRptStore, state_dir_problem
 from sidecar.server import ListenError, hold_signals, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
@@ -128,6 +128,10 @@ def check(config_path: str) -> None:
     Exits 0 when valid, 2 with "error: <key path>: <problem>" on stderr when not.
     """
     config = _load(config_path)
+    problem = state_dir_problem(config.delivery.state_dir)
+    if problem is not None:
+        click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
     import tomli_w
 
     click.echo(tomli_w.dumps(config_to_dict(config)), nl=False)

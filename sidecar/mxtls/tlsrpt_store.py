@@ -81,6 +81,26 @@ def store_path(state_dir: str) -> Path:
     return Path(state_dir) / STORE_FILE
 
 
+def state_dir_problem(state_dir: str) -> str | None:
+    """Why ``sidecar run`` could not keep its store under ``state_dir``, as the user asking,
+    without creating anything (``sidecar check``); ``None`` when it could."""
+    path = store_path(state_dir)
+    directory = path.parent
+    where = f"delivery.state_dir: cannot keep the TLS-RPT results in {str(path)!r}"
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK) or not os.access(directory, os.W_OK):
+            return f"{where}: Permission denied"
+        return None
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{where}: {str(existing)!r} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{where}: Permission denied"
+    return None
+
+
 def _clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -254,3 +254,21 @@ def test_tls_report_writes_the_reports_of_domains_that_publish_a_record(
     result = runner.invoke(main, [*args, "--keep-days", "1"])
     assert result.exit_code == 0 and "old rows pruned" in result.stderr
     assert store.domains(day) == []
+
+
+def test_check_refuses_a_state_dir_that_cannot_hold_the_store(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{blocker / "state"}"\n')
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: delivery.state_dir: cannot keep the TLS-RPT results in "
+        f"'{blocker}/state/tls-rpt.sqlite3': '{blocker}' is not a directory\n"
+    )
+    assert not (tmp_path / "fresh").exists()
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{tmp_path / "fresh" / "s"}"\n')
+    assert runner.invoke(main, ["check", "-c", str(path)]).exit_code == 0
+    assert not (tmp_path / "fresh").exists()  # checked, not made
