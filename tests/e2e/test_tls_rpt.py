@@ -160,3 +160,36 @@ async def test_a_state_dir_that_cannot_be_written_stops_the_start(
         f"error: delivery.state_dir: cannot keep the TLS-RPT results in "
         f"'{blocker}/state/tls-rpt.sqlite3'"
     )
+
+
+async def test_worker_processes_share_the_store(
+    lab: Lab, processes: Processes, tmp_path: Path, tls_ca: trustme.CA
+) -> None:
+    """``server.workers = 2``: each worker counts the sessions it made and writes them at its
+    shutdown into the one file; the report has them all."""
+    stack = await lab.build(
+        mxes=[{"tls_context": server_tls_context(tls_ca, "mx.good.test")}],
+        hosts=["mx.good.test"],
+        domains={"good.test": 0},
+        records=[TxtRecord("_smtp._tls.good.test", ("v=TLSRPTv1; rua=mailto:r@good.test",))],
+        server={"hostname": "sidecar.test", "shutdown_grace": 2, "workers": 2},
+        delivery={"tls": "opportunistic", "connection_reuse_limit": 1},
+        start=False,
+    )
+    started = await processes.start(["run", "-c", str(stack.config_path)])
+    await wait_listening(stack.listener, started)
+    sent = 12
+    for _ in range(sent):
+        result = await send(stack.listener, "a@client.test", ["rcpt@good.test"], MESSAGE)
+        assert final_status(result) == (250, "2.0.0")
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started, timeout=15) == 0
+    out = tmp_path / "reports"
+    today = datetime.now(UTC).date().isoformat()
+    config = str(stack.config_path)
+    done = await run_cli("tls-report", "-c", config, "--date", today, "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr.decode()
+    (path,) = out.glob("*.json.gz")
+    report = json.loads(gzip.decompress(path.read_bytes()))
+    (entry,) = report["policies"]
+    assert entry["summary"]["total-successful-session-count"] == sent
