@@ -173,8 +173,8 @@ def open_listeners(config: Config) -> Opened:
 
 class Runtime:
     """The current configuration's :class:`ServerContext`. A reload swaps it: new sessions get
-    the new one, open sessions keep theirs. Metrics, shutdown state and the health of servers
-    present in both configurations carry over."""
+    the new one, open sessions keep theirs. Metrics, shutdown state, the TLS-RPT store and the
+    health of servers present in both configurations carry over."""
 
     def __init__(
         self,
