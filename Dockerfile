@@ -1,7 +1,9 @@
 # The sidecar as a container next to your MTA (README: "The container"). Build and run:
 #   docker build -t smtp-proxy-sidecar .
 #   docker run -d --name sidecar --network host --stop-timeout 45 \
-#       -v /srv/sidecar:/etc/sidecar:ro smtp-proxy-sidecar
+#       -v /srv/sidecar:/etc/sidecar:ro -v sidecar-state:/var/lib/sidecar smtp-proxy-sidecar
+# /var/lib/sidecar (delivery.state_dir: TLS-RPT results, MTA-STS cache) belongs to uid 2525;
+# a named volume there keeps it across container re-creations.
 # Mount the DIRECTORY that holds sidecar.toml (a single-file bind mount keeps the old file
 # after an edit on the host, and SIGHUP would re-read that one). The files must be readable
 # by uid/gid 2525, the user the sidecar runs as. Check the file first:
@@ -28,7 +30,8 @@ FROM ${PYTHON_IMAGE}
 # into the container must be readable by it; Kubernetes' runAsNonRoot needs it numeric.
 RUN groupadd --system --gid 2525 sidecar \
     && useradd --system --uid 2525 --gid 2525 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin sidecar
+        --shell /usr/sbin/nologin sidecar \
+    && install -d -o 2525 -g 2525 -m 0750 /var/lib/sidecar
 COPY --from=build /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -22,7 +22,11 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -33,6 +37,7 @@ from sidecar.errors import describe_error
 from sidecar.explain import dane_resolver_warning, explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging, shutdown_logging
+from sidecar.mxtls.tlsrpt_store import StateDirError, TlsRptStore, state_dir_problem
 from sidecar.server import ListenError, hold_signals, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
@@ -123,6 +128,10 @@ def check(config_path: str) -> None:
     Exits 0 when valid, 2 with "error: <key path>: <problem>" on stderr when not.
     """
     config = _load(config_path)
+    problem = state_dir_problem(config.delivery.state_dir)
+    if problem is not None:
+        click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
     import tomli_w
 
     click.echo(tomli_w.dumps(config_to_dict(config)), nl=False)
@@ -192,9 +201,17 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
         logging.getLogger("sidecar").warning("%s", dane_warning)
     raise_nofile_limit()  # before forking: workers inherit it
     try:
+        # The TLS-RPT results store: made (or found) now, so that a state_dir that cannot
+        # hold it stops the start with a clear error. Workers open their own.
+        tls_store = TlsRptStore.open(config.delivery.state_dir)
+    except StateDirError as e:
+        click.echo(f"error: {e}", err=True)
+        shutdown_logging()
+        sys.exit(EXIT_CONFIG_ERROR)
+    try:
         if config.server.workers > 1:
             sys.exit(supervise(config, config_path))
-        trio.run(run_until_signal, config, config_path)
+        trio.run(partial(run_until_signal, config, config_path, tls_store=tls_store))
     except ListenError as e:
         click.echo(f"error: cannot listen on {e}", err=True)
         sys.exit(1)
@@ -403,6 +420,102 @@ def resume(config_path: str, binding: str, site: str) -> None:
     config = _load(config_path)
     _binding_checked(config, binding)
     _control(config, "resume", {"binding": binding, "site": site})
+
+
+DEFAULT_KEEP_DAYS = 30
+
+
+@main.command("tls-report")
+@config_option
+@click.option(
+    "--date",
+    "day_text",
+    metavar="YYYY-MM-DD",
+    help="The UTC day to report. Default: yesterday (UTC).",
+)
+@click.option(
+    "--output-dir",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the report files go (created if missing).",
+)
+@click.option("--organization", help="organization-name of the reports. Default: server.hostname.")
+@click.option(
+    "--submitter", help="The reporting domain (file names, headers). Default: server.hostname."
+)
+@click.option("--contact", help="contact-info of the reports. Default: postmaster@SUBMITTER.")
+@click.option("--from", "sender", help="From of the report e-mails. Default: the contact.")
+@click.option(
+    "--keep-days",
+    default=DEFAULT_KEEP_DAYS,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Forget recorded days older than this many days before today (0: keep all).",
+)
+def tls_report(
+    config_path: str,
+    day_text: str | None,
+    output_dir: Path,
+    organization: str | None,
+    submitter: str | None,
+    contact: str | None,
+    sender: str | None,
+    keep_days: int,
+) -> None:
+    """Write the TLS-RPT (RFC 8460) aggregate reports of a day, from the TLS session results
+    the running sidecar records under delivery.state_dir: one gzip JSON report per recipient
+    domain that publishes an _smtp._tls TXT record (looked up through dns.nameservers), and
+    for its mailto: URIs the whole e-mail (.eml). Prints one line per destination, "URI
+    FILE", for a cron job to send (README: TLS-RPT); sends nothing itself."""
+    from sidecar.mxtls.tlsrpt import Reporter
+    from sidecar.mxtls.tlsrpt_report import write_reports
+    from sidecar.resolver import Resolver
+
+    config = _load(config_path)
+    now = datetime.now(UTC)
+    try:
+        day = date.fromisoformat(day_text) if day_text else now.date() - timedelta(days=1)
+    except ValueError:
+        click.echo(f"error: --date {day_text}: not a date like 2026-01-31", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    try:
+        store = TlsRptStore.open(config.delivery.state_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except (StateDirError, OSError) as e:
+        click.echo(f"error: {describe_error(e)}", err=True)
+        sys.exit(1)
+    hostname = config.server.hostname
+    submitter = submitter or hostname
+    contact = contact or f"postmaster@{submitter}"
+    reporter = Reporter(organization or hostname, contact, submitter, hostname)
+    resolver = Resolver(config.dns)
+    try:
+        written = trio.run(
+            write_reports,
+            store,
+            day,
+            reporter,
+            resolver.resolve_txt,
+            output_dir,
+            sender or contact,
+            now,
+        )
+        pruned = store.prune(now.date() - timedelta(days=keep_days)) if keep_days else 0
+    except (OSError, sqlite3.Error) as e:
+        click.echo(f"error: {describe_error(e)}", err=True)
+        sys.exit(1)
+    for uri, path in written.targets:
+        click.echo(f"{uri} {path}")
+    summary = f"{day}: {len(written.reports)} reports in {output_dir}"
+    if written.unpublished:
+        summary += f"; no TLS-RPT record: {', '.join(written.unpublished)}"
+    if pruned:
+        summary += f"; {pruned} old rows pruned"
+    click.echo(summary, err=True)
+    for domain, why in written.failed:
+        click.echo(f"error: {domain}: {why} (run again for --date {day})", err=True)
+    sys.exit(1 if written.failed else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,6 +45,7 @@ MAX_RESULT_TTL = 300
 # Bounds on what one answer may make us do.
 MAX_MX_HOSTS = 10
 MAX_ADDRESSES_PER_HOST = 10
+MAX_TXT_RECORDS = 20
 
 
 # Every query holds one socket while in flight: the descriptor budget (sidecar.limits) sets
@@ -249,6 +250,20 @@ class Resolver:
             hosts,
             exchangers=frozenset(host for _, host in real),
             secure=secure if dnssec else None,
+        )
+
+    async def resolve_txt(self, name: str) -> tuple[str, ...]:
+        """The TXT records at ``name``, each one's strings joined without separators (as
+        RFC 8460 section 3 and RFC 8461 section 3.1 read them; bytes that are not UTF-8
+        replaced), at most MAX_TXT_RECORDS of them; ``()`` for NXDOMAIN or no TXT record.
+        Any other failure is :class:`ResolutionError`."""
+        try:
+            answer = await self._query(name, "TXT", [])
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return ()
+        return tuple(
+            b"".join(rdata.strings).decode("utf-8", "replace")
+            for rdata in list(answer)[:MAX_TXT_RECORDS]
         )
 
     async def _static(self, domain: str, entries: Sequence[str], ttls: list[int]) -> MXResult:

@@ -29,6 +29,8 @@ from sidecar.limits import (
     plan_descriptors,
 )
 from sidecar.metrics import Metrics
+from sidecar.mxtls.outcome import NullReporter, TlsReporter
+from sidecar.mxtls.tlsrpt_store import TlsRptStore
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
 from sidecar.routing import Router
@@ -171,11 +173,18 @@ def open_listeners(config: Config) -> Opened:
 
 class Runtime:
     """The current configuration's :class:`ServerContext`. A reload swaps it: new sessions get
-    the new one, open sessions keep theirs. Metrics, shutdown state and the health of servers
-    present in both configurations carry over."""
+    the new one, open sessions keep theirs. Metrics, shutdown state, the TLS-RPT store and the
+    health of servers present in both configurations carry over."""
 
-    def __init__(self, config: Config, worker: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        worker: tuple[int, int] | None = None,
+        tls_reporter: TlsReporter | None = None,
+    ) -> None:
         self.context = build_context(config)
+        # One TLS-RPT store for the process: every configuration's context records into it.
+        self.context.tls_reporter = tls_reporter if tls_reporter is not None else NullReporter()
         self.started = trio.current_time()
         self.worker = worker  # (index, count) when one of several worker processes
         # Descriptors open before any session: listeners, status socket, the event loop's.
@@ -215,6 +224,14 @@ class Runtime:
         if config.dns == old.config.dns:
             new.router.resolver = old.router.resolver  # keep the DNS cache
         new.metrics = old.metrics
+        new.tls_reporter = old.tls_reporter
+        if config.delivery.state_dir != old.config.delivery.state_dir and isinstance(
+            old.tls_reporter, TlsRptStore
+        ):
+            log.warning(
+                "delivery.state_dir changed: TLS-RPT results still go to %s until a restart",
+                old.tls_reporter.path,
+            )
         new.shutting_down = old.shutting_down
         new.idle_sessions = old.idle_sessions
         new.sessions = old.sessions
@@ -311,6 +328,7 @@ async def serve(
     *,
     worker: tuple[int, int] | None = None,
     hurry: trio.Event | None = None,
+    tls_store: TlsRptStore | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set: then stop accepting and give open sessions
@@ -318,8 +336,9 @@ async def serve(
     At the end of the grace every session gets 421 and closes, except those whose end of
     data the MX already has: they pass on its reply first, within ``data_done_timeout``
     (see :meth:`ServerContext.end_grace`). Configs received on ``reloads`` replace the
-    running one (SIGHUP)."""
-    runtime = Runtime(config, worker)
+    running one (SIGHUP). ``tls_store``: where TLS session outcomes are counted (TLS-RPT),
+    written every few seconds and once more after the last session (None: not recorded)."""
+    runtime = Runtime(config, worker, tls_store)
     if shutdown is None:
         shutdown = trio.Event()
     if opened is None:
@@ -328,6 +347,9 @@ async def serve(
         status_sockets = await open_status_listener(config)
     bound = [sock.getsockname()[:2] for _, sockets in opened for sock in sockets]
     async with trio.open_nursery() as nursery:
+        if tls_store is not None:
+            # Cancelled with the nursery, after the last session: its final write comes then.
+            nursery.start_soon(tls_store.run)
         generation = await nursery.start(_generation, runtime.context)
         shaping = await nursery.start(_shaping, runtime.context.shaper)
         if status_sockets:
@@ -424,6 +446,7 @@ async def run_until_signal(
     opened: Opened | None = None,
     status_sockets: list[trio.SocketListener] | None = None,
     worker: tuple[int, int] | None = None,
+    tls_store: TlsRptStore | None = None,
 ) -> None:
     """``sidecar run``: serve; SIGTERM/SIGINT shut down gracefully, SIGHUP re-reads
     ``config_path`` (an invalid file is logged and the running configuration kept).
@@ -434,7 +457,8 @@ async def run_until_signal(
     handled once the handlers are in place.
 
     A worker of several (``server.workers``) gets its sockets bound by the supervisor and
-    ``worker`` = (its index, how many there are)."""
+    ``worker`` = (its index, how many there are). ``tls_store``: the TLS-RPT results store
+    (see :func:`serve`)."""
     shutdown = trio.Event()
     hurry = trio.Event()
     # Listening errors (address in use, no permission) surface here, before any task starts.
@@ -459,6 +483,7 @@ async def run_until_signal(
                     status_sockets,
                     worker=worker,
                     hurry=hurry,
+                    tls_store=tls_store,
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # the signal loop below ends with it

@@ -31,6 +31,7 @@ from sidecar.limits import local_resource_errno
 from sidecar.metrics import Metrics
 from sidecar.mxtls.dane import DanePolicy, PeerChainUnavailable, match_chain, peer_chain
 from sidecar.mxtls.outcome import PolicyLabel, ResultType, TlsOutcome, TlsReporter
+from sidecar.mxtls.tlsrpt import handshake_failure
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.shaping.shaper import Grant
 from sidecar.smtp.replies import Reply, ReplyError, ReplyParser, parse_ehlo_capabilities
@@ -437,12 +438,12 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
         raise UpstreamError(replies.local_tls_error(why)) from None
     answer = await upstream.command(b"STARTTLS\r\n", by=by)
     if answer.code != 220:
+        problem = f"{_policy_prefix(upstream)}STARTTLS refused: {_quote(answer)}"
+        _report(upstream, "starttls-not-supported", problem)
         if answer.code != 421 and upstream.tls_policy == "opportunistic":
             # RFC 3207: the session is still the plaintext one; go on as MTAs do.
             _fell_back(upstream, f"STARTTLS refused: {_quote(answer)}")
             return
-        problem = f"{_policy_prefix(upstream)}STARTTLS refused: {_quote(answer)}"
-        _report(upstream, "starttls-not-supported", problem)
         if answer.code == 421:
             raise _CandidateFailed(problem)
         raise _PolicyFailed(problem, "4.7.4")
@@ -456,9 +457,11 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
         with trio.fail_at(min(trio.current_time() + upstream.delivery.mx_command_timeout, by)):
             await tls_stream.do_handshake()
     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as error:
-        problem = f"{_policy_prefix(upstream)}TLS handshake failed: {describe_error(error)}"
-        _report(upstream, "validation-failure", problem)
-        raise _TlsFailed(problem) from None
+        result, reason = handshake_failure(error)
+        _report(upstream, result, f"{_policy_prefix(upstream)}{reason}")
+        raise _TlsFailed(
+            f"{_policy_prefix(upstream)}TLS handshake failed: {describe_error(error)}"
+        ) from None
     upstream.stream = ScopedStream(tls_stream)
     ssl_object = tls_stream._ssl_object  # the stdlib SSLObject behind trio's SSLStream
     cipher = ssl_object.cipher()
@@ -467,6 +470,8 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
         _check_dane(upstream, upstream.dane, ssl_object)
     elif upstream.dane is not None:
         _report(upstream, None, "DANE: only unusable TLSA records, encrypted")
+    else:
+        _report(upstream, None)
     await _greet(upstream, ehlo_name, by)
     upstream.tls_settled = True
 
@@ -503,25 +508,28 @@ def _check_dane(upstream: Upstream, dane: DanePolicy, ssl_object: ssl.SSLObject)
     _report(upstream, None, f"DANE: matched {check.matched}")
 
 
-def _report(upstream: Upstream, result: ResultType | None, detail: str) -> None:
-    """One TLS-RPT outcome (RFC 8460) of an MX under DANE (policy type "tlsa"); other
-    policies are reported by their own code. A reporting fault never fails a delivery."""
-    dane = upstream.dane
-    if dane is None or upstream.reporter is None:
+def _report(upstream: Upstream, result: ResultType | None, detail: str = "") -> None:
+    """The outcome of ``upstream``'s TLS session attempt, for TLS-RPT (RFC 8460): ``None``
+    for a session that was established (and, under DANE, authenticated), else the section
+    4.3 result type and the reason. The policy type is "tlsa" for an MX host under DANE,
+    else "no-policy-found". A reporting fault never fails a delivery."""
+    reporter = upstream.reporter
+    if reporter is None:
         return
     candidate = upstream.candidate
+    dane = upstream.dane
     outcome = TlsOutcome(
-        policy_domain=upstream.policy_domain,
-        policy_type="tlsa",
+        policy_domain=upstream.policy_domain or candidate.mx,
+        policy_type="tlsa" if dane is not None else "no-policy-found",
         mx_host=candidate.mx,
         receiving_ip=str(candidate.address),
         sending_ip=None if candidate.source is None else str(candidate.source),
         result=result,
-        policy_strings=dane.strings,
-        detail=detail or (result or "success"),
+        policy_strings=dane.strings if dane is not None else (),
+        detail=detail if result is None else (detail or result),
     )
     try:
-        upstream.reporter.record(outcome)
+        reporter.record(outcome)
     except Exception:  # the reporter must not raise; should it, the delivery goes on
         log.exception("TLS-RPT reporter failed")
 
@@ -594,12 +602,17 @@ async def _open_one(
         if use_tls:
             if upstream.supports("STARTTLS"):
                 await _start_tls(upstream, ehlo_name, by)
-            elif policy in ("required", "verify"):
-                # RFC 7672 section 2.2: a DANE MX that offers no STARTTLS gets no mail.
-                name = "DANE" if candidate.dane is not None else policy
-                problem = f"STARTTLS not offered and the TLS policy is {name}"
-                _report(upstream, "starttls-not-supported", f"DANE: {problem}")
-                raise _PolicyFailed(problem, "4.7.4")
+            else:
+                _report(
+                    upstream,
+                    "starttls-not-supported",
+                    f"{_policy_prefix(upstream)}STARTTLS not offered",
+                )
+                if policy in ("required", "verify"):
+                    # RFC 7672 section 2.2: a DANE MX that offers no STARTTLS gets no mail.
+                    name = "DANE" if candidate.dane is not None else policy
+                    problem = f"STARTTLS not offered and the TLS policy is {name}"
+                    raise _PolicyFailed(problem, "4.7.4")
         return upstream
     except (UpstreamError, _MxRefused):
         await upstream.quit()

@@ -28,6 +28,7 @@ import trio
 
 from sidecar.config import Config, HostPort, Listener
 from sidecar.logs import shutdown_logging, tag_worker
+from sidecar.mxtls.tlsrpt_store import StateDirError, TlsRptStore
 from sidecar.server import ListenError, run_until_signal
 from sidecar.tcp import addresses_of, listen, listening_socket
 
@@ -117,6 +118,13 @@ def run_worker(index: int, sockets: WorkerSockets, config: Config, config_path: 
         # The kernel ends this worker if the supervisor dies without stopping it.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
+    try:
+        # Each worker its own (sqlite connections do not cross a fork); they share the file.
+        tls_store: TlsRptStore | None = TlsRptStore.open(config.delivery.state_dir)
+    except StateDirError as error:  # the supervisor opened it: unlikely, and not fatal here
+        log.error("worker %d records no TLS-RPT results: %s", index, error)
+        tls_store = None
+
     async def main() -> None:
         await run_until_signal(
             config,
@@ -124,6 +132,7 @@ def run_worker(index: int, sockets: WorkerSockets, config: Config, config_path: 
             opened=sockets.listeners,
             status_sockets=_trio_listeners(sockets.status),
             worker=(index, config.server.workers),
+            tls_store=tls_store,
         )
 
     try:

@@ -18,6 +18,7 @@ from .dns import (
     NullMXRecord,
     RawRecord,
     RefusedZone,
+    TxtRecord,
     make_resolver,
 )
 from .dns_stub import StubDns
@@ -64,6 +65,7 @@ __all__ = [
     "ReplySpec",
     "StubDns",
     "TestMX",
+    "TxtRecord",
     "allocate_ipv4",
     "client_tls_context",
     "fixed_ipv4",

@@ -43,6 +43,7 @@ __all__ = [
     "NullMXRecord",
     "RawRecord",
     "RefusedZone",
+    "TxtRecord",
     "make_resolver",
 ]
 
@@ -100,6 +101,21 @@ class RawRecord:
 
     def dnsmasq_options(self, ttl: int) -> list[str]:
         return [f"--dns-rr={_name(self.name)},{self.rrtype},{self.rdata.hex()}"]
+
+
+@dataclass(frozen=True)
+class TxtRecord:
+    """A TXT record of one or more strings (each at most 255 bytes), given to dnsmasq as
+    wire-format RDATA: ``--txt-record`` would split a text at its commas."""
+
+    name: str
+    strings: tuple[str, ...]
+
+    def dnsmasq_options(self, ttl: int) -> list[str]:
+        rdata = b"".join(
+            len(data).to_bytes(1, "big") + data for data in (s.encode() for s in self.strings)
+        )
+        return RawRecord(self.name, 16, rdata).dnsmasq_options(ttl)
 
 
 @dataclass(frozen=True)

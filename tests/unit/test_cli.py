@@ -191,3 +191,84 @@ def test_help_lists_commands(runner: CliRunner) -> None:
     assert result.exit_code == 0
     assert "check" in result.stdout
     assert "init" in result.stdout
+
+
+# -- tls-report --------------------------------------------------------------------------------
+
+
+def _tls_config(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    return write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{state}"\n')
+
+
+def test_tls_report_refuses_a_bad_date(runner: CliRunner, tmp_path: Path) -> None:
+    path = _tls_config(tmp_path)
+    result = runner.invoke(main, ["tls-report", "-c", str(path), "--date", "29/11/2026"])
+    assert result.exit_code == 2
+    assert "error: --date 29/11/2026: not a date like 2026-01-31" in result.output
+
+
+def test_tls_report_writes_the_reports_of_domains_that_publish_a_record(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gzip
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from sidecar.mxtls.outcome import TlsOutcome
+    from sidecar.mxtls.tlsrpt_store import TlsRptStore
+    from sidecar.resolver import Resolver
+
+    path = _tls_config(tmp_path)
+    day = datetime.now(UTC).date() - timedelta(days=10)
+    start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+    store = TlsRptStore.open(str(tmp_path / "state"), today=lambda: day)
+    for domain in ("a.test", "b.test"):
+        store.record(TlsOutcome(domain, "no-policy-found", f"mx.{domain}", "192.0.2.25", None))
+    store.flush_now()
+    asked: list[str] = []
+
+    async def resolve_txt(self: Resolver, name: str) -> tuple[str, ...]:
+        asked.append(name)
+        if name == "_smtp._tls.a.test":
+            return ("v=TLSRPTv1; rua=https://r.a.test/x,mailto:r@a.test",)
+        return ()
+
+    monkeypatch.setattr(Resolver, "resolve_txt", resolve_txt)
+    out = tmp_path / "out"
+    args = ["tls-report", "-c", str(path), "--date", day.isoformat(), "--output-dir", str(out)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert asked == ["_smtp._tls.a.test", "_smtp._tls.b.test"]
+    name = f"mta1.example.com!a.test!{start}!{start + 86399}"
+    assert result.stdout.splitlines() == [
+        f"https://r.a.test/x {out / name}.json.gz",
+        f"mailto:r@a.test {out / name}.eml",
+    ]
+    assert f"{day}: 1 reports" in result.stderr
+    assert "no TLS-RPT record: b.test" in result.stderr
+    report = json.loads(gzip.decompress((out / f"{name}.json.gz").read_bytes()))
+    assert report["contact-info"] == "postmaster@mta1.example.com"
+    assert report["policies"][0]["summary"]["total-successful-session-count"] == 1
+    # --keep-days prunes what is older (counted from today).
+    result = runner.invoke(main, [*args, "--keep-days", "1"])
+    assert result.exit_code == 0 and "old rows pruned" in result.stderr
+    assert store.domains(day) == []
+
+
+def test_check_refuses_a_state_dir_that_cannot_hold_the_store(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{blocker / "state"}"\n')
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: delivery.state_dir: cannot keep the TLS-RPT results in "
+        f"'{blocker}/state/tls-rpt.sqlite3': '{blocker}' is not a directory\n"
+    )
+    assert not (tmp_path / "fresh").exists()
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{tmp_path / "fresh" / "s"}"\n')
+    assert runner.invoke(main, ["check", "-c", str(path)]).exit_code == 0
+    assert not (tmp_path / "fresh").exists()  # checked, not made

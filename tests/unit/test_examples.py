@@ -89,11 +89,18 @@ def test_kubernetes_parses_and_its_sidecar_config_checks(tmp_path: Path) -> None
     assert sidecar["securityContext"]["runAsUser"] == 2525
     assert sidecar["resources"]["requests"]["memory"] == "64Mi"
     # The config directory is mounted (no subPath), so an update reaches SIGHUP.
-    (mount,) = sidecar["volumeMounts"]
-    assert mount["mountPath"] == "/etc/sidecar" and "subPath" not in mount
+    mounts = {mount["mountPath"]: mount for mount in sidecar["volumeMounts"]}
+    mount = mounts["/etc/sidecar"]
+    assert "subPath" not in mount
     assert sidecar["args"][-1] == "/etc/sidecar/sidecar.toml"
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     assert volumes[mount["name"]]["configMap"]["name"] == "sidecar-config"
+    # The root file system is read-only: delivery.state_dir (TLS-RPT results, MTA-STS
+    # cache) must be a writable volume, or `sidecar run` does not start.
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    state = mounts[config.delivery.state_dir]
+    assert not state.get("readOnly", False)
+    assert "emptyDir" in volumes[state["name"]] or "persistentVolumeClaim" in volumes[state["name"]]
 
     postfix = settings(configs["postfix-sidecar"]["data"]["sidecar.cf"])
     assert postfix == readme_postfix_recipe()

@@ -62,3 +62,25 @@ async def test_reload_of_an_invalid_file_keeps_the_last_digest(
     path.unlink()
     assert file_digest(str(path)) is None
     assert await _reload(str(path), send, started) == started
+
+
+async def test_a_reload_keeps_the_one_tls_rpt_store_of_the_process(tmp_path: Path) -> None:
+    from sidecar.config import parse_config
+    from sidecar.mxtls.tlsrpt_store import TlsRptStore
+    from sidecar.server import Runtime
+
+    def config(state_dir: str) -> dict[str, object]:
+        return {
+            "server": {"hostname": "sidecar.test"},
+            "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}],
+            "binding": {
+                "b1": {"ha_proxy_server": "127.0.0.1:5000", "ha_proxy_src_addr": "192.0.2.10"}
+            },
+            "delivery": {"state_dir": state_dir},
+        }
+
+    store = TlsRptStore.open(str(tmp_path / "one"))
+    runtime = Runtime(parse_config(config(str(tmp_path / "one"))), tls_reporter=store)
+    assert runtime.context.tls_reporter is store
+    new = runtime.reload(parse_config(config(str(tmp_path / "other"))))
+    assert new.tls_reporter is store

@@ -16,6 +16,7 @@ from testkit.dns import (
     NullMXRecord,
     RawRecord,
     RefusedZone,
+    TxtRecord,
     make_resolver,
 )
 from testkit.dns_stub import StubDns
@@ -120,6 +121,7 @@ __all__ = [
     "Stack",
     "StubDns",
     "TestMX",
+    "TxtRecord",
     "Unbound",
     "allocate_ipv4",
     "client_tls_context",

@@ -149,7 +149,8 @@ class Lab:
         ``{"example.test": 0}``); ``records`` are more records (or a callable given the MX
         addresses). dnsmasq serves them unless ``nameserver`` (a stub) is given and ``records``
         is empty. One HAProxy (``haproxy``: its options), one listener and source address per
-        binding name. ``server``, ``delivery``, ``dns`` (or a callable given the MX addresses)
+        binding name; ``delivery.state_dir`` is ``<workdir>/state`` unless given. ``server``,
+        ``delivery``, ``dns`` (or a callable given the MX addresses)
         and ``sections`` (other tables) go into the config, which is also written to
         ``sidecar.toml``. ``start=False``: no sidecar (``sidecar run`` it yourself)."""
         servers: list[TestMX] = []
@@ -174,6 +175,8 @@ class Lab:
             dnsmasq = self.dnsmasq([*zone, *extra], ttl=ttl)
             nameserver = dnsmasq.endpoint
         proxy = self.haproxy(**(haproxy or {}))
+        # The on-disk state (TLS-RPT results, MTA-STS cache) of this test's sidecars.
+        delivery = {"state_dir": str(self.workdir / "state"), **(delivery or {})}
         listeners = {name: self.addresses.endpoint() for name in bindings}
         sources = {name: self.addresses.ipv4() for name in bindings}
         config = make_config(
