@@ -35,6 +35,8 @@ MAX_RESULT_TTL = 300
 # Bounds on what one answer may make us do.
 MAX_MX_HOSTS = 10
 MAX_ADDRESSES_PER_HOST = 10
+MAX_TXT_RECORDS = 20
+MAX_TXT_LENGTH = 4096
 
 
 # Every query holds one socket while in flight: the descriptor budget (sidecar.limits) sets
@@ -230,6 +232,27 @@ class Resolver:
                 raise failures[0]
             raise ResolutionError(replies.no_mx_address(domain))
         return hosts
+
+    async def host_addresses(self, host: str) -> tuple[IPAddress, ...]:
+        """The A then AAAA addresses of ``host`` (each family at most MAX_ADDRESSES_PER_HOST;
+        empty when it has none), or :class:`ResolutionError` when neither could be looked up."""
+        return await self._host_addresses(host, [])
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name``, each record's strings joined (RFC 7208 section 3.3
+        style, as RFC 8461 section 3.1 wants), decoded as ASCII (other bytes replaced): at
+        most MAX_TXT_RECORDS records of at most MAX_TXT_LENGTH characters (longer ones are
+        cut, so they fail any parser that expects less). Empty for NXDOMAIN or no TXT;
+        :class:`ResolutionError` for every other failure."""
+        try:
+            answer = await self._query(name, "TXT", [])
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        records = []
+        for rdata in list(answer)[:MAX_TXT_RECORDS]:
+            text = b"".join(rdata.strings)[:MAX_TXT_LENGTH]
+            records.append(text.decode("ascii", "replace"))
+        return records
 
     async def _host_addresses(self, host: str, ttls: list[int]) -> tuple[IPAddress, ...]:
         """A then AAAA addresses of ``host``; a missing family is not an error."""

@@ -529,6 +529,9 @@ async def open_upstream(
                     refusals.append(error.reply)
             break
         log.info("MX attempt failed for %s: %r", route.domain, problems[-1])
-    raise UpstreamError(
-        replies.no_mx_reachable(route.domain, "; ".join(problems[-3:])), mx_replies=refusals
-    )
+    detail = "; ".join(problems[-3:])
+    if route.sts is not None and route.sts_enforced:  # the failure names the policy
+        answer = replies.sts_no_mx_reachable(route.domain, route.sts.id or "-", detail)
+    else:
+        answer = replies.no_mx_reachable(route.domain, detail)
+    raise UpstreamError(answer, mx_replies=refusals)
