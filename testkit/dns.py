@@ -43,6 +43,7 @@ __all__ = [
     "NullMXRecord",
     "RawRecord",
     "RefusedZone",
+    "TxtRecord",
     "make_resolver",
 ]
 
@@ -100,6 +101,18 @@ class RawRecord:
 
     def dnsmasq_options(self, ttl: int) -> list[str]:
         return [f"--dns-rr={_name(self.name)},{self.rrtype},{self.rdata.hex()}"]
+
+
+@dataclass(frozen=True)
+class TxtRecord:
+    """A TXT record of ``name`` with one string, ``text`` (no commas: dnsmasq would split
+    it into several strings)."""
+
+    name: str
+    text: str
+
+    def dnsmasq_options(self, ttl: int) -> list[str]:
+        return [f"--txt-record={_name(self.name)},{self.text}"]
 
 
 @dataclass(frozen=True)

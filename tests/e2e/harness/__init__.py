@@ -16,6 +16,7 @@ from testkit.dns import (
     NullMXRecord,
     RawRecord,
     RefusedZone,
+    TxtRecord,
     make_resolver,
 )
 from testkit.dns_stub import StubDns
@@ -35,6 +36,7 @@ from testkit.mx import (
 from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from testkit.process import HarnessError, ManagedProcess, wait_until
 from testkit.redis import RedisSentinel, RedisServer
+from testkit.sts_server import PolicyResponse, PolicyServer, policy_body
 
 from .factories import DnsmasqFactory, DnsStubFactory, HAProxyFactory, MXFactory, RedisFactory
 from .processes import (
@@ -91,6 +93,8 @@ __all__ = [
     "MXRecord",
     "ManagedProcess",
     "NullMXRecord",
+    "PolicyResponse",
+    "PolicyServer",
     "Processes",
     "RawRecord",
     "RawSMTPClient",
@@ -108,6 +112,7 @@ __all__ = [
     "Stack",
     "StubDns",
     "TestMX",
+    "TxtRecord",
     "allocate_ipv4",
     "client_tls_context",
     "final_status",
@@ -117,6 +122,7 @@ __all__ = [
     "make_config",
     "make_resolver",
     "open_proxied_stream",
+    "policy_body",
     "proxied_binding",
     "rcpt_reply",
     "refusal",
