@@ -93,19 +93,43 @@ class StsStore:
             raise StateDirError(f"{state_dir} is not writable by this user")
         return cls(directory / STORE_FILE, clock)
 
+    @classmethod
+    def read_only(cls, state_dir: str, clock: Callable[[], float] = time.time) -> StsStore:
+        """The policies kept under ``state_dir`` as of now, in memory only (never written):
+        for ``sidecar route``, which may run as another user than the sidecar. Empty when
+        there is no store or it cannot be read."""
+        store = cls(None, clock)
+        path = Path(state_dir) / STORE_FILE
+        if not path.exists():
+            return store
+        try:
+            db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1.0)
+            try:
+                store._load(db)
+            finally:
+                db.close()
+        except sqlite3.Error as error:
+            log.debug("MTA-STS cache %s not read: %s", path, describe_error(error))
+        return store
+
     def _open(self, path: Path) -> None:
         try:
             db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
             db.execute(_SCHEMA)
             db.commit()
-            rows = db.execute(
-                "SELECT domain, id, body, fetched, expires FROM policy WHERE expires > ?"
-                " ORDER BY expires DESC LIMIT ?",
-                (self.clock(), MAX_ENTRIES),
-            ).fetchall()
+            self._load(db)
         except sqlite3.Error as error:
             raise StateDirError(f"cannot use {path}: {describe_error(error)}") from None
         self._db = db
+
+    def _load(self, db: sqlite3.Connection) -> None:
+        """Keep in memory the unexpired policies of ``db`` (the MAX_ENTRIES that last
+        longest)."""
+        rows = db.execute(
+            "SELECT domain, id, body, fetched, expires FROM policy WHERE expires > ?"
+            " ORDER BY expires DESC LIMIT ?",
+            (self.clock(), MAX_ENTRIES),
+        ).fetchall()
         for domain, policy_id, body, fetched, expires in rows:
             try:
                 policy = parse_policy(str(body).encode())

@@ -39,6 +39,7 @@ from .harness import (
     final_status,
     policy_body,
     refusal,
+    run_cli,
     send,
     server_tls_context,
 )
@@ -171,6 +172,12 @@ async def test_enforce_without_a_listed_mx_is_a_4xx_naming_the_policy(
     assert f"MTA-STS policy of {DOMAIN} (enforce, id 1)" in text, text
     assert OTHER in text, text
     assert world.mx(OTHER).connections == []
+    # sidecar route says so, with the policy that excludes the MX.
+    result = await run_cli("route", "-c", str(world.stack.config_path), RCPT)
+    out = result.stdout.decode()
+    assert result.returncode == 1, out + result.stderr.decode()
+    assert "result:    451 4.7.5 MTA-STS policy of sts.test (enforce, id 1)" in out, out
+    assert f"  MX hosts not in the policy, skipped: {OTHER}" in out, out
 
 
 async def test_enforce_refuses_a_listed_mx_whose_certificate_is_not_for_it(
@@ -308,3 +315,45 @@ async def test_a_restart_keeps_the_cached_policy(
     assert final_status(await world.send(second.endpoint)) == (250, "2.0.0")
     assert world.delivered() == {OTHER: 0, LISTED: 2}
     assert world.mx(OTHER).connections == []
+
+
+async def test_route_shows_the_policy_and_the_mx_hosts_it_excludes(
+    lab: Lab, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    world = await sts_world(lab, nursery, tls_ca, tmp_path)
+    config = str(world.stack.config_path)
+    result = await run_cli("route", "-c", config, RCPT)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    lines = out.splitlines()
+    assert "tls:       verify" in lines
+    (sts,) = [line for line in lines if line.startswith("mta-sts:")]
+    assert sts.startswith("mta-sts:   mode enforce, id 1, max_age 86400 (fetched now, valid until ")
+    assert f"  mx patterns: {LISTED}" in lines
+    assert f"  MX hosts not in the policy, skipped: {OTHER}" in lines
+    assert f"  skipped {OTHER}: not an MX host of the MTA-STS policy" in lines
+    assert not any(line.startswith(f"  {OTHER} [") for line in lines)  # not a candidate
+    # Once the sidecar has the policy, route shows its cached copy (read only).
+    assert final_status(await world.send()) == (250, "2.0.0")
+    world.server.close()
+    result = await run_cli("route", "-c", config, RCPT)
+    assert "(cached, valid until " in result.stdout.decode(), result.stdout.decode()
+
+
+async def test_check_names_a_state_dir_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    config = tmp_path / "bad-state.toml"
+    config.write_text(
+        '[[listener]]\naddress = "127.0.0.1:2525"\nbinding = "b"\n'
+        '[binding.b]\nha_proxy_server = "127.0.0.1:5000"\nha_proxy_src_addr = "192.0.2.1"\n'
+        f'[delivery]\nstate_dir = "{blocker}/state"\n'
+    )
+    for command in ("check", "run"):
+        result = await run_cli(command, "-c", str(config))
+        stderr = result.stderr.decode()
+        assert result.returncode == 2, stderr
+        assert stderr.startswith(f"error: delivery.state_dir: cannot create {blocker}/state"), (
+            stderr
+        )
+        assert "Traceback" not in stderr
