@@ -204,11 +204,17 @@ async def test_testing_mode_delivers_as_before_and_logs_the_failure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     world = await sts_world(lab, nursery, tls_ca, tmp_path, policy=policy_body("testing", [LISTED]))
+    # The MX used has a certificate for another name: "enforce" would refuse it twice over.
+    world.mx(OTHER).tls_context = server_tls_context(tls_ca, "elsewhere.test")
     with caplog.at_level(logging.INFO):
         result = await world.send()
     assert final_status(result) == (250, "2.0.0")
     assert world.delivered() == {OTHER: 1, LISTED: 0}
+    (message,) = world.mx(OTHER).messages
+    assert message.tls  # opportunistic, as without the policy
     assert f"MX {OTHER} does not match {LISTED}" in caplog.text
+    assert "would fail under enforce (certificate-host-mismatch)" in caplog.text
+    assert "certificate does not name mx.other.test" in caplog.text
 
 
 async def test_a_failed_fetch_without_cached_policy_delivers_as_before(
