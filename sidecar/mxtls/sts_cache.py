@@ -115,6 +115,11 @@ class StsStore:
     def _open(self, path: Path) -> None:
         try:
             db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+            # WAL with synchronous=NORMAL: a commit is not fsynced (a crash of the host may
+            # lose the last policies written: they are fetched again), so writing a fetched
+            # policy costs the delivery waiting for it well under a millisecond.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
             db.commit()
             self._load(db)
