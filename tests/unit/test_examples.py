@@ -89,11 +89,14 @@ def test_kubernetes_parses_and_its_sidecar_config_checks(tmp_path: Path) -> None
     assert sidecar["securityContext"]["runAsUser"] == 2525
     assert sidecar["resources"]["requests"]["memory"] == "64Mi"
     # The config directory is mounted (no subPath), so an update reaches SIGHUP.
-    (mount,) = sidecar["volumeMounts"]
+    mount, state = sidecar["volumeMounts"]
     assert mount["mountPath"] == "/etc/sidecar" and "subPath" not in mount
     assert sidecar["args"][-1] == "/etc/sidecar/sidecar.toml"
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     assert volumes[mount["name"]]["configMap"]["name"] == "sidecar-config"
+    # delivery.state_dir (the MTA-STS policy cache) is a writable volume: the root file
+    # system is read-only.
+    assert state["mountPath"] == "/var/lib/sidecar" and "emptyDir" in volumes[state["name"]]
 
     postfix = settings(configs["postfix-sidecar"]["data"]["sidecar.cf"])
     assert postfix == readme_postfix_recipe()
@@ -112,7 +115,10 @@ def test_compose_parses_and_its_sidecar_config_checks(tmp_path: Path) -> None:
 
     sidecar = services["sidecar"]
     assert sidecar["network_mode"] == "service:postfix"
-    assert sidecar["volumes"] == ["./sidecar:/etc/sidecar:ro"]  # the directory
+    assert sidecar["volumes"] == [  # the directory; the state_dir a named volume
+        "./sidecar:/etc/sidecar:ro",
+        "sidecar-state:/var/lib/sidecar",
+    ]
     grace = re.fullmatch(r"(\d+)s", sidecar["stop_grace_period"])
     assert grace is not None and int(grace[1]) > config.server.shutdown_grace
 
