@@ -71,15 +71,16 @@ def _url_host(address: IPAddress) -> str:
     return f"[{address}]" if isinstance(address, IPv6Address) else str(address)
 
 
-def _is_tls_verification(error: BaseException) -> bool:
+def _tls_verification(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind ``error`` (httpx wraps it), if any."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, ssl.SSLCertVerificationError):
-            return True
+            return current
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
 def media_type(content_type: str | None) -> str:
@@ -161,10 +162,11 @@ class StsFetcher:
                 ) as response:
                     return await self._read(host, response)
             except httpx.ConnectError as error:
-                if _is_tls_verification(error):
+                invalid = _tls_verification(error)
+                if invalid is not None:
+                    why = invalid.verify_message or describe_error(invalid)
                     raise StsFetchError(
-                        f"{host}: certificate not valid: {describe_error(error)}",
-                        "sts-webpki-invalid",
+                        f"{host}: certificate not valid: {why}", "sts-webpki-invalid"
                     ) from None
                 raise _ConnectFailed(describe_error(error)) from None
             except httpx.TimeoutException as error:

@@ -102,10 +102,13 @@ async def sts_world(
     txt: str | None = "v=STSv1; id=1;",
     mx_hosts: Sequence[str] = (OTHER, LISTED),
     delivery: dict[str, Any] | None = None,
+    server_ca: trustme.CA | None = None,
 ) -> StsWorld:
+    """``server_ca``: the CA of the policy server's certificate (default ``ca``, which the
+    sidecar trusts)."""
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    server = PolicyServer(Endpoint(lab.addresses.ipv4(), 443), ca, [POLICY_HOST])
+    server = PolicyServer(Endpoint(lab.addresses.ipv4(), 443), server_ca or ca, [POLICY_HOST])
     await nursery.start(server.serve)
     records: list[DnsRecord] = [HostRecord(POLICY_HOST, [server.endpoint.host])]
     if txt is not None:
@@ -217,21 +220,46 @@ async def test_testing_mode_delivers_as_before_and_logs_the_failure(
     assert "certificate does not name mx.other.test" in caplog.text
 
 
+FAILED_FETCHES = {
+    "http-500": (PolicyResponse(b"oops\n", status=500), f"{POLICY_HOST}: HTTP 500"),
+    "text-html": (
+        PolicyResponse(ENFORCE, content_type="text/html"),
+        f"{POLICY_HOST}: Content-Type 'text/html' is not text/plain",
+    ),
+    "invalid": (PolicyResponse(b"<html>policy</html>\n"), f"{POLICY_HOST}: invalid policy: "),
+    "untrusted-certificate": (
+        PolicyResponse(ENFORCE),
+        f"{POLICY_HOST}: certificate not valid: unable to get local issuer certificate",
+    ),
+    "nobody-listening": (None, f"{POLICY_HOST}: "),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILED_FETCHES))
 async def test_a_failed_fetch_without_cached_policy_delivers_as_before(
     lab: Lab,
     nursery: trio.Nursery,
     tls_ca: trustme.CA,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    case: str,
 ) -> None:
+    response, problem = FAILED_FETCHES[case]
     world = await sts_world(
-        lab, nursery, tls_ca, tmp_path, policy=PolicyResponse(b"oops\n", status=500)
+        lab,
+        nursery,
+        tls_ca,
+        tmp_path,
+        policy=response,
+        server_ca=trustme.CA() if case == "untrusted-certificate" else None,
     )
+    if response is None:
+        world.server.close()
     with caplog.at_level(logging.INFO):
         result = await world.send()
     assert final_status(result) == (250, "2.0.0")
     assert world.delivered() == {OTHER: 1, LISTED: 0}
-    assert f"MTA-STS policy of {DOMAIN} (id 1) not fetched: {POLICY_HOST}: HTTP 500" in caplog.text
+    assert f"MTA-STS policy of {DOMAIN} (id 1) not fetched: {problem}" in caplog.text
 
 
 async def test_a_redirect_is_not_followed(
