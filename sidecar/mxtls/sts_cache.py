@@ -40,6 +40,9 @@ MAX_ENTRIES = 10_000
 FAILURE_HOLD = 300.0
 # Seconds a TXT look-up may take (cut to the caller's budget).
 TXT_TIMEOUT = 5.0
+# Seconds a domain whose TXT answer held no usable record is not asked again (RFC 8461
+# section 10.2 lets senders check less often; a cached policy still applies meanwhile).
+NO_RECORD_HOLD = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS policy (
@@ -217,15 +220,31 @@ class MtaSts:
         self.store = store
         self._failures: dict[tuple[str, str], tuple[float, str, ResultType]] = {}
         self._fetching: dict[str, trio.Event] = {}
+        self._no_record: dict[str, float] = {}  # domain -> trio time to ask again
 
     async def _record(self, domain: str, by: float) -> StsRecord | None:
-        """The domain's TXT record; ``None`` when absent, invalid or not to be had."""
-        with trio.move_on_at(min(trio.current_time() + TXT_TIMEOUT, by)):
+        """The domain's TXT record; ``None`` when absent, invalid or not to be had. An
+        answer without a usable record is taken as final for NO_RECORD_HOLD seconds: most
+        domains publish none, and a negative answer without an SOA is not cached by the
+        resolver (each RCPT would ask again)."""
+        now = trio.current_time()
+        if self._no_record.get(domain, 0.0) > now:
+            return None
+        with trio.move_on_at(min(now + TXT_TIMEOUT, by)):
             try:
-                return parse_txt_records(await self.resolver.txt(f"_mta-sts.{domain}"))
+                record = parse_txt_records(await self.resolver.txt(f"_mta-sts.{domain}"))
             except RouteError as error:
                 log.debug("MTA-STS TXT of %s: %s", domain, error.reply.text)
                 return None
+            if record is None:
+                if len(self._no_record) >= MAX_ENTRIES:
+                    self._no_record = {d: t for d, t in self._no_record.items() if t > now}
+                    if len(self._no_record) >= MAX_ENTRIES:
+                        self._no_record.pop(next(iter(self._no_record)))
+                self._no_record[domain] = now + NO_RECORD_HOLD
+            else:
+                self._no_record.pop(domain, None)
+            return record
         log.debug("MTA-STS TXT of %s: timed out", domain)
         return None
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from sidecar.config import ConfigError, parse_config
 from sidecar.errors import ResolutionError, RouteError
@@ -105,9 +106,7 @@ async def test_a_cached_policy_stays_when_dns_or_https_fail() -> None:
     publish(resolver, "example.test", "1")
     fetcher.bodies["example.test"] = ENFORCE
     await sts.lookup("example.test")
-    # The TXT record stripped, or DNS failing: the known policy stays.
-    resolver.txt_records["_mta-sts.example.test"] = []
-    assert (await sts.lookup("example.test")).mode == "enforce"
+    # DNS failing: the known policy stays.
     resolver.txt_records["_mta-sts.example.test"] = ResolutionError(dns_temporary("x", "timeout"))
     assert (await sts.lookup("example.test")).mode == "enforce"
     # A new id whose fetch fails: the cached policy stays, with the problem said.
@@ -116,6 +115,29 @@ async def test_a_cached_policy_stays_when_dns_or_https_fail() -> None:
     found = await sts.lookup("example.test")
     assert (found.source, found.id, found.mode) == ("cache", "1", "enforce")
     assert found.problem == "HTTP 500" and found.result == "sts-policy-fetch-error"
+    # The TXT record stripped: the known policy stays.
+    resolver.txt_records["_mta-sts.example.test"] = []
+    assert (await sts.lookup("example.test")).mode == "enforce"
+
+
+async def test_a_domain_without_a_record_is_asked_again_after_a_minute(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sts, resolver, _ = make_sts(StsStore())
+    asked: list[str] = []
+    real_txt = resolver.txt
+
+    async def txt(name: str) -> list[str]:
+        asked.append(name)
+        return await real_txt(name)
+
+    resolver.txt = txt  # type: ignore[method-assign]
+    for _ in range(3):
+        assert (await sts.lookup("example.test")).policy is None
+    assert len(asked) == 1  # no record: not asked again on every RCPT
+    await trio.sleep(61)
+    await sts.lookup("example.test")
+    assert len(asked) == 2
 
 
 async def test_a_failed_fetch_without_cache_is_no_policy_and_is_held() -> None:
