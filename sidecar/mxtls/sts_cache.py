@@ -38,6 +38,10 @@ MAX_ENTRIES = 10_000
 # Seconds a failed fetch of one (domain, id) is not tried again: each try may cost a
 # delivery up to the fetch timeout. A new TXT id is tried at once.
 FAILURE_HOLD = 300.0
+# Seconds after which a policy in use is fetched again though its TXT id did not change
+# (RFC 8461 section 10.2: refresh before expiry, so that an attacker who blocks HTTPS when it
+# expires cannot make it lapse). Its max_age runs anew from the refresh.
+REFRESH_AFTER = 86_400.0
 # Seconds a TXT look-up may take (cut to the caller's budget).
 TXT_TIMEOUT = 5.0
 # Seconds a domain whose TXT answer held no usable record is not asked again (RFC 8461
@@ -256,12 +260,14 @@ class MtaSts:
         if record is None:
             # No (valid) record, or DNS failed: a known policy stays (section 5.1).
             return _lookup(cached) if cached is not None else StsLookup(domain)
-        if cached is not None and cached.id == record.id:
+        # Same id and less than a day old: in force. Older: fetched again, so that a policy
+        # in use does not lapse at its max_age (RFC 8461 section 10.2); a failure keeps it.
+        if cached is not None and self._current(cached, record):
             return _lookup(cached)
         while (event := self._fetching.get(domain)) is not None:
             await event.wait()  # another session is fetching it: take its result
             cached = self.store.get(domain)
-            if cached is not None and cached.id == record.id:
+            if cached is not None and self._current(cached, record):
                 return _lookup(cached)
         held = self._failures.get((domain, record.id))
         now = trio.current_time()
@@ -298,6 +304,11 @@ class MtaSts:
             entry.expires,
             text=fetched.policy.lines(),
         )
+
+    def _current(self, cached: CachedPolicy, record: StsRecord) -> bool:
+        """``cached`` is the policy ``record`` announces, fetched less than REFRESH_AFTER
+        ago."""
+        return cached.id == record.id and self.store.clock() - cached.fetched < REFRESH_AFTER
 
     def _hold(self, domain: str, policy_id: str, problem: str, result: ResultType) -> None:
         if len(self._failures) >= MAX_ENTRIES:

@@ -101,6 +101,27 @@ async def test_fetched_once_then_cached_until_the_id_changes() -> None:
     assert len(fetcher.fetches) == 3
 
 
+async def test_a_policy_in_use_is_refreshed_daily_and_a_failed_refresh_keeps_it() -> None:
+    clock = Clock()
+    sts, resolver, fetcher = make_sts(StsStore(clock=clock))
+    publish(resolver, "example.test", "1")
+    week = ENFORCE.replace("3600", "604800")
+    fetcher.bodies["example.test"] = week
+    first = await sts.lookup("example.test")
+    clock.now += 86_000
+    assert (await sts.lookup("example.test")).source == "cache"
+    clock.now += 1_000  # a day old: fetched again with the same id, max_age runs anew
+    refreshed = await sts.lookup("example.test")
+    assert refreshed.source == "fetched" and len(fetcher.fetches) == 2
+    assert first.expires is not None and refreshed.expires == first.expires + 87_000
+    clock.now += 86_401
+    fetcher.bodies["example.test"] = StsFetchError("HTTP 503")
+    kept = await sts.lookup("example.test")
+    assert (kept.source, kept.mode, kept.problem) == ("cache", "enforce", "HTTP 503")
+    await sts.lookup("example.test")
+    assert len(fetcher.fetches) == 3  # the failure is held, not retried on every RCPT
+
+
 async def test_a_cached_policy_stays_when_dns_or_https_fail() -> None:
     sts, resolver, fetcher = make_sts(StsStore())
     publish(resolver, "example.test", "1")
