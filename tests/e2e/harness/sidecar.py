@@ -3,6 +3,8 @@ config built from a dict, plus smtplib-based clients run in a thread."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import smtplib
 import tempfile
 from collections.abc import Sequence
@@ -62,6 +64,7 @@ def make_config(
     there): ``state_dir``, else a fresh temporary directory."""
     if state_dir is None:
         state_dir = tempfile.mkdtemp(prefix="sidecar-e2e-state-")
+        atexit.register(shutil.rmtree, state_dir, True)  # removed when the test run ends
     config: dict[str, Any] = {
         "server": {"hostname": "sidecar.test"},
         "listener": [{"address": address, "binding": name} for address, name in listeners],
