@@ -333,3 +333,32 @@ async def test_route_applies_the_looked_up_policy() -> None:
     cached = store.get("example.test")
     assert isinstance(cached, CachedPolicy)
     assert (cached.id, cached.body, cached.policy.mode) == ("7", ENFORCE, "enforce")
+
+
+def test_a_reload_keeps_the_policy_store_and_mta_sts_off_builds_none(tmp_path: Path) -> None:
+    from sidecar.server import build_context
+
+    table = {
+        "listener": [{"address": "127.0.0.1:2525", "binding": "b"}],
+        "binding": {"b": {"ha_proxy_server": "127.0.0.1:5000", "ha_proxy_src_addr": "192.0.2.1"}},
+        "delivery": {"state_dir": str(tmp_path / "state")},
+    }
+    first = build_context(parse_config(table))
+    assert first.router.sts is not None
+    again = build_context(parse_config(table), first)
+    assert again.router.sts is not None and again.router.sts.store is first.router.sts.store
+    # The router reports to the context's reporter of the moment.
+    outcomes: list[TlsOutcome] = []
+
+    class Recorder:
+        def record(self, outcome: TlsOutcome) -> None:
+            outcomes.append(outcome)
+
+    again.tls_reporter = Recorder()
+    again.router.report(TlsOutcome("example.test", "sts", "", "", None, "sts-policy-invalid"))
+    assert len(outcomes) == 1
+    off = {**table, "delivery": {**table["delivery"], "mta_sts": False}}
+    assert build_context(parse_config(off), again).router.sts is None
+    # On for one domain only: built.
+    one = {**off, "domain": {"bank.example": {"mta_sts": True}}}
+    assert build_context(parse_config(one)).router.sts is not None
