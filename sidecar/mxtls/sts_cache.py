@@ -95,7 +95,8 @@ class StsStore:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StateDirError(f"cannot create {state_dir}: {describe_error(error)}") from None
+            why = error.strerror or describe_error(error)
+            raise StateDirError(f"cannot create {state_dir}: {why}") from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StateDirError(f"{state_dir} is not writable by this user")
         return cls(directory / STORE_FILE, clock)
