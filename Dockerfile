@@ -28,10 +28,13 @@ COPY container/healthcheck.py /opt/sidecar/libexec/healthcheck.py
 FROM ${PYTHON_IMAGE}
 # A fixed uid/gid (2525, like the default listener port): the config and CA files mounted
 # into the container must be readable by it; Kubernetes' runAsNonRoot needs it numeric.
+# /var/lib/sidecar: delivery.state_dir's default (the MTA-STS policy cache), writable by
+# it; a volume so that the cache outlives the container (RFC 8461 section 5.1).
 RUN groupadd --system --gid 2525 sidecar \
     && useradd --system --uid 2525 --gid 2525 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin sidecar \
     && install -d -o 2525 -g 2525 -m 0750 /var/lib/sidecar
+VOLUME /var/lib/sidecar
 COPY --from=build /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -63,6 +63,7 @@ nameservers = ["$DNS:5353"]
 port = 10025
 allow_private_destinations = true   # the demo MX lives on loopback
 tls = "disabled"
+state_dir = "$DIR/state"            # the MTA-STS policy cache, with the demo's other files
 
 [binding.demo]
 ha_proxy_server = "$HAPROXY:5000"

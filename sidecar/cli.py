@@ -89,7 +89,7 @@ def config_option(f: _F) -> _F:
     )(f)
 
 
-def _load(config_path: str) -> Config:
+def _load(config_path: str, *, state: bool = False) -> Config:
     """Load and validate the configuration, or print ``error: ...`` and exit 2.
 
     What the loader warns about (deprecated key names) is printed as ``warning: ...`` on
@@ -101,13 +101,25 @@ def _load(config_path: str) -> Config:
     config_log.addHandler(handler)
     config_log.propagate = False
     try:
-        return load_config(config_path)
+        config = load_config(config_path)
+        if state:  # check and run: the state directory too (created if missing)
+            check_state_dir(config)
+        return config
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
     finally:
         config_log.removeHandler(handler)
         config_log.propagate = True
+
+
+def check_state_dir(config: Config) -> None:
+    """With MTA-STS on for any domain, ``delivery.state_dir`` must hold its policy cache:
+    created if missing, else :class:`ConfigError` naming the key (``check`` and ``run``)."""
+    from sidecar.mxtls.sts_cache import open_store, sts_configured
+
+    if sts_configured(config):
+        open_store(config).close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,7 +206,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def run(config_path: str, log_level: str, log_format: str) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP re-reads the configuration file."""
     hold_signals()  # handled once the sidecar is up, never fatal before
-    config = _load(config_path)
+    config = _load(config_path, state=True)
     configure_logging(log_level, "json" if log_format == "json" else "text")
     dane_warning = dane_resolver_warning(config)
     if dane_warning is not None:  # as `sidecar check` says it

@@ -49,6 +49,9 @@ class ServerContext:
     limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
+        # The router reports its policy look-ups' outcomes (MTA-STS) to whatever reporter
+        # this context holds when they happen.
+        self.router.report = lambda outcome: self.tls_reporter.record(outcome)
         server = self.config.server
         self.limits = Limits(
             server.hostname,

@@ -4,6 +4,7 @@ server uses, without sending any mail."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from ipaddress import ip_address
 from typing import Any
@@ -13,6 +14,8 @@ import trio
 from sidecar.config import Config, Listener
 from sidecar.errors import RouteError, describe_error
 from sidecar.health import registry_for, run_check
+from sidecar.mxtls.sts import StsLookup
+from sidecar.mxtls.sts_cache import StsStore, build_mta_sts, sts_configured
 from sidecar.resolver import MXHost, MXResult, Resolver
 from sidecar.routing import Route, Router
 from sidecar.shaping.model import DIRECT
@@ -146,6 +149,54 @@ def status_reader(urls: list[str], fetch: Callable[[str], bytes]) -> StatusReade
         return documents, None
 
     return read
+
+
+def sts_lines(lookup: StsLookup | None, excluded: tuple[str, ...], why_off: str = "") -> list[str]:
+    """The MTA-STS lines of ``sidecar route``: the policy's mode, id, max_age and mx
+    patterns, where it came from, and the MX hosts it excludes (RFC 8461)."""
+    if lookup is None:
+        return [f"mta-sts:   off{why_off}"]
+    lines: list[str] = []
+    policy = lookup.policy
+    if policy is None:
+        lines.append(f"mta-sts:   no policy for {lookup.domain} (deliver as before)")
+    else:
+        where = {"fetched": "fetched now", "cache": "cached", "none": ""}[lookup.source]
+        if lookup.expires is not None:
+            expiry = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lookup.expires))
+            where += f", valid until {expiry}"
+        lines.append(
+            f"mta-sts:   mode {policy.mode}, id {lookup.id}, max_age {policy.max_age} ({where})"
+        )
+        lines.append(f"  mx patterns: {' '.join(policy.mx) or '-'}")
+        if excluded:
+            effect = "skipped" if policy.mode == "enforce" else "would be skipped (testing)"
+            lines.append(f"  MX hosts not in the policy, {effect}: {', '.join(excluded)}")
+        elif policy.mode != "none":
+            lines.append("  every MX host matches the policy")
+        if policy.mode == "enforce":
+            lines.append("  certificate must chain to the trust store and name the MX host")
+    if lookup.problem is not None:
+        lines.append(f"  policy fetch failed: {lookup.problem}")
+    return lines
+
+
+async def _sts_lines_anyway(
+    router: Router, listener: Listener, domain: str, mx: MXResult
+) -> list[str]:
+    """The MTA-STS lines for a recipient that cannot be routed now."""
+    binding = (
+        router.config.bindings[listener.binding]
+        if listener.binding is not None
+        else router.config.bindings[router.config.binding_groups[listener.target].bindings[0]]
+    )
+    if router.sts is None or not router.mta_sts_on(binding, listener.binding_group, domain):
+        return sts_lines(None, (), " for this domain")
+    lookup = await router.sts_lookup(domain)
+    excluded: tuple[str, ...] = ()
+    if lookup is not None and lookup.policy is not None:
+        excluded = tuple(host.name for host in mx.hosts if not lookup.policy.matches(host.name))
+    return sts_lines(lookup, excluded)
 
 
 def _mx_lines(config: Config, route: Route) -> list[str]:
@@ -293,6 +344,8 @@ async def _path_anyway(
             down.append("no usable MX")
         else:
             lines.append(f"tls:       {route.tls}")
+            if recipient.literal is None:
+                lines += await _sts_lines_anyway(router, listener, domain, mx)
             lines += _mx_lines(config, route)
             lines += explain_tls(router, route, group)
             if not route.candidates:
@@ -322,7 +375,13 @@ async def explain_route(
         if error is not None:  # count as unplumbed at once for this explanation
             health.servers[server].plumbed = False
         states[str(server)] = "answers (plumbed)" if error is None else f"unplumbed: {error}"
-    router = Router(config, Resolver(config.dns), health)
+    resolver = Resolver(config.dns)
+    # MTA-STS: the policies the sidecar has cached (read only: this command may run as
+    # another user), a fetch for the others.
+    sts = None
+    if sts_configured(config):
+        sts = build_mta_sts(config, resolver, StsStore.read_only(config.delivery.state_dir))
+    router = Router(config, resolver, health, sts)
     domain = recipient.routing_domain
     if not domain:
         lines.append("error: an address without a domain cannot be routed")
@@ -337,6 +396,9 @@ async def explain_route(
         return lines, False
     lines.append(f"binding:   {route.binding.name}")
     lines.append(f"tls:       {route.tls}")
+    if recipient.literal is None:
+        why = " for this domain" if sts is not None else ""
+        lines += sts_lines(route.sts, route.sts_excluded, why)
     if route.bypass:
         lines.append("delivery:  direct (ha_proxy_bypass), not through HAProxy")
     else:

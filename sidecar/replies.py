@@ -196,6 +196,26 @@ def tls_policy_failed(domain: str, enhanced: str, problems: str) -> Reply:
     )
 
 
+# MTA-STS (RFC 8461 section 5): an "enforce" policy that no MX satisfies. 451 (a policy or a
+# certificate may be fixed; RFC 8461 section 5 says to treat the mail as undeliverable only
+# after the MTA's own retries) with RFC 3463 / RFC 7372 X.7.5 "cryptographic failure".
+def sts_no_mx(domain: str, policy_id: str, detail: str) -> Reply:
+    """No MX host of ``domain`` may take the mail under its MTA-STS policy (``detail``:
+    none matches its mx patterns)."""
+    return reply(451, "4.7.5", f"MTA-STS policy of {domain} (enforce, id {policy_id}): {detail}")
+
+
+def sts_no_mx_reachable(domain: str, policy_id: str, problems: str) -> Reply:
+    """Every MX the MTA-STS "enforce" policy of ``domain`` allows failed (a certificate that
+    does not chain or name the host, no STARTTLS, unreachable): never plaintext."""
+    return reply(
+        451,
+        "4.7.5",
+        f"MTA-STS policy of {domain} (enforce, id {policy_id}): no MX delivered with"
+        f" verified TLS: {problems}",
+    )
+
+
 def setup_timed_out(seconds: float) -> Reply:
     """The whole upstream set-up (``delivery.setup_timeout``) ran out before the RCPT reply."""
     return reply(

@@ -46,6 +46,7 @@ MAX_RESULT_TTL = 300
 MAX_MX_HOSTS = 10
 MAX_ADDRESSES_PER_HOST = 10
 MAX_TXT_RECORDS = 20
+MAX_TXT_LENGTH = 4096
 
 
 # Every query holds one socket while in flight: the descriptor budget (sidecar.limits) sets
@@ -255,14 +256,15 @@ class Resolver:
     async def resolve_txt(self, name: str) -> tuple[str, ...]:
         """The TXT records at ``name``, each one's strings joined without separators (as
         RFC 8460 section 3 and RFC 8461 section 3.1 read them; bytes that are not UTF-8
-        replaced), at most MAX_TXT_RECORDS of them; ``()`` for NXDOMAIN or no TXT record.
-        Any other failure is :class:`ResolutionError`."""
+        replaced), at most MAX_TXT_RECORDS of them, each cut to MAX_TXT_LENGTH bytes (so that
+        it fails any parser that expects less); ``()`` for NXDOMAIN or no TXT record. Any
+        other failure is :class:`ResolutionError`."""
         try:
             answer = await self._query(name, "TXT", [])
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return ()
         return tuple(
-            b"".join(rdata.strings).decode("utf-8", "replace")
+            b"".join(rdata.strings)[:MAX_TXT_LENGTH].decode("utf-8", "replace")
             for rdata in list(answer)[:MAX_TXT_RECORDS]
         )
 
@@ -314,6 +316,11 @@ class Resolver:
                 raise failures[0]
             raise ResolutionError(replies.no_mx_address(domain))
         return hosts
+
+    async def host_addresses(self, host: str) -> tuple[IPAddress, ...]:
+        """The A then AAAA addresses of ``host`` (each family at most MAX_ADDRESSES_PER_HOST;
+        empty when it has none), or :class:`ResolutionError` when neither could be looked up."""
+        return await self._host_addresses(host, [])
 
     async def _secure_host(self, host: str, pref: int, ttls: list[int], mx_secure: bool) -> MXHost:
         """``host`` under DNSSEC: its addresses, whether they were secure, and (when the MX

@@ -6,19 +6,30 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
+
+import trio
 
 from sidecar import replies
 from sidecar.config import Binding, Config, DomainPolicy, HostPort, Listener, TlsPolicy
 from sidecar.errors import RouteError
 from sidecar.health import HealthRegistry
 from sidecar.mxtls.dane import DanePolicy
+from sidecar.mxtls.outcome import PolicyLabel, ResultType, TlsOutcome
+from sidecar.mxtls.sts import StsLookup
 from sidecar.resolver import MXHost, MXResult, Resolver
 from sidecar.smtp.replies import Reply
 
+if TYPE_CHECKING:
+    from sidecar.mxtls.sts_cache import MtaSts
+
 IPAddress = IPv4Address | IPv6Address
+
+log = logging.getLogger("sidecar.routing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +68,21 @@ class Route:
     candidates: tuple[Candidate, ...]
     skipped: tuple[str, ...] = ()  # addresses left out, and why
     tls: TlsPolicy = "opportunistic"  # STARTTLS policy towards this domain's MX
+    # The domain's MTA-STS look-up (RFC 8461), when MTA-STS applies to it; with a policy in
+    # "enforce" mode, ``tls`` is "verify" and only the policy's MX hosts are candidates.
+    sts: StsLookup | None = None
+    sts_excluded: tuple[str, ...] = ()  # MX hosts the policy does not allow
+
+    @property
+    def sts_enforced(self) -> bool:
+        """An MTA-STS policy in "enforce" mode applies (the policy label "mta-sts")."""
+        return self.sts is not None and self.sts.mode == "enforce"
+
+    @property
+    def sts_label(self) -> PolicyLabel | None:
+        """``"mta-sts"`` when an enforced MTA-STS policy authenticates the MX, else ``None``
+        (the configured ``tls`` says)."""
+        return "mta-sts" if self.sts_enforced else None
 
     @functools.cached_property
     def key(self) -> RouteKey:
@@ -113,13 +139,27 @@ def unplumbed(binding: Binding) -> Reply:
     return replies.binding_unplumbed(binding.name, servers)
 
 
+def _no_report(outcome: TlsOutcome) -> None:
+    pass
+
+
 class Router:
-    def __init__(self, config: Config, resolver: Resolver, health: HealthRegistry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        health: HealthRegistry,
+        sts: MtaSts | None = None,
+    ) -> None:
         self.config = config
         self.resolver = resolver
         self.health = health
         self._turns = {name: itertools.count() for name in config.binding_groups}
         resolver.tlsa_port = config.delivery.port  # TLSA records: _<port>._tcp.<MX host>
+        # MTA-STS look-ups (None: MTA-STS is off for every domain).
+        self.sts = sts
+        # Where TLS-RPT outcomes of policy look-ups go (ServerContext wires its reporter).
+        self.report: Callable[[TlsOutcome], None] = _no_report
 
     def _policies(self, binding: Binding, group: str | None, domain: str) -> list[DomainPolicy]:
         """The domain's settings, most specific scope first: binding, group, top level."""
@@ -148,6 +188,26 @@ class Router:
             if policy.dane is not None:
                 return policy.dane
         return self.config.delivery.dane
+
+    def mta_sts_on(self, binding: Binding, group: str | None, domain: str) -> bool:
+        """Whether MTA-STS applies to ``domain``: its own ``mta_sts`` setting (most specific
+        scope first), else ``delivery.mta_sts``. DANE takes precedence over MTA-STS per MX
+        host (RFC 8461 section 2): an MX host with usable TLSA records is authenticated by
+        DANE whatever the domain's MTA-STS policy (:func:`sidecar.upstream.effective_policy`),
+        the others as the policy says; a domain with DANE on and no DNSSEC keeps its
+        MTA-STS protection."""
+        for policy in self._policies(binding, group, domain):
+            if policy.mta_sts is not None:
+                return policy.mta_sts
+        return self.config.delivery.mta_sts
+
+    async def sts_lookup(self, domain: str) -> StsLookup | None:
+        """The MTA-STS policy of ``domain`` (``None`` when MTA-STS is off), found within a
+        third of ``delivery.setup_timeout`` (the fetch's own bound is lower still)."""
+        if self.sts is None:
+            return None
+        by = trio.current_time() + self.config.delivery.setup_timeout / 3
+        return await self.sts.lookup(domain.lower().rstrip("."), by=by)
 
     def has_plumbed_server(self, binding: Binding) -> bool:
         return any(self.health.is_plumbed(server) for server in binding.ha_proxy_server)
@@ -209,7 +269,79 @@ class Router:
         else:
             mx = await self.resolver.resolve_mx(domain)  # ResolutionError is a RouteError
         tls = self.tls_policy(binding, group, domain)
+        if (
+            literal is None
+            and self.sts is not None
+            and domain not in self.config.dns.static  # MX hosts fixed by the operator
+            and self.mta_sts_on(binding, group, domain)
+        ):
+            lookup = await self.sts_lookup(domain)
+            if lookup is not None:
+                return self.sts_candidates(domain, binding, bypass, mx, tls, lookup)
         return self.candidates(domain, binding, bypass, mx, tls)
+
+    def sts_candidates(
+        self,
+        domain: str,
+        binding: Binding,
+        bypass: bool,
+        mx: MXResult,
+        tls: TlsPolicy,
+        lookup: StsLookup,
+    ) -> Route:
+        """:meth:`candidates` under the MTA-STS look-up ``lookup`` (RFC 8461 section 5):
+        "enforce": only the MX hosts the policy allows, with ``tls = "verify"`` (the
+        certificate must chain to the trust store and name the MX host), none allowed: a 4xx
+        naming the policy; "testing": as before, the hosts it would exclude logged and
+        reported; "none" or no policy: as before."""
+        policy = lookup.policy
+        if lookup.problem is not None and lookup.source == "none":
+            self._report_sts(lookup, "", lookup.result, lookup.problem)
+        if policy is None or policy.mode == "none":
+            route = self.candidates(domain, binding, bypass, mx, tls)
+            return replace(route, sts=lookup)
+        excluded = tuple(host.name for host in mx.hosts if not policy.matches(host.name))
+        if policy.mode == "testing":
+            for host in excluded:
+                log.warning(
+                    "MTA-STS policy of %s (testing, id %s): MX %s does not match %s; "
+                    "delivering as before",
+                    domain,
+                    lookup.id,
+                    host,
+                    " ".join(policy.mx),
+                )
+                self._report_sts(lookup, host, "validation-failure", "MX host not in the policy")
+            route = self.candidates(domain, binding, bypass, mx, tls)
+            return replace(route, sts=lookup, sts_excluded=excluded)
+        allowed = tuple(host for host in mx.hosts if host.name not in excluded)
+        if not allowed:
+            for host in excluded:
+                self._report_sts(lookup, host, "validation-failure", "MX host not in the policy")
+            names = ", ".join(excluded[:3]) or "none"
+            raise RouteError(
+                replies.sts_no_mx(domain, lookup.id or "-", f"no MX host matches ({names})")
+            )
+        kept = MXResult(mx.domain, allowed, mx.implicit, mx.site)
+        route = self.candidates(domain, binding, bypass, kept, "verify")
+        skipped = tuple(f"{host}: not an MX host of the MTA-STS policy" for host in excluded)
+        return replace(route, sts=lookup, sts_excluded=excluded, skipped=skipped + route.skipped)
+
+    def _report_sts(
+        self, lookup: StsLookup, mx_host: str, result: ResultType | None, why: str
+    ) -> None:
+        self.report(
+            TlsOutcome(
+                lookup.domain,
+                "sts",
+                mx_host,
+                "",
+                None,
+                result,
+                lookup.text,
+                why,
+            )
+        )
 
     def candidates(
         self,

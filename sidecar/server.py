@@ -30,6 +30,7 @@ from sidecar.limits import (
 )
 from sidecar.metrics import Metrics
 from sidecar.mxtls.outcome import NullReporter, TlsReporter
+from sidecar.mxtls.sts_cache import MtaSts, StsStore, build_mta_sts, sts_configured
 from sidecar.mxtls.tlsrpt_store import TlsRptStore
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
@@ -50,9 +51,29 @@ def build_context(config: Config, previous: ServerContext | None = None) -> Serv
     """The context of ``config``; on a reload, ``previous`` is the running one (its traffic
     shaper goes on with the new policy when its backend settings did not change)."""
     health = registry_for(config)
-    router = Router(config, Resolver(config.dns), health)
+    resolver = Resolver(config.dns)
+    router = Router(config, resolver, health, _mta_sts(config, resolver, previous))
     shaper = shaper_for(config, previous.shaper if previous is not None else None)
     return ServerContext(config, router, health, pool=UpstreamPool(config.delivery), shaper=shaper)
+
+
+def _mta_sts(config: Config, resolver: Resolver, previous: ServerContext | None) -> MtaSts | None:
+    """The MTA-STS look-up of ``config``: on a reload, over the running one's policy store
+    when ``delivery.state_dir`` did not change. A store that cannot be opened is a
+    :class:`ConfigError` at start-up; on a reload it is logged and the policies are kept in
+    memory only."""
+    if not sts_configured(config):
+        return None
+    if previous is None:
+        return build_mta_sts(config, resolver)
+    old = previous.router.sts
+    if old is not None and previous.config.delivery.state_dir == config.delivery.state_dir:
+        return build_mta_sts(config, resolver, old.store)
+    try:
+        return build_mta_sts(config, resolver)
+    except ConfigError as error:
+        log.error("%s; MTA-STS policies are kept in memory only until it is fixed", error)
+        return build_mta_sts(config, resolver, StsStore())
 
 
 def client_allowed(config: Config, client: str) -> bool:
@@ -223,6 +244,8 @@ class Runtime:
                 new.health.servers[server] = health
         if config.dns == old.config.dns:
             new.router.resolver = old.router.resolver  # keep the DNS cache
+            if new.router.sts is not None:
+                new.router.sts.resolver = new.router.sts.fetcher.resolver = old.router.resolver
         new.metrics = old.metrics
         new.tls_reporter = old.tls_reporter
         if config.delivery.state_dir != old.config.delivery.state_dir and isinstance(

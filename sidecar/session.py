@@ -25,6 +25,7 @@ from sidecar.context import ServerContext
 from sidecar.errors import Deferred, RouteError, UpstreamError, UpstreamLost, UpstreamTimedOut
 from sidecar.logs import log_transaction, transaction_logging
 from sidecar.metrics import RECIPIENT_OUTCOMES, outcome_of, recipient_outcome
+from sidecar.mxtls.sts_verify import check_testing
 from sidecar.routing import Route
 from sidecar.shaping.model import EgressPath
 from sidecar.shaping.shaper import Grant
@@ -499,6 +500,7 @@ class Session:
         if grant is not None:
             upstream.grant = grant
             upstream.max_transactions = grant.deliveries_left
+        check_testing(route, upstream, context.tls_reporter)  # MTA-STS "testing" mode
         return upstream
 
     async def _replay(

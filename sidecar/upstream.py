@@ -30,7 +30,7 @@ from sidecar.health import HealthRegistry
 from sidecar.limits import local_resource_errno
 from sidecar.metrics import Metrics
 from sidecar.mxtls.dane import DanePolicy, PeerChainUnavailable, match_chain, peer_chain
-from sidecar.mxtls.outcome import PolicyLabel, ResultType, TlsOutcome, TlsReporter
+from sidecar.mxtls.outcome import PolicyLabel, PolicyType, ResultType, TlsOutcome, TlsReporter
 from sidecar.mxtls.tlsrpt import handshake_failure
 from sidecar.routing import Candidate, Route, RouteKey
 from sidecar.shaping.shaper import Grant
@@ -118,6 +118,8 @@ def effective_policy(route: Route, candidate: Candidate) -> tuple[TlsPolicy, Pol
             return "required", "dane"
         if route.tls != "verify":
             return "required", "required"
+    if route.sts_label is not None and route.tls == "verify":
+        return "verify", route.sts_label  # an enforced MTA-STS policy (RFC 8461 section 4)
     return route.tls, _LABELS[route.tls]
 
 
@@ -181,6 +183,10 @@ class Upstream:
     dane: DanePolicy | None = None
     reporter: TlsReporter | None = None
     policy_domain: str = ""
+    # The domain's MTA-STS policy lines when one applies to this MX (TLS-RPT's policy type
+    # "sts"); under "testing" the outcome is reported by sidecar.mxtls.sts_verify instead.
+    sts_strings: tuple[str, ...] = ()
+    sts_testing: bool = False
     closed: bool = False
     metrics: Metrics | None = None
     transactions: int = 0  # final replies received: how often it was used
@@ -512,20 +518,27 @@ def _report(upstream: Upstream, result: ResultType | None, detail: str = "") -> 
     """The outcome of ``upstream``'s TLS session attempt, for TLS-RPT (RFC 8460): ``None``
     for a session that was established (and, under DANE, authenticated), else the section
     4.3 result type and the reason. The policy type is "tlsa" for an MX host under DANE,
-    else "no-policy-found". A reporting fault never fails a delivery."""
+    "sts" under an enforced MTA-STS policy, else "no-policy-found". A reporting fault never
+    fails a delivery."""
     reporter = upstream.reporter
-    if reporter is None:
+    if reporter is None or upstream.sts_testing:
         return
     candidate = upstream.candidate
     dane = upstream.dane
+    policy_type: PolicyType = "no-policy-found"
+    strings: tuple[str, ...] = ()
+    if dane is not None:
+        policy_type, strings = "tlsa", dane.strings
+    elif upstream.sts_strings:
+        policy_type, strings = "sts", upstream.sts_strings
     outcome = TlsOutcome(
         policy_domain=upstream.policy_domain or candidate.mx,
-        policy_type="tlsa" if dane is not None else "no-policy-found",
+        policy_type=policy_type,
         mx_host=candidate.mx,
         receiving_ip=str(candidate.address),
         sending_ip=None if candidate.source is None else str(candidate.source),
         result=result,
-        policy_strings=dane.strings if dane is not None else (),
+        policy_strings=strings,
         detail=detail if result is None else (detail or result),
     )
     try:
@@ -583,6 +596,10 @@ async def _open_one(
         reporter=reporter,
         policy_domain=route.domain,
     )
+    sts = route.sts
+    if sts is not None and sts.mode in ("enforce", "testing") and candidate.dane is None:
+        upstream.sts_strings = sts.text
+        upstream.sts_testing = sts.mode == "testing"
     connected = trio.current_time()
     try:
         banner = await upstream.read_banner(by=by)
@@ -679,8 +696,10 @@ async def open_upstream(
             break
         log.info("MX attempt failed for %s: %r", route.domain, problems[-1])
     detail = "; ".join(problems[-3:])
-    if policy_code is not None:
-        raise UpstreamError(
-            replies.tls_policy_failed(route.domain, policy_code, detail), mx_replies=refusals
-        )
-    raise UpstreamError(replies.no_mx_reachable(route.domain, detail), mx_replies=refusals)
+    if route.sts is not None and route.sts_enforced:  # the failure names the policy
+        answer = replies.sts_no_mx_reachable(route.domain, route.sts.id or "-", detail)
+    elif policy_code is not None:
+        answer = replies.tls_policy_failed(route.domain, policy_code, detail)
+    else:
+        answer = replies.no_mx_reachable(route.domain, detail)
+    raise UpstreamError(answer, mx_replies=refusals)

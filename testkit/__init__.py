@@ -38,6 +38,7 @@ from .mx import (
 from .net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from .process import HarnessError, ManagedProcess, wait_until
 from .redis import RedisSentinel, RedisServer
+from .sts_server import PolicyResponse, PolicyServer, policy_body
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -57,6 +58,8 @@ __all__ = [
     "MXRecord",
     "ManagedProcess",
     "NullMXRecord",
+    "PolicyResponse",
+    "PolicyServer",
     "RawRecord",
     "RawSMTPClient",
     "RedisSentinel",
@@ -73,6 +76,7 @@ __all__ = [
     "haproxy_config",
     "make_resolver",
     "open_proxied_stream",
+    "policy_body",
     "reset_connection",
     "server_tls_context",
     "smtp_reply",

@@ -105,17 +105,22 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class TxtRecord:
-    """A TXT record of one or more strings (each at most 255 bytes), given to dnsmasq as
-    wire-format RDATA: ``--txt-record`` would split a text at its commas."""
+    """A TXT record of one or more strings (each at most 255 bytes; a single ``str`` is one
+    string), given to dnsmasq as wire-format RDATA: ``--txt-record`` would split a text at
+    its commas."""
 
     name: str
-    strings: tuple[str, ...]
+    strings: tuple[str, ...] | str
 
     def dnsmasq_options(self, ttl: int) -> list[str]:
         rdata = b"".join(
-            len(data).to_bytes(1, "big") + data for data in (s.encode() for s in self.strings)
+            len(data).to_bytes(1, "big") + data for data in (s.encode() for s in self.texts)
         )
         return RawRecord(self.name, 16, rdata).dnsmasq_options(ttl)
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return (self.strings,) if isinstance(self.strings, str) else self.strings
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,7 @@ async def test_route_explains_binding_proxy_and_mx_order(cli_stack: CliStack) ->
         f"listener:  {cli_stack.listener} -> binding b1",
         "binding:   b1",
         "tls:       disabled",
+        "mta-sts:   no policy for example.test (deliver as before)",
         f"proxy:     {cli_stack.haproxy.bind} - answers (plumbed)",
         "MX hosts for example.test:",
         f"     10 mx0.test: {a0}",

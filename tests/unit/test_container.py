@@ -107,6 +107,16 @@ def test_fixed_uid_gid_documented() -> None:
     assert "uid 2525" in README and "gid 2525" in README
 
 
+def test_the_default_state_dir_is_writable_by_the_user_and_a_volume() -> None:
+    """delivery.state_dir (default /var/lib/sidecar, the MTA-STS policy cache) must be
+    writable by uid 2525, or `sidecar run` stops with a delivery.state_dir error."""
+    from sidecar.config import DeliveryConfig
+
+    state_dir = DeliveryConfig().state_dir
+    assert f"install -d -o 2525 -g 2525 -m 0750 {state_dir}" in DOCKERFILE
+    assert ("VOLUME", state_dir) in instructions()
+
+
 def test_healthcheck_command_exists_in_the_image() -> None:
     (check,) = [args for keyword, args in instructions() if keyword == "HEALTHCHECK"]
     command = check.split("CMD", 1)[1].strip()

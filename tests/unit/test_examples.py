@@ -119,7 +119,10 @@ def test_compose_parses_and_its_sidecar_config_checks(tmp_path: Path) -> None:
 
     sidecar = services["sidecar"]
     assert sidecar["network_mode"] == "service:postfix"
-    assert sidecar["volumes"] == ["./sidecar:/etc/sidecar:ro"]  # the directory
+    assert sidecar["volumes"] == [  # the directory; the state_dir a named volume
+        "./sidecar:/etc/sidecar:ro",
+        "sidecar-state:/var/lib/sidecar",
+    ]
     grace = re.fullmatch(r"(\d+)s", sidecar["stop_grace_period"])
     assert grace is not None and int(grace[1]) > config.server.shutdown_grace
 

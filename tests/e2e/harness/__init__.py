@@ -37,6 +37,7 @@ from testkit.mx import (
 from testkit.net import IPV6_LOOPBACK, Addresses, Endpoint, allocate_ipv4, fixed_ipv4, free_port
 from testkit.process import HarnessError, ManagedProcess, wait_until
 from testkit.redis import RedisSentinel, RedisServer
+from testkit.sts_server import PolicyResponse, PolicyServer, policy_body
 
 from .factories import (
     DnsmasqFactory,
@@ -102,6 +103,8 @@ __all__ = [
     "ManagedProcess",
     "Nsd",
     "NullMXRecord",
+    "PolicyResponse",
+    "PolicyServer",
     "Processes",
     "RawRecord",
     "RawSMTPClient",
@@ -132,6 +135,7 @@ __all__ = [
     "make_config",
     "make_resolver",
     "open_proxied_stream",
+    "policy_body",
     "proxied_binding",
     "rcpt_reply",
     "refusal",

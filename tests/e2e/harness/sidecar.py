@@ -3,7 +3,10 @@ config built from a dict, plus smtplib-based clients run in a thread."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import smtplib
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,9 +56,15 @@ def make_config(
     nameserver: Endpoint | None,
     port: int,
     delivery: dict[str, Any] | None = None,
+    state_dir: str | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
-    """A sidecar config dict: ``listeners`` are (address, binding name) pairs."""
+    """A sidecar config dict: ``listeners`` are (address, binding name) pairs. Each config
+    has its own ``delivery.state_dir`` (MTA-STS is on by default and keeps its policies
+    there): ``state_dir``, else a fresh temporary directory."""
+    if state_dir is None:
+        state_dir = tempfile.mkdtemp(prefix="sidecar-e2e-state-")
+        atexit.register(shutil.rmtree, state_dir, True)  # removed when the test run ends
     config: dict[str, Any] = {
         "server": {"hostname": "sidecar.test"},
         "listener": [{"address": address, "binding": name} for address, name in listeners],
@@ -64,6 +73,7 @@ def make_config(
             "port": port,
             "allow_private_destinations": True,
             "tls": "disabled",
+            "state_dir": state_dir,
             **(delivery or {}),
         },
         "ha_proxy_client": {"health_check_interval": 0.5, "health_check_timeout": 0.5},

@@ -185,6 +185,7 @@ class Lab:
             nameserver=nameserver,
             port=port,
             delivery=delivery,
+            state_dir=str(self.workdir / "state"),
             **({"server": server} if server is not None else {}),
             **(sections or {}),
         )
