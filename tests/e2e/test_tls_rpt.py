@@ -156,10 +156,10 @@ async def test_a_state_dir_that_cannot_be_written_stops_the_start(
     stack = await lab.build(delivery={"state_dir": str(blocker / "state")}, start=False)
     started = await processes.start(["run", "-c", str(stack.config_path)])
     assert await wait_exit(started, timeout=10) == 2
-    assert started.stderr.startswith(
-        f"error: delivery.state_dir: cannot keep the TLS-RPT results in "
-        f"'{blocker}/state/tls-rpt.sqlite3'"
-    )
+    # The first user of state_dir to find it unusable says so (the MTA-STS cache, or the
+    # TLS-RPT store when MTA-STS is off).
+    assert started.stderr.startswith("error: delivery.state_dir: cannot "), started.stderr
+    assert f"{blocker}/state" in started.stderr, started.stderr
 
 
 async def test_worker_processes_share_the_store(
