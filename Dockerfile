@@ -1,7 +1,9 @@
 # The sidecar as a container next to your MTA (README: "The container"). Build and run:
 #   docker build -t smtp-proxy-sidecar .
 #   docker run -d --name sidecar --network host --stop-timeout 45 \
-#       -v /srv/sidecar:/etc/sidecar:ro smtp-proxy-sidecar
+#       -v /srv/sidecar:/etc/sidecar:ro -v sidecar-state:/var/lib/sidecar smtp-proxy-sidecar
+# With Podman/Buildah: podman build --format docker ... (their default OCI format has no
+# HEALTHCHECK: it is dropped with a warning). scripts/container-check.sh builds and runs it.
 # Mount the DIRECTORY that holds sidecar.toml (a single-file bind mount keeps the old file
 # after an edit on the host, and SIGHUP would re-read that one). The files must be readable
 # by uid/gid 2525, the user the sidecar runs as. Check the file first:
@@ -26,9 +28,17 @@ COPY container/healthcheck.py /opt/sidecar/libexec/healthcheck.py
 FROM ${PYTHON_IMAGE}
 # A fixed uid/gid (2525, like the default listener port): the config and CA files mounted
 # into the container must be readable by it; Kubernetes' runAsNonRoot needs it numeric.
+# -K SYS_UID_MAX=2525: 2525 is above Debian's system range (999), where useradd --system
+# warns; without --system it would allot the user subordinate uids.
+# /var/lib/sidecar: [delivery] state_dir's default (MTA-STS policy cache, TLS-RPT results),
+# owned by that user. A VOLUME: it outlives the container and stays writable when the root
+# file system is read-only (docker run --read-only, Kubernetes readOnlyRootFilesystem: mount
+# an emptyDir or a volume there).
 RUN groupadd --system --gid 2525 sidecar \
-    && useradd --system --uid 2525 --gid 2525 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin sidecar
+    && useradd --system -K SYS_UID_MAX=2525 --uid 2525 --gid 2525 --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin sidecar \
+    && install -d -o 2525 -g 2525 -m 750 /var/lib/sidecar
+VOLUME /var/lib/sidecar
 COPY --from=build /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
