@@ -4,6 +4,8 @@
 #       -v /srv/sidecar:/etc/sidecar:ro -v sidecar-state:/var/lib/sidecar smtp-proxy-sidecar
 # /var/lib/sidecar (delivery.state_dir: TLS-RPT results, MTA-STS cache) belongs to uid 2525;
 # a named volume there keeps it across container re-creations.
+# With Podman/Buildah: podman build --format docker ... (their default OCI format has no
+# HEALTHCHECK: it is dropped with a warning). scripts/container-check.sh builds and runs it.
 # Mount the DIRECTORY that holds sidecar.toml (a single-file bind mount keeps the old file
 # after an edit on the host, and SIGHUP would re-read that one). The files must be readable
 # by uid/gid 2525, the user the sidecar runs as. Check the file first:
@@ -28,11 +30,15 @@ COPY container/healthcheck.py /opt/sidecar/libexec/healthcheck.py
 FROM ${PYTHON_IMAGE}
 # A fixed uid/gid (2525, like the default listener port): the config and CA files mounted
 # into the container must be readable by it; Kubernetes' runAsNonRoot needs it numeric.
-# /var/lib/sidecar: delivery.state_dir's default (the MTA-STS policy cache), writable by
-# it; a volume so that the cache outlives the container (RFC 8461 section 5.1).
+# -K SYS_UID_MAX=2525: 2525 is above Debian's system range (999), where useradd --system
+# warns; without --system it would allot the user subordinate uids.
+# /var/lib/sidecar: [delivery] state_dir's default (MTA-STS policy cache, TLS-RPT results),
+# owned by that user. A VOLUME: it outlives the container and stays writable when the root
+# file system is read-only (docker run --read-only, Kubernetes readOnlyRootFilesystem: mount
+# an emptyDir or a volume there).
 RUN groupadd --system --gid 2525 sidecar \
-    && useradd --system --uid 2525 --gid 2525 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin sidecar \
+    && useradd --system -K SYS_UID_MAX=2525 --uid 2525 --gid 2525 --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin sidecar \
     && install -d -o 2525 -g 2525 -m 0750 /var/lib/sidecar
 VOLUME /var/lib/sidecar
 COPY --from=build /opt/sidecar /opt/sidecar

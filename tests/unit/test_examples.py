@@ -6,6 +6,7 @@ grace, probes, the directory mount, the files the Compose builds COPY)."""
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -90,17 +91,18 @@ def test_kubernetes_parses_and_its_sidecar_config_checks(tmp_path: Path) -> None
     assert sidecar["resources"]["requests"]["memory"] == "64Mi"
     # The config directory is mounted (no subPath), so an update reaches SIGHUP.
     mounts = {mount["mountPath"]: mount for mount in sidecar["volumeMounts"]}
+    assert set(mounts) == {"/etc/sidecar", config.delivery.state_dir}
     mount = mounts["/etc/sidecar"]
-    assert "subPath" not in mount
+    assert "subPath" not in mount and mount["readOnly"] is True
     assert sidecar["args"][-1] == "/etc/sidecar/sidecar.toml"
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     assert volumes[mount["name"]]["configMap"]["name"] == "sidecar-config"
-    # The root file system is read-only: delivery.state_dir (TLS-RPT results, MTA-STS
-    # cache) must be a writable volume, or `sidecar run` does not start.
+    # The root file system is read-only: state_dir (MTA-STS cache, TLS-RPT) needs a writable
+    # volume of its own.
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
     state = mounts[config.delivery.state_dir]
     assert not state.get("readOnly", False)
-    assert "emptyDir" in volumes[state["name"]] or "persistentVolumeClaim" in volumes[state["name"]]
+    assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[state["name"]])
 
     postfix = settings(configs["postfix-sidecar"]["data"]["sidecar.cf"])
     assert postfix == readme_postfix_recipe()
@@ -119,10 +121,13 @@ def test_compose_parses_and_its_sidecar_config_checks(tmp_path: Path) -> None:
 
     sidecar = services["sidecar"]
     assert sidecar["network_mode"] == "service:postfix"
-    assert sidecar["volumes"] == [  # the directory; the state_dir a named volume
+    # The directory (not the file), and a named volume for state_dir, which outlives the
+    # container.
+    assert sidecar["volumes"] == [
         "./sidecar:/etc/sidecar:ro",
-        "sidecar-state:/var/lib/sidecar",
+        f"sidecar-state:{config.delivery.state_dir}",
     ]
+    assert "sidecar-state" in compose["volumes"]
     grace = re.fullmatch(r"(\d+)s", sidecar["stop_grace_period"])
     assert grace is not None and int(grace[1]) > config.server.shutdown_grace
 
@@ -169,3 +174,33 @@ def test_compose_builds_copy_files_that_exist(service: str) -> None:
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (context / source).exists(), f"{dockerfile}: {source}"
+
+
+def test_compose_postfix_main_cf_is_one_postfix_starts_with(tmp_path: Path) -> None:
+    # The Postfix image starts from a main.cf the Dockerfile copies. main.cf.dist (the
+    # commented upstream sample) leaves the install-time settings blank (setgid_group =, ...):
+    # `postfix start-fg` then exits 1 without a word and sendmail fails. Checked with this
+    # host's Postfix (scripts/lib.sh installs Debian's, the image's).
+    dockerfile = (COMPOSE / "postfix" / "Dockerfile").read_text(encoding="utf-8")
+    (source,) = re.findall(r"cp (/usr/share/postfix/\S+) /etc/postfix/main\.cf", dockerfile)
+    if not Path(source).exists() or not Path("/usr/sbin/postconf").exists():
+        pytest.skip(f"no Debian Postfix here ({source})")
+    (tmp_path / "main.cf").write_bytes(Path(source).read_bytes())
+    names = ["setgid_group", "sendmail_path", "mail_owner", "command_directory"]
+    values = subprocess.run(
+        ["/usr/sbin/postconf", "-c", str(tmp_path), "-h", *names],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert len(values) == len(names) and all(values), dict(zip(names, values, strict=False))
+
+
+def test_example_haproxies_keep_health_checks_out_of_the_log() -> None:
+    # The sidecar's health checks connect and close before any PROXY header; an egress that
+    # logs needs `option dontlognull`, or it logs one line per check (every 5 s per server).
+    configs = [ROOT / "examples" / "haproxy.cfg", COMPOSE / "haproxy" / "haproxy.cfg"]
+    for path in configs:
+        lines = settings(path.read_text(encoding="utf-8"))
+        if any(line.startswith("log ") for line in lines) and any(
+            "accept-proxy" in line for line in lines
+        ):
+            assert "option dontlognull" in lines, path

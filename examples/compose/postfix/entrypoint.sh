@@ -10,9 +10,12 @@ postconf -e "maillog_file = /dev/stdout" "inet_interfaces = loopback-only" \
 postconf -M postlog/unix-dgram="postlog unix-dgram n - n - 1 postlogd"
 if [ "${SEND_DEMO:-1}" = 1 ]; then
     (
-        until nc -z 127.0.0.1 2525; do sleep 1; done
+        # Postfix up (its pickup service) and the sidecar answering.
+        until [ -e /var/spool/postfix/public/pickup ] && nc -z 127.0.0.1 2525; do sleep 1; done
         printf 'From: demo@example.net\nTo: a@example.test, b@example.org\nSubject: demo\n\nThrough the sidecar.\n' |
             sendmail -f demo@example.net a@example.test b@example.org
     ) &
 fi
+# `postfix start-fg` exits 1 without a word on a bad configuration: check says why.
+postfix check
 exec postfix start-fg
