@@ -28,6 +28,7 @@ from sidecar.limits import (
     open_descriptors,
     plan_descriptors,
 )
+from sidecar.lmtp import LmtpSession
 from sidecar.metrics import Metrics
 from sidecar.pool import UpstreamPool
 from sidecar.resolver import Resolver
@@ -131,7 +132,8 @@ async def handle_connection(
             await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
             return
         counters.active_sessions += 1
-        session = Session(stream, client, listener, context)
+        kind = LmtpSession if listener.protocol == "lmtp" else Session
+        session = kind(stream, client, listener, context)
         try:
             await session.run()
         finally:

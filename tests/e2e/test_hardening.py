@@ -193,7 +193,7 @@ async def test_an_unexpected_error_costs_one_session_not_the_process(
     stack = await relay_stack()
     control = Control(stack.endpoint, stack.mx)
 
-    on_mail = session_module._ON_EVENT[MailOpened]
+    on_mail = session_module.Session.on_mail
 
     async def broken_mail(self: session_module.Session, event: MailOpened) -> None:
         sender = event.mail.sender
@@ -201,7 +201,7 @@ async def test_an_unexpected_error_costs_one_session_not_the_process(
             raise RuntimeError("a bug in the session's handling of an SMTP event")
         await on_mail(self, event)
 
-    monkeypatch.setitem(session_module._ON_EVENT, MailOpened, broken_mail)
+    monkeypatch.setattr(session_module.Session, "on_mail", broken_mail)
 
     async def abuse() -> None:
         for _ in range(3):

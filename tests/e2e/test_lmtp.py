@@ -1,0 +1,210 @@
+"""The LMTP listener (issue 16) end to end with a raw client: one transaction with recipients
+in several domains fans out to one upstream per route, each recipient gets its own MX's final
+reply (byte for byte), and a route that fails costs only its own recipients. Real HAProxy and
+dnsmasq, one TestMX per domain on its own 127.0.0.x."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from .harness import (
+    FAST_DELIVERY,
+    FAST_SERVER,
+    Lab,
+    RawSMTPClient,
+    Stack,
+    smtp_reply,
+)
+
+BODY = b"Subject: lmtp fan-out\r\n\r\nHello.\r\n"
+# Recipients in three domains, two in the first: a.test -> mx0, b.test -> mx1, c.test -> mx2.
+RECIPIENTS = [b"x@a.test", b"z@b.test", b"y@a.test", b"w@c.test"]
+DOMAINS = {"a.test": 0, "b.test": 1, "c.test": 2}
+
+
+async def lmtp_stack(
+    lab: Lab,
+    mxes: list[dict[str, Any]] | None = None,
+    *,
+    server: dict[str, Any] | None = None,
+    delivery: dict[str, Any] | None = None,
+    domains: dict[str, int] | None = None,
+) -> Stack:
+    """A sidecar with one LMTP listener, three TestMXes (one per domain of DOMAINS)."""
+    stack = await lab.build(
+        mxes=mxes or [{}, {}, {}],
+        domains=domains or DOMAINS,
+        server={**FAST_SERVER, **(server or {})},
+        delivery={**FAST_DELIVERY, **(delivery or {})},
+        start=False,
+    )
+    stack.config["listener"][0]["protocol"] = "lmtp"
+    stack.running = await lab.sidecar(stack.config)
+    return stack
+
+
+async def lmtp_client(stack: Stack) -> RawSMTPClient:
+    client = await RawSMTPClient.connect(stack.endpoint)
+    banner = await client.read_reply()
+    assert banner.startswith(b"220 ") and b" LMTP " in banner, banner
+    answer = await client.command(b"LHLO client.test")
+    assert answer.startswith(b"250"), answer
+    return client
+
+
+async def open_transaction(client: RawSMTPClient, recipients: list[bytes]) -> list[bytes]:
+    """MAIL and the RCPTs; returns the RCPT replies."""
+    assert (await client.command(b"MAIL FROM:<sender@client.test>")).startswith(b"250 ")
+    return [await client.command(b"RCPT TO:<" + rcpt + b">") for rcpt in recipients]
+
+
+async def deliver(
+    client: RawSMTPClient, recipients: list[bytes], body: bytes = BODY
+) -> list[bytes]:
+    """One transaction with every recipient accepted; the replies after the end of data."""
+    for rcpt, answer in zip(recipients, await open_transaction(client, recipients), strict=True):
+        assert answer.startswith(b"250 "), (rcpt, answer)
+    assert (await client.command(b"DATA")).startswith(b"354 ")
+    await client.send(body + b".\r\n")
+    return [await client.read_reply() for _ in recipients]
+
+
+async def test_one_transaction_fans_out_one_copy_per_route(lab: Lab) -> None:
+    stack = await lmtp_stack(lab, [{}, {"multiline_final_reply": True}, {}])
+    async with await lmtp_client(stack) as client:
+        finals = await deliver(client, RECIPIENTS)
+        assert (await client.command(b"QUIT")).startswith(b"221 ")
+    mx0, mx1, mx2 = stack.mxes
+    for mx in stack.mxes:
+        await mx.wait_for_messages(1)
+    # Each route's MX got exactly one transaction with exactly its own recipients, from the
+    # binding's source address.
+    assert [m.rcpt_to for m in mx0.messages] == [[b"RCPT TO:<x@a.test>", b"RCPT TO:<y@a.test>"]]
+    assert [m.rcpt_to for m in mx1.messages] == [[b"RCPT TO:<z@b.test>"]]
+    assert [m.rcpt_to for m in mx2.messages] == [[b"RCPT TO:<w@c.test>"]]
+    for mx in stack.mxes:
+        (message,) = mx.messages
+        assert message.data == BODY
+        assert message.peer_host == stack.source
+        assert len(mx.connections) == 1
+    # One reply per recipient, in RCPT order, each its own MX's final reply byte for byte.
+    assert finals == [
+        mx0.messages[0].reply,
+        mx1.messages[0].reply,  # multi-line
+        mx0.messages[0].reply,
+        mx2.messages[0].reply,
+    ]
+    assert finals[1].count(b"\r\n") == 2
+
+
+async def test_a_recipient_refused_at_end_of_data_only_bounces_itself(lab: Lab) -> None:
+    refused = smtp_reply(554, "5.7.1 rejected by content filter")
+    stack = await lmtp_stack(lab, [{}, {}, {"replies": {"END": refused}}])
+    async with await lmtp_client(stack) as client:
+        finals = await deliver(client, RECIPIENTS)
+    assert [final[:3] for final in finals] == [b"250", b"250", b"250", b"554"]
+    assert finals[3] == refused
+
+
+async def test_an_mx_refusing_data_gets_its_recipients_refused_at_the_end(lab: Lab) -> None:
+    refused = smtp_reply(451, "4.3.0 DATA not now")
+    stack = await lmtp_stack(lab, [{}, {"replies": {"DATA": refused}}, {}])
+    async with await lmtp_client(stack) as client:
+        finals = await deliver(client, RECIPIENTS)
+    assert finals == [
+        stack.mxes[0].messages[0].reply,
+        refused,
+        stack.mxes[0].messages[0].reply,
+        stack.mxes[2].messages[0].reply,
+    ]
+    assert stack.mxes[1].messages == []
+
+
+async def test_every_route_refusing_data_gets_one_reply(lab: Lab) -> None:
+    stack = await lmtp_stack(
+        lab,
+        [
+            {"replies": {"DATA": smtp_reply(554, "5.3.0 no")}},
+            {"replies": {"DATA": smtp_reply(451, "4.3.0 later")}},
+            {},
+        ],
+    )
+    async with await lmtp_client(stack) as client:
+        for answer in await open_transaction(client, RECIPIENTS[:3]):
+            assert answer.startswith(b"250 ")
+        # RFC 2033 section 4.2: a failed DATA has one reply, no per-recipient replies; the
+        # temporary refusal wins, so no recipient bounces while its MX may still take it.
+        assert await client.command(b"DATA") == smtp_reply(451, "4.3.0 later")
+        assert (await client.command(b"NOOP")).startswith(b"250 ")
+
+
+async def test_an_unreachable_route_only_defers_its_recipients(lab: Lab) -> None:
+    stack = await lmtp_stack(lab, [{}, {"close_at": "CONNECT"}, {}])
+    async with await lmtp_client(stack) as client:
+        answers = await open_transaction(client, RECIPIENTS)
+        assert [answer[:4] for answer in answers] == [b"250 ", b"451 ", b"250 ", b"250 "]
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(BODY + b".\r\n")
+        finals = [await client.read_reply() for _ in range(3)]
+    assert [final[:3] for final in finals] == [b"250", b"250", b"250"]
+    assert len(stack.mxes[0].messages) == 1 and len(stack.mxes[2].messages) == 1
+
+
+async def test_an_mx_lost_mid_data_costs_only_its_recipients(lab: Lab) -> None:
+    stack = await lmtp_stack(lab, [{}, {"close_at": "END"}, {}])
+    async with await lmtp_client(stack) as client:
+        finals = await deliver(client, RECIPIENTS)
+    assert finals[1].startswith(b"451 4.4.2 "), finals[1]
+    assert [final[:3] for i, final in enumerate(finals) if i != 1] == [b"250"] * 3
+
+
+async def test_a_route_that_times_out_gets_a_4xx_the_others_complete(lab: Lab) -> None:
+    stack = await lmtp_stack(lab, [{}, {}, {"hang_at": "END"}], delivery={"data_done_timeout": 2})
+    async with await lmtp_client(stack) as client:
+        with trio.fail_after(10):
+            finals = await deliver(client, RECIPIENTS)
+    assert finals[3].startswith(b"451 4.4.2 Timed out"), finals[3]
+    assert [final[:3] for final in finals[:3]] == [b"250"] * 3
+
+
+async def test_client_vanishing_mid_data_no_mx_sees_an_end(lab: Lab) -> None:
+    stack = await lmtp_stack(lab)
+    client = await lmtp_client(stack)
+    await open_transaction(client, RECIPIENTS)
+    assert (await client.command(b"DATA")).startswith(b"354 ")
+    await client.send(b"Subject: cut\r\n\r\npartial line\r\n")
+    await trio.sleep(0.3)
+    await client.aclose()
+    for mx in stack.mxes:
+        await mx.wait_closed(0)
+        assert mx.messages == []
+
+
+async def test_smuggling_variants_reach_no_mx(lab: Lab) -> None:
+    stack = await lmtp_stack(lab, [{"accept_bare_lf": True}] * 3)
+    for smuggled in (
+        b"a\r\n.\nMAIL FROM:<evil@x>\r\n",
+        b"a\n.\r\nMAIL FROM:<evil@x>\r\n",
+        b"a\r\n\n.\n\r\n",
+        b"a\r.\r\nb\r\n",
+    ):
+        async with await lmtp_client(stack) as client:
+            await open_transaction(client, RECIPIENTS)
+            assert (await client.command(b"DATA")).startswith(b"354 ")
+            await client.send(b"Subject: s\r\n\r\n" + smuggled + b"\r\n.\r\n")
+            finals = [await client.read_reply() for _ in RECIPIENTS]
+            assert all(final.startswith(b"554 5.6.0 ") for final in finals), finals
+            assert (await client.command(b"NOOP")).startswith(b"250 ")
+    for mx in stack.mxes:
+        assert mx.messages == []
+
+
+async def test_ehlo_is_refused_and_lhlo_offers_no_domain_limit(lab: Lab) -> None:
+    stack = await lmtp_stack(lab)
+    async with await RawSMTPClient.connect(stack.endpoint) as client:
+        await client.read_reply()
+        assert (await client.command(b"EHLO client.test")).startswith(b"500 5.5.1 ")
+        lhlo = await client.command(b"LHLO client.test")
+        assert b"RCPTDOMAINMAX" not in lhlo and b"DSN" not in lhlo and b"PIPELINING" in lhlo
