@@ -38,10 +38,8 @@ async def lmtp_stack(
         domains=domains or DOMAINS,
         server={**FAST_SERVER, **(server or {})},
         delivery={**FAST_DELIVERY, **(delivery or {})},
-        start=False,
+        protocol="lmtp",
     )
-    stack.config["listener"][0]["protocol"] = "lmtp"
-    stack.running = await lab.sidecar(stack.config)
     return stack
 
 
