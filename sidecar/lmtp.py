@@ -184,7 +184,7 @@ class LmtpSession(Session):
         if not going:
             answer = _data_refusal([leg.final for leg in active if leg.final is not None])
             smtp.answer_data(answer)
-            self._end_legs(answer)
+            self._end_legs(None)  # each route's line with its own MX's refusal
             await self._finish_legs()
             return
         # A header that is not ASCII needs SMTPUTF8 (RFC 6532) at every MX that gets it.
@@ -313,7 +313,13 @@ class LmtpSession(Session):
         (``final`` when given); the client's transaction itself only when it had no route."""
         front = self.txn
         self.txn = None
-        legs = list(self._fanout.legs.values())
+        legs = [
+            leg
+            for leg in self._fanout.legs.values()
+            # A route tried for no recipient in the end (a group member that handed the
+            # recipient on to another) is no transaction of its own.
+            if any(leg.txn.recipient_outcomes.values())
+        ]
         for leg in legs:
             self._end_transaction(leg.txn, final if final is not None else leg.final)
         if front is not None:

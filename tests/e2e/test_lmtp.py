@@ -5,8 +5,10 @@ dnsmasq, one TestMX per domain on its own 127.0.0.x."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 import trio
 
 from .harness import (
@@ -206,3 +208,26 @@ async def test_ehlo_is_refused_and_lhlo_offers_no_domain_limit(lab: Lab) -> None
         assert (await client.command(b"EHLO client.test")).startswith(b"500 5.5.1 ")
         lhlo = await client.command(b"LHLO client.test")
         assert b"RCPTDOMAINMAX" not in lhlo and b"DSN" not in lhlo and b"PIPELINING" in lhlo
+
+
+async def test_one_log_line_per_route_with_the_transaction_id(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = smtp_reply(554, "5.7.1 no")
+    stack = await lmtp_stack(lab, [{}, {}, {"replies": {"END": refused}}])
+    with caplog.at_level(logging.INFO, logger="sidecar.transaction"):
+        async with await lmtp_client(stack) as client:
+            await deliver(client, RECIPIENTS)
+            await deliver(client, RECIPIENTS[:1])
+            await client.command(b"QUIT")
+    lines = [r.fields for r in caplog.records if r.name == "sidecar.transaction"]  # type: ignore[attr-defined]
+    first, second = sorted({line["transaction"] for line in lines})
+    by_mx = {line["mx"]: line for line in lines if line["transaction"] == first}
+    assert sorted(by_mx) == ["mx0.test", "mx1.test", "mx2.test"]
+    assert by_mx["mx0.test"]["rcpt"] == "2/0/0" and by_mx["mx0.test"]["outcome"] == "delivered"
+    assert by_mx["mx1.test"]["rcpt"] == "1/0/0"
+    assert by_mx["mx2.test"]["outcome"] == "rejected"
+    assert by_mx["mx2.test"]["reply"] == "554 5.7.1 no"
+    assert all(line["source"] == stack.source for line in lines)
+    assert [line["mx"] for line in lines if line["transaction"] == second] == ["mx0.test"]
+    assert first.split(".")[0] == second.split(".")[0]  # the session's id, then a number
