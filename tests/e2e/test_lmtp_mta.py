@@ -90,12 +90,18 @@ async def send_batch(postfix: Postfix, count: int = MESSAGES) -> None:
         await postfix.sendmail(ALICE, RECIPIENTS, message_text(ALICE, RECIPIENTS, f"m{number}"))
 
 
+@pytest.mark.parametrize("transport", ["lmtp", "sidecar"])
 async def test_postfix_lmtp_delivers_a_multi_domain_batch_at_once(
-    nursery: trio.Nursery, lab: Lab, postfix_factory: PostfixFactory
+    nursery: trio.Nursery, lab: Lab, postfix_factory: PostfixFactory, transport: str
 ) -> None:
+    """Both README recipes: ``default_transport = lmtp:inet:...`` and a dedicated ``sidecar``
+    transport of type lmtp."""
     stack = await make_mail_stack(nursery, lab, protocol="lmtp")
     egress = stack.egress["b1"]
-    postfix = await postfix_factory(main=lmtp_main(egress), services=[LMTP_SERVICE])
+    service = LMTP_SERVICE.replace("lmtp      unix", f"{transport:<9} unix")
+    main = lmtp_main(egress)
+    main["default_transport"] = main["default_transport"].replace("lmtp:", f"{transport}:", 1)
+    postfix = await postfix_factory(main=main, services=[service])
     began = trio.current_time()
     await send_batch(postfix)
     await wait_arrivals(stack, MESSAGES * len(RECIPIENTS))
