@@ -91,10 +91,11 @@ def _data_refusal(refusals: Sequence[Reply]) -> Reply:
 class LmtpSession(Session):
     """A session on an LMTP listener (see the module docstring)."""
 
-    __slots__ = ("_fanout", "_rcpt_leg", "_transactions")
+    __slots__ = ("_fanout", "_max_routes", "_rcpt_leg", "_transactions")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._max_routes = self.listener.max_routes
         self._fanout = _Fanout()
         self._rcpt_leg: Leg | None = None  # the leg of the RCPT being answered
         self._transactions = 0
@@ -148,6 +149,11 @@ class LmtpSession(Session):
             return self._last_proxy_error or error.reply
         leg = legs.get(route.key)
         if leg is None:
+            held = sum(1 for other in legs.values() if other.upstream or other.txn.accepted)
+            if held >= self._max_routes:
+                # Every outside input is bounded: so are the MX connections of one session
+                # (the descriptor budget counts 1 + max_routes per LMTP session).
+                return replies.OTHER_ROUTE
             leg = legs[route.key] = Leg(Transaction(txn.mail, ident=txn.ident))
         self._rcpt_leg = leg
         # The per-route code of the SMTP session runs on this leg's upstream.

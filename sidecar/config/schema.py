@@ -314,6 +314,13 @@ class Listener:
             " domain in one transaction; never on port 25)"
         ),
     )
+    max_routes: int = field(
+        default=20,
+        metadata=doc(
+            "LMTP: most routes (MX connections) one transaction may use at once, a count; a"
+            " recipient on one more route gets 452 4.5.3 (retried in another transaction)"
+        ),
+    )
 
     @property
     def target(self) -> str:

@@ -33,6 +33,7 @@ async def lmtp_stack(
     server: dict[str, Any] | None = None,
     delivery: dict[str, Any] | None = None,
     domains: dict[str, int] | None = None,
+    max_routes: int | None = None,
 ) -> Stack:
     """A sidecar with one LMTP listener, three TestMXes (one per domain of DOMAINS)."""
     stack = await lab.build(
@@ -41,7 +42,11 @@ async def lmtp_stack(
         server={**FAST_SERVER, **(server or {})},
         delivery={**FAST_DELIVERY, **(delivery or {})},
         protocol="lmtp",
+        start=max_routes is None,
     )
+    if max_routes is not None:
+        stack.config["listener"][0]["max_routes"] = max_routes
+        stack.running = await lab.sidecar(stack.config)
     return stack
 
 
@@ -231,3 +236,17 @@ async def test_one_log_line_per_route_with_the_transaction_id(
     assert all(line["source"] == stack.source for line in lines)
     assert [line["mx"] for line in lines if line["transaction"] == second] == ["mx0.test"]
     assert first.split(".")[0] == second.split(".")[0]  # the session's id, then a number
+
+
+async def test_routes_per_transaction_are_bounded(lab: Lab) -> None:
+    stack = await lmtp_stack(lab, max_routes=2)
+    async with await lmtp_client(stack) as client:
+        answers = await open_transaction(client, RECIPIENTS)
+        # a.test and b.test take the two routes; a.test's second recipient rides along;
+        # c.test would be a third: 452, retried by the MTA in another transaction.
+        assert [answer[:9] for answer in answers] == [b"250 2.1.5"] * 3 + [b"452 4.5.3"]
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(BODY + b".\r\n")
+        finals = [await client.read_reply() for _ in range(3)]
+        assert all(final.startswith(b"250 ") for final in finals), finals
+    assert stack.mxes[2].connections == []

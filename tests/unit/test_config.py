@@ -933,8 +933,8 @@ def test_minimal_config_round_trips_with_defaults_filled_in() -> None:
 def test_config_to_dict_shape() -> None:
     out = config_to_dict(parse_config(tomllib.loads(FULL_TOML)))
     assert out["listener"] == [
-        {"address": "127.0.0.1:2525", "binding": "b1", "protocol": "smtp"},
-        {"address": "[::1]:2526", "binding_group": "pool", "protocol": "smtp"},
+        {"address": "127.0.0.1:2525", "binding": "b1", "protocol": "smtp", "max_routes": 20},
+        {"address": "[::1]:2526", "binding_group": "pool", "protocol": "smtp", "max_routes": 20},
     ]
     assert out["binding"] == {
         "b1": {
