@@ -6,6 +6,7 @@ dnsmasq, one TestMX per domain on its own 127.0.0.x."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +16,11 @@ from .harness import (
     FAST_DELIVERY,
     FAST_SERVER,
     Lab,
+    Processes,
     RawSMTPClient,
     Stack,
     smtp_reply,
+    wait_listening,
 )
 
 BODY = b"Subject: lmtp fan-out\r\n\r\nHello.\r\n"
@@ -250,3 +253,75 @@ async def test_routes_per_transaction_are_bounded(lab: Lab) -> None:
         finals = [await client.read_reply() for _ in range(3)]
         assert all(final.startswith(b"250 ") for final in finals), finals
     assert stack.mxes[2].connections == []
+
+
+def vm_kib(pid: int, field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (peak RSS) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+async def test_a_slow_mx_sets_the_pace_and_memory_stays_bounded(
+    lab: Lab, processes: Processes
+) -> None:
+    """A 24 MiB message to three routes, one MX taking the data at ~6 MiB/s: every route gets
+    the whole message, every recipient its MX's 250, and ``sidecar run`` grows by far less
+    than one copy of the message (each chunk goes to every route before the next is read)."""
+    stack = await lab.build(
+        mxes=[{}, {}, {"slow_data": (64 * 1024, 0.01)}],
+        domains=DOMAINS,
+        server={**FAST_SERVER, "max_message_size": 64 * 1024 * 1024},
+        delivery={**FAST_DELIVERY, "data_send_timeout": 30, "data_done_timeout": 30},
+        protocol="lmtp",
+        start=False,
+    )
+    started = await processes.start(["run", "-c", str(stack.config_path)])
+    await wait_listening(stack.listener, started)
+    pid = started.process.pid
+    line = b"x" * 1022 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (24 * 1024)
+    client = await RawSMTPClient.connect(stack.listener)
+    async with client:
+        assert (await client.read_reply()).startswith(b"220 ")
+        assert (await client.command(b"LHLO client.test")).startswith(b"250")
+        baseline = vm_kib(pid, "VmRSS")
+        began = trio.current_time()
+        with trio.fail_after(60):
+            finals = await deliver(client, RECIPIENTS, body)
+        elapsed = trio.current_time() - began
+    assert all(final.startswith(b"250 ") for final in finals), finals
+    for mx in stack.mxes:
+        (message,) = mx.messages
+        assert message.data == body
+    assert elapsed > 2, elapsed  # the slow MX set the pace: 24 MiB at 6 MiB/s at most
+    growth = vm_kib(pid, "VmHWM") - baseline
+    assert growth < 8 * 1024, f"grew by {growth} KiB for a 24 MiB message"
+
+
+async def test_an_mx_vanishing_mid_data_costs_only_its_recipient(lab: Lab) -> None:
+    """b.test's MX goes away while a 16 MiB message is still being written to it (c.test's
+    MX is slow, so the data takes seconds): z@b.test gets 451 4.4.2, the others their 250."""
+    stack = await lmtp_stack(
+        lab,
+        [{}, {"slow_data": (64 * 1024, 0.01)}, {"slow_data": (64 * 1024, 0.01)}],
+        server={"max_message_size": 64 * 1024 * 1024},
+        delivery={"data_send_timeout": 30, "data_done_timeout": 30},
+    )
+    body = b"Subject: big\r\n\r\n" + (b"y" * 1022 + b"\r\n") * (16 * 1024)
+    vanishing = stack.mxes[1]
+
+    async def vanish() -> None:
+        await vanishing.wait_for_connections(1)
+        await trio.sleep(1)
+        vanishing.close()
+
+    async with await lmtp_client(stack) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(vanish)
+        with trio.fail_after(60):
+            finals = await deliver(client, RECIPIENTS, body)
+    assert finals[1].startswith(b"451 4.4.2 Connection to the MX lost during DATA"), finals[1]
+    assert [finals[0][:4], finals[2][:4], finals[3][:4]] == [b"250 "] * 3, finals
+    assert vanishing.messages == []
+    assert stack.mxes[2].messages[0].data == body
