@@ -12,7 +12,9 @@ own recipients, an MX that refuses at the end of data bounces only its own recip
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -85,9 +87,12 @@ async def wait_arrivals(stack: MailStack, count: int, timeout: float = 15) -> No
     await poll(arrived, timeout=timeout, what=f"{count} arrivals", describe=describe)
 
 
-async def send_batch(postfix: Postfix, count: int = MESSAGES) -> None:
+async def send_batch(postfix: Postfix, count: int = MESSAGES, padding: int = 0) -> None:
+    """``count`` messages to RECIPIENTS, each with ``padding`` more octets of body."""
+    lines = b"".join(b"%075d\n" % i for i in range(padding // 76))
     for number in range(count):
-        await postfix.sendmail(ALICE, RECIPIENTS, message_text(ALICE, RECIPIENTS, f"m{number}"))
+        text = message_text(ALICE, RECIPIENTS, f"m{number}") + lines
+        await postfix.sendmail(ALICE, RECIPIENTS, text)
 
 
 @pytest.mark.parametrize("transport", ["lmtp", "sidecar"])
@@ -260,3 +265,73 @@ async def test_exim_lmtp_notify_success_is_reported_by_exim_itself(
     assert "Action: delivered" in text and "Diagnostic-Code: smtp; 250 Ok" in text, text
     # Nothing of the DSN request went on: the sidecar offers no DSN.
     assert all(b"NOTIFY=" not in rcpt for rcpt in stack.mx["one.test"].messages[0].rcpt_to)
+
+
+# -- bench: the LMTP recipe against the recipient_limit = 1 recipe -------------------------------
+
+SIDECAR_SMTP_TRANSPORT = "sidecar   unix  -       -       n       -       -       smtp"
+
+
+async def measure(
+    stack: MailStack, postfix: Postfix, messages: int, padding: int
+) -> dict[str, float | int]:
+    """Send ``messages`` x RECIPIENTS, wait for every arrival and an empty queue."""
+    began = trio.current_time()
+    await send_batch(postfix, messages, padding)
+    await wait_arrivals(stack, messages * len(RECIPIENTS), timeout=60)
+    await postfix.wait_queue_empty(timeout=30)
+    elapsed = trio.current_time() - began
+    mx_messages = [m for mx in stack.mx.values() for m in mx.messages]
+    return {
+        "seconds to empty the queue": round(elapsed, 2),
+        "client transactions": len(stack.transactions()),
+        "MX transactions": len(mx_messages),
+        "MX connections": sum(len(mx.connections) for mx in stack.mx.values()),
+        "message bytes at the MXes": sum(len(m.data) for m in mx_messages),
+        "deferrals": postfix.log().count("status=deferred"),
+    }
+
+
+async def test_bench_lmtp_against_recipient_limit_1(
+    nursery: trio.Nursery, lab: Lab, postfix_factory: PostfixFactory
+) -> None:
+    """The same batch (``LMTP_BENCH_MESSAGES`` messages, default 10, each to RECIPIENTS: 4
+    in 3 domains) through the LMTP recipe and through the SMTP recipe with
+    ``sidecar_destination_recipient_limit = 1``. LMTP: one copy per route (3 per message),
+    the recipe one per recipient (4). ``bench/lmtp.py`` runs this and writes the figures."""
+    messages = int(os.environ.get("LMTP_BENCH_MESSAGES", "10"))
+    padding = int(os.environ.get("LMTP_BENCH_SIZE", "0"))
+    lmtp_stack = await make_mail_stack(nursery, lab, protocol="lmtp")
+    lmtp_postfix = await postfix_factory(
+        main=lmtp_main(lmtp_stack.egress["b1"]), services=[LMTP_SERVICE]
+    )
+    lmtp = await measure(lmtp_stack, lmtp_postfix, messages, padding)
+
+    smtp_stack = await make_mail_stack(nursery, lab)
+    egress = smtp_stack.egress["b1"]
+    recipe_postfix = await postfix_factory(
+        main={
+            "relayhost": f"[{egress.endpoint.host}]:{egress.endpoint.port}",
+            "default_transport": "sidecar",
+            "sidecar_destination_recipient_limit": "1",
+            **DISCARD_OWN_DOMAIN,
+        },
+        services=[SIDECAR_SMTP_TRANSPORT],
+    )
+    recipe = await measure(smtp_stack, recipe_postfix, messages, padding)
+
+    assert lmtp["MX transactions"] == 3 * messages and lmtp["deferrals"] == 0
+    assert recipe["MX transactions"] == 4 * messages and recipe["deferrals"] == 0
+    assert lmtp["client transactions"] == messages
+    assert recipe["client transactions"] == 4 * messages
+    assert lmtp["message bytes at the MXes"] * 4 < recipe["message bytes at the MXes"] * 3 + 1
+    output = os.environ.get("LMTP_BENCH_OUTPUT")
+    if output:
+        lines = [
+            f"{messages} messages of ~{padding} octets, each to {len(RECIPIENTS)} recipients in"
+            " 3 domains (2 in one), real Postfix 3.7 -> sidecar -> HAProxy -> TestMXes;"
+            " time: from the first sendmail (queued one after another) to an empty queue",
+            f"{'figure':<32}{'LMTP recipe':>14}{'recipient_limit=1':>20}",
+            *(f"{key:<32}{lmtp[key]!s:>14}{recipe[key]!s:>20}" for key in lmtp),
+        ]
+        Path(output).write_text("\n".join(lines) + "\n")
