@@ -129,7 +129,7 @@ class LmtpSession(Session):
                     leg.txn.broken = True  # its recipients were on that connection
             answer = replies.setup_timed_out(delivery.setup_timeout)
         self._count_recipient(front if leg is None else leg.txn, answer)
-        if answer.is_positive and leg is not None:
+        if 200 <= answer.code < 300 and leg is not None:
             self._fanout.order.append(leg)
         self.smtp.answer_rcpt(answer)
 

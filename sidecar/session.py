@@ -444,7 +444,7 @@ class Session:
             await self._drop_upstream(polite=False)
             if txn.accepted:
                 txn.broken = True
-        elif answer.code in (250, 251):
+        elif 200 <= answer.code < 300:  # 250, 251 (and an odd 252): the MX took it
             txn.accepted += 1
             txn.route = route
             if txn.via is None and self.upstream is not None:

@@ -484,7 +484,7 @@ class SmtpServer:
     def answer_rcpt(self, reply: Reply) -> None:
         """The reply to the RCPT of the last :class:`RcptRequested`."""
         self._owed = None
-        if reply.is_positive:
+        if 200 <= reply.code < 300:  # a recipient accepted (250, 251; 252 as well)
             self._accepted += 1
         self._out.append(reply.to_bytes())
 

@@ -325,3 +325,20 @@ async def test_an_mx_vanishing_mid_data_costs_only_its_recipient(lab: Lab) -> No
     assert [finals[0][:4], finals[2][:4], finals[3][:4]] == [b"250 "] * 3, finals
     assert vanishing.messages == []
     assert stack.mxes[2].messages[0].data == body
+
+
+async def test_a_252_to_rcpt_is_an_accepted_recipient(lab: Lab) -> None:
+    """An MX that answers RCPT with 252 (RFC 5321 lists it among RCPT's positive replies)
+    took the recipient: it gets the message and the client its final reply (before: the
+    recipient was passed on as accepted, but DATA left it out: LMTP owed one reply more
+    than it gave)."""
+    took = smtp_reply(252, "2.1.5 cannot verify, will take it")
+    stack = await lmtp_stack(lab, [{}, {"replies": {"RCPT": took}}, {}])
+    async with await lmtp_client(stack) as client:
+        answers = await open_transaction(client, RECIPIENTS[:2])
+        assert answers == [answers[0], took] and answers[0].startswith(b"250 ")
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(BODY + b".\r\n")
+        finals = [await client.read_reply() for _ in range(2)]
+        assert (await client.command(b"NOOP")).startswith(b"250 ")
+    assert finals == [stack.mxes[0].messages[0].reply, stack.mxes[1].messages[0].reply]
