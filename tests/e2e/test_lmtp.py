@@ -6,6 +6,7 @@ dnsmasq, one TestMX per domain on its own 127.0.0.x."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .harness import (
     RawSMTPClient,
     Stack,
     smtp_reply,
+    wait_exit,
     wait_listening,
 )
 
@@ -343,3 +345,37 @@ async def test_a_252_to_rcpt_is_an_accepted_recipient(lab: Lab) -> None:
         finals = [await client.read_reply() for _ in range(2)]
         assert (await client.command(b"NOOP")).startswith(b"250 ")
     assert finals == [stack.mxes[0].messages[0].reply, stack.mxes[1].messages[0].reply]
+
+
+async def test_a_stop_after_the_end_of_data_still_gives_every_reply(
+    lab: Lab, processes: Processes
+) -> None:
+    """SIGTERM while c.test's MX holds the end of data and answers only after the shutdown
+    grace (2 s) is over: the session still waits for it and gives all four replies, each
+    its MX's own, then the process exits 0."""
+    stack = await lab.build(
+        mxes=[{}, {}, {"delays": {"END": 3}}],
+        domains=DOMAINS,
+        server=FAST_SERVER,
+        delivery=FAST_DELIVERY,
+        protocol="lmtp",
+        start=False,
+    )
+    started = await processes.start(["run", "-c", str(stack.config_path)])
+    await wait_listening(stack.listener, started)
+    client = await RawSMTPClient.connect(stack.listener)
+    async with client:
+        assert (await client.read_reply()).startswith(b"220 ")
+        assert (await client.command(b"LHLO client.test")).startswith(b"250")
+        await open_transaction(client, RECIPIENTS)
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(BODY + b".\r\n")
+        slow = stack.mxes[2]
+        await slow.wait_for(lambda: len(slow.connections[0].commands) >= 4)  # MAIL RCPT DATA
+        await trio.sleep(0.3)
+        started.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            finals = [await client.read_reply() for _ in RECIPIENTS]
+    assert all(final.startswith(b"250 ") for final in finals), (finals, started.stderr)
+    assert finals[3] == slow.messages[0].reply
+    assert await wait_exit(started, timeout=15) == 0, started.stderr
