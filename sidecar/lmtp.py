@@ -78,6 +78,11 @@ class _Fanout:
     order: list[Leg] = field(default_factory=list)
 
 
+def _takes_utf8(leg: Leg) -> bool:
+    """Whether the leg's MX offered SMTPUTF8 (a header that is not ASCII may go there)."""
+    return leg.upstream is not None and leg.upstream.supports("SMTPUTF8")
+
+
 def _data_refusal(refusals: Sequence[Reply]) -> Reply:
     """The one reply to a DATA that every route refused (RFC 2033 section 4.2: a failed DATA
     gets no per-recipient replies): the first temporary refusal, so that no recipient whose
@@ -193,15 +198,15 @@ class LmtpSession(Session):
             self._end_legs(None)  # each route's line with its own MX's refusal
             await self._finish_legs()
             return
-        # A header that is not ASCII needs SMTPUTF8 (RFC 6532) at every MX that gets it.
-        utf8_lost = _has_param(front.mail, "SMTPUTF8") and any(
-            leg.upstream is not None and not leg.upstream.supports("SMTPUTF8") for leg in going
-        )
+        # A header that is not ASCII needs SMTPUTF8 (RFC 6532) at every MX that gets it: the
+        # routes whose MX lacks it are stopped before their end of data, the others go on.
+        without = [leg for leg in going if not _takes_utf8(leg)]
+        utf8_lost = _has_param(front.mail, "SMTPUTF8") and bool(without)
         go_ahead = going[0].go_ahead
         assert go_ahead is not None
-        smtp.answer_data(go_ahead, check_header=utf8_lost)
+        smtp.answer_data(go_ahead, check_header=utf8_lost, header_stops=len(without) == len(going))
         await self.flush()
-        size = await self._relay_to_legs(going)
+        size = await self._relay_to_legs(going, without if utf8_lost else [])
         for leg in fanout.legs.values():
             leg.txn.size = size
         answers = [leg.final or replies.mx_connection_lost("(no reply)") for leg in fanout.order]
@@ -240,9 +245,10 @@ class LmtpSession(Session):
             return
         leg.go_ahead = answer
 
-    async def _relay_to_legs(self, going: list[Leg]) -> int:
+    async def _relay_to_legs(self, going: list[Leg], without_utf8: list[Leg]) -> int:
         """Copy the client's data to every leg in ``going``, each chunk to all of them before
-        the next is read; then read their final replies. Returns the message size."""
+        the next is read; then read their final replies. Returns the message size. The legs
+        ``without_utf8`` are stopped (no end of data) once the header proves not ASCII."""
         server = self.config.server
         smtp = self.smtp
         data_deadline = trio.current_time() + server.data_total_timeout
@@ -259,11 +265,17 @@ class LmtpSession(Session):
                     raise
                 smtp.receive_data(data)
             elif isinstance(event, DataChunk):
+                if without_utf8 and smtp.header_not_ascii:
+                    for leg in without_utf8:
+                        if leg.final is None and leg.lost is None:
+                            await self._abort_leg(leg)  # its MX sees no end of data
+                            leg.final = replies.NON_ASCII_HEADER
+                    without_utf8 = []
                 if event.last:
                     # From this write on an MX may accept the message: the replies are owed
                     # even when the shutdown grace runs out (ServerContext.end_grace).
                     self.owes_final_reply = True
-                sending = [leg for leg in going if leg.lost is None]
+                sending = [leg for leg in going if leg.lost is None and leg.final is None]
                 if len(sending) == 1:
                     await self._send(sending[0], event.data)
                 elif sending:
@@ -280,6 +292,8 @@ class LmtpSession(Session):
             return event.size
         async with trio.open_nursery() as nursery:
             for leg in going:
+                if leg.final is not None:
+                    continue  # stopped already (a header its MX cannot take)
                 if leg.lost is not None:
                     leg.final = upstream_failed("during DATA", leg.lost)
                 else:

@@ -217,6 +217,7 @@ class SmtpServer:
         "_end",
         "_finals_owed",
         "_handlers",
+        "_header_stops",
         "_limits",
         "_mail",
         "_out",
@@ -242,6 +243,7 @@ class SmtpServer:
         self._out_of_sequence = LMTP_OUT_OF_SEQUENCE if lmtp else OUT_OF_SEQUENCE
         self._accepted = 0  # RCPTs answered 2xx in this transaction
         self._finals_owed = 0  # LMTP: replies owed after the end of data
+        self._header_stops = True  # a non-ASCII header (when checked) stops the data
         self._reader = LineReader(limits.max_line_length)
         self._out: list[bytes] = []
         self.state = State.CONNECTED
@@ -488,21 +490,38 @@ class SmtpServer:
             self._accepted += 1
         self._out.append(reply.to_bytes())
 
-    def answer_data(self, reply: Reply, *, check_header: bool = False, ends: bool = True) -> None:
+    def answer_data(
+        self,
+        reply: Reply,
+        *,
+        check_header: bool = False,
+        ends: bool = True,
+        header_stops: bool = True,
+    ) -> None:
         """The reply to the last :class:`DataCommand`. A ``354`` starts the DATA phase
-        (``check_header``: refuse a message whose header section is not ASCII, for an MX
-        without SMTPUTF8); any other reply ends the transaction, unless ``ends`` is false (the
+        (``check_header``: look for a non-ASCII header section, which an MX without SMTPUTF8
+        must not get: with ``header_stops`` the data stops there and the message is refused;
+        without, the session reads :attr:`header_not_ascii` and stops only the routes that
+        cannot take it); any other reply ends the transaction, unless ``ends`` is false (the
         client may still add recipients, as after ``554 No valid recipients``)."""
         self._owed = None
         self._out.append(reply.to_bytes())
         if reply.code == 354:
             self.state = State.DATA
+            self._header_stops = header_stops
             self._scanner = DataScanner(check_header=check_header)
             self._pending = self._reader.take_buffer()
             self._stopped = False
             self._end = None
         elif ends:
             self._end_transaction()
+
+    @property
+    def header_not_ascii(self) -> bool:
+        """DATA phase, with ``check_header``: the header section seen so far holds a byte that
+        is not ASCII (RFC 6532: the message needs SMTPUTF8). Set before the chunk that holds
+        the offending byte comes out."""
+        return self._scanner is not None and self._scanner.non_ascii_header
 
     def answer_final(self, reply: Reply) -> None:
         """The reply to the end of data (after :class:`EndOfData`; SMTP only)."""
@@ -543,7 +562,8 @@ class SmtpServer:
         at = scanner.feed(chunk)
         part = chunk if at is None else chunk[:at]
         too_big = scanner.size > self._limits.max_message_size
-        if scanner.bad_byte or scanner.non_ascii_header or too_big:
+        header = scanner.non_ascii_header and self._header_stops
+        if scanner.bad_byte or header or too_big:
             self._stopped = True
         if at is not None:
             self._reader.feed(chunk[at:])
@@ -559,7 +579,7 @@ class SmtpServer:
             return replies.BARE_NEWLINE
         if scanner.size > self._limits.max_message_size:
             return replies.MESSAGE_TOO_BIG
-        if scanner.non_ascii_header:
+        if scanner.non_ascii_header and self._header_stops:
             return replies.NON_ASCII_HEADER
         return None
 

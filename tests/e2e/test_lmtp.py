@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from .harness import (
+    DEFAULT_CAPABILITIES,
     FAST_DELIVERY,
     FAST_SERVER,
     Lab,
@@ -379,3 +380,23 @@ async def test_a_stop_after_the_end_of_data_still_gives_every_reply(
     assert all(final.startswith(b"250 ") for final in finals), (finals, started.stderr)
     assert finals[3] == slow.messages[0].reply
     assert await wait_exit(started, timeout=15) == 0, started.stderr
+
+
+async def test_a_non_ascii_header_stops_only_the_routes_without_smtputf8(lab: Lab) -> None:
+    """SMTPUTF8 on MAIL and a UTF-8 Subject: b.test's MX does not offer SMTPUTF8, so only
+    z@b.test gets 554 5.6.9 (its MX sees no end of data); the others get the message."""
+    no_utf8 = [c for c in DEFAULT_CAPABILITIES if c != "SMTPUTF8"]
+    stack = await lmtp_stack(lab, [{}, {"capabilities": no_utf8}, {}])
+    body = "Subject: grüße\r\n\r\nHallo.\r\n".encode()
+    async with await lmtp_client(stack) as client:
+        mail = b"MAIL FROM:<sender@client.test> SMTPUTF8"
+        assert (await client.command(mail)).startswith(b"250 ")
+        for rcpt in RECIPIENTS:
+            assert (await client.command(b"RCPT TO:<" + rcpt + b">")).startswith(b"250 ")
+        assert (await client.command(b"DATA")).startswith(b"354 ")
+        await client.send(body + b".\r\n")
+        finals = [await client.read_reply() for _ in RECIPIENTS]
+    assert finals[1].startswith(b"554 5.6.9 "), finals
+    assert [finals[i][:4] for i in (0, 2, 3)] == [b"250 "] * 3, finals
+    assert stack.mxes[1].messages == []
+    assert stack.mxes[0].messages[0].data == body

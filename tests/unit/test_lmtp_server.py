@@ -157,3 +157,27 @@ def test_a_refused_data_gets_one_reply_only() -> None:
     server.answer_data(reply(451, "4.3.0", "try later"))
     assert server.state is State.READY
     assert codes(server) == [451]
+
+
+def test_a_non_ascii_header_can_be_left_to_the_session() -> None:
+    """LMTP with routes of both kinds: the core flags the header and goes on (the session
+    stops only the routes whose MX lacks SMTPUTF8); the data still ends normally."""
+    server = lmtp_transaction(OK_RCPT, OK_RCPT)
+    events(server, b"DATA\r\n")
+    server.answer_data(GO_AHEAD, check_header=True, header_stops=False)
+    assert not server.header_not_ascii
+    message = "Subject: grüße\r\n\r\nbody\r\n.\r\n".encode()
+    chunk, end = events(server, message)
+    assert isinstance(chunk, DataChunk) and chunk.last and chunk.data == message
+    assert isinstance(end, EndOfData) and end.refusal is None and end.recipients == 2
+    assert not server.header_not_ascii  # the transaction is over
+
+
+def test_the_header_flag_is_set_before_the_chunk_that_holds_it() -> None:
+    server = lmtp_transaction(OK_RCPT)
+    events(server, b"DATA\r\n")
+    server.answer_data(GO_AHEAD, check_header=True, header_stops=False)
+    server.receive_data("Subject: grüße\r\n".encode())
+    chunk = server.next_event()
+    assert isinstance(chunk, DataChunk) and not chunk.last
+    assert server.header_not_ascii
