@@ -7,11 +7,16 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar import replies
-from sidecar.smtp.replies import Reply, reply
+from sidecar.smtp.replies import Reply, ReplyParser, reply
 from sidecar.smtp.server import (
     LMTP_OUT_OF_SEQUENCE,
+    NEED_DATA,
+    SEND_REPLIES,
+    Close,
     DataChunk,
     DataCommand,
     EndOfData,
@@ -181,3 +186,63 @@ def test_the_header_flag_is_set_before_the_chunk_that_holds_it() -> None:
     chunk = server.next_event()
     assert isinstance(chunk, DataChunk) and not chunk.last
     assert server.header_not_ascii
+
+
+# Whole LMTP transactions (1-3 RCPTs, a clean or a smuggling body), and noise between them.
+TRANSACTION = st.builds(
+    lambda rcpts, body: (
+        b"MAIL FROM:<a@b.test>\r\n"
+        + b"".join(b"RCPT TO:<r%d@d%d.test>\r\n" % (i, i) for i in range(rcpts))
+        + b"DATA\r\n"
+        + body
+    ),
+    st.integers(min_value=1, max_value=3),
+    st.sampled_from([b"Subject: x\r\n\r\nbody\r\n.\r\n", b"a\nb\r\n.\r\n", b".\r\n"]),
+)
+PIECES = st.one_of(
+    TRANSACTION,
+    st.sampled_from([b"LHLO x\r\n", b"EHLO x\r\n", b"RSET\r\n", b"DATA\r\n"]),
+    st.binary(max_size=20),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PIECES, max_size=40), st.lists(st.booleans(), max_size=30))
+def test_any_input_gives_one_reply_per_accepted_recipient(
+    chunks: list[bytes], accepts: list[bool]
+) -> None:
+    """Arbitrary client bytes on LMTP, RCPTs accepted or refused at random: the core never
+    raises, every reply is a valid SMTP reply, and each end of data owes exactly as many
+    replies as RCPTs were accepted in its transaction."""
+    server = SmtpServer(LMTP_LIMITS, lmtp=True)
+    verdicts = iter(accepts)
+    accepted = 0
+    out = bytearray()
+    for chunk in [b"LHLO x\r\n", *chunks]:
+        server.receive_data(chunk)
+        while True:
+            event = server.next_event()
+            if event is SEND_REPLIES:
+                out += server.take_output()
+                continue
+            if event is NEED_DATA or isinstance(event, (Quit, Close)):
+                break
+            if isinstance(event, (MailOpened, TransactionReset)):
+                accepted = 0
+            elif isinstance(event, RcptRequested):
+                take = next(verdicts, True)
+                accepted += take
+                server.answer_rcpt(OK_RCPT if take else reply(550, "5.1.1", "no"))
+            elif isinstance(event, DataCommand):
+                server.answer_data(GO_AHEAD if accepted else replies.NO_VALID_RECIPIENTS_LMTP)
+            elif isinstance(event, EndOfData):
+                assert event.recipients == accepted
+                server.answer_recipients([reply(250, "2.0.0", "ok")] * accepted)
+                accepted = 0
+        if server.state is State.CLOSED:
+            break
+    parser = ReplyParser()
+    parser.feed(bytes(out) + server.take_output())
+    while parser.next_reply() is not None:
+        pass
+    assert parser.buffered == 0
