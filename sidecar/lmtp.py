@@ -196,6 +196,7 @@ class LmtpSession(Session):
             answer = _data_refusal([leg.final for leg in active if leg.final is not None])
             smtp.answer_data(answer)
             self._end_legs(None)  # each route's line with its own MX's refusal
+            await self.flush()  # the client's reply first, then the RSETs
             await self._finish_legs()
             return
         # A header that is not ASCII needs SMTPUTF8 (RFC 6532) at every MX that gets it: the
@@ -216,6 +217,7 @@ class LmtpSession(Session):
             if leg.final is not None:
                 await self._observe(leg.txn, leg.final)
         self._end_legs(None)
+        await self.flush()  # the client's replies first, then the RSETs and the cache
         await self._finish_legs()
 
     async def _start_data(self, leg: Leg) -> None:

@@ -288,6 +288,7 @@ class Session:
     # ---- events of the SMTP dialogue ---------------------------------------------------------
 
     async def on_reset(self, event: TransactionReset) -> None:
+        await self.flush()  # the client's reply first: an MX's RSET may take seconds
         await self._reset()
 
     async def on_mail(self, event: MailOpened) -> None:
@@ -587,6 +588,7 @@ class Session:
             return
         if txn.broken or upstream is None or upstream.closed:
             self._refuse_data(txn, replies.mx_connection_lost("before DATA"))
+            await self.flush()  # the client's reply first: an MX's RSET may take seconds
             await self._reset()
             return
         await self.flush()
@@ -600,6 +602,7 @@ class Session:
         if answer.code != 354:
             await self._observe(txn, answer)
             self._refuse_data(txn, answer)
+            await self.flush()  # the client's reply first: an MX's RSET may take seconds
             await self._reset()
             return
         if upstream.parser.buffered:

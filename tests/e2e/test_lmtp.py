@@ -400,3 +400,14 @@ async def test_a_non_ascii_header_stops_only_the_routes_without_smtputf8(lab: La
     assert [finals[i][:4] for i in (0, 2, 3)] == [b"250 "] * 3, finals
     assert stack.mxes[1].messages == []
     assert stack.mxes[0].messages[0].data == body
+
+
+async def test_the_replies_do_not_wait_for_a_route_s_rset(lab: Lab) -> None:
+    """b.test's MX refuses DATA and then never answers RSET: the client has all its replies
+    at once, not after the sidecar's RSET wait (10 s) for that route."""
+    refused = smtp_reply(451, "4.3.0 DATA not now")
+    stack = await lmtp_stack(lab, [{}, {"replies": {"DATA": refused}, "hang_at": "RSET"}, {}])
+    async with await lmtp_client(stack) as client:
+        with trio.fail_after(4):
+            finals = await deliver(client, RECIPIENTS)
+    assert finals[1] == refused
