@@ -564,9 +564,7 @@ def snapshot_from_json(data: Mapping[str, Any]) -> StatusSnapshot:
             for binding in data.get("bindings", [])
         ),
         listeners=tuple(
-            ListenerState(
-                listener["address"], listener["target"], listener.get("protocol", "smtp")
-            )
+            ListenerState(listener["address"], listener["target"], listener.get("protocol", "smtp"))
             for listener in data.get("listeners", [])
         ),
         counters=Counters(
