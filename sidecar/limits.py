@@ -28,6 +28,7 @@ __all__ = [
     "local_resource_errno",
     "nofile_limit",
     "open_descriptors",
+    "per_session",
     "plan_descriptors",
     "raise_nofile_limit",
 ]
@@ -48,6 +49,13 @@ STATUS_CONNECTIONS = 8  # status endpoint requests served at once (sidecar.statu
 REFUSALS = 16
 SLACK = 16  # files opened briefly: a reloaded config, a CA bundle, /proc reads, log files
 PER_SESSION = 2  # the client's connection and its upstream (MX via HAProxy, or direct)
+
+
+def per_session(config: Config) -> int:
+    """Descriptors one client session may hold: :data:`PER_SESSION` on SMTP listeners; on an
+    LMTP listener the client's connection and one upstream per route (``max_routes``)."""
+    lmtp = [1 + listener.max_routes for listener in config.listeners if listener.protocol == "lmtp"]
+    return max([PER_SESSION, *lmtp])
 
 
 def _oserrors(error: BaseException, seen: set[int]) -> Iterator[OSError]:
@@ -81,8 +89,9 @@ class DescriptorBudget:
     """How the process's descriptors (``limit``, the soft ``RLIMIT_NOFILE``) are shared out.
 
     Everything but client sessions gets a fixed share; what is left, divided by
-    :data:`PER_SESSION`, is how many client sessions the process can hold. ``sessions`` is the
-    admission limit: ``max_connections`` or fewer when the descriptors do not go that far."""
+    ``per_session`` (:func:`per_session`), is how many client sessions the process can hold.
+    ``sessions`` is the admission limit: ``max_connections`` or fewer when the descriptors do
+    not go that far."""
 
     limit: int
     open_at_start: int  # stdio, listeners, status socket, the event loop's own
@@ -94,6 +103,7 @@ class DescriptorBudget:
     connection_cache: int  # idle upstreams kept for reuse (delivery.connection_cache_size)
     max_connections: int
     sessions: int
+    per_session: int = PER_SESSION  # descriptors one session may hold (per_session)
 
     @property
     def reserved(self) -> int:
@@ -117,7 +127,7 @@ class DescriptorBudget:
         """One line for the log: the admission limit and where the descriptors go."""
         return (
             f"RLIMIT_NOFILE {self.limit}: {self.sessions} client sessions "
-            f"({PER_SESSION} descriptors each) after {self.reserved} reserved "
+            f"({self.per_session} descriptors each) after {self.reserved} reserved "
             f"(open at start {self.open_at_start}, connection cache {self.connection_cache}, "
             f"DNS {self.dns}, health checks {self.health_checks}, status {self.status}, "
             f"refusals {self.refusals}, slack {self.slack})"
@@ -141,11 +151,12 @@ def plan_descriptors(limit: int, open_at_start: int, config: Config) -> Descript
         connection_cache=delivery.connection_cache_size if delivery.connection_cache else 0,
         max_connections=config.server.max_connections,
         sessions=0,
+        per_session=per_session(config),
     )
     if limit == resource.RLIM_INFINITY or limit < 0:
         allowed = config.server.max_connections
     else:
-        allowed = max(0, (limit - budget.reserved) // PER_SESSION)
+        allowed = max(0, (limit - budget.reserved) // budget.per_session)
     return replace(budget, sessions=min(config.server.max_connections, allowed))
 
 

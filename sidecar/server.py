@@ -28,6 +28,7 @@ from sidecar.limits import (
     open_descriptors,
     plan_descriptors,
 )
+from sidecar.lmtp import LmtpSession
 from sidecar.metrics import Metrics
 from sidecar.mxtls.outcome import NullReporter, TlsReporter
 from sidecar.mxtls.sts_cache import MtaSts, StsStore, build_mta_sts, sts_configured
@@ -154,7 +155,8 @@ async def handle_connection(
             await _refuse(stream, replies.TOO_MANY_CONNECTIONS.to_bytes())
             return
         counters.active_sessions += 1
-        session = Session(stream, client, listener, context)
+        kind = LmtpSession if listener.protocol == "lmtp" else Session
+        session = kind(stream, client, listener, context)
         try:
             await session.run()
         finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -92,6 +91,9 @@ class Transaction:
     shaping_wait: float = 0.0
     size: int = 0
     logged: bool = False
+    # LMTP: the client's transaction this one is a route of (one log line per route, each
+    # with this id); None for SMTP, where the two are the same.
+    ident: str | None = None
 
 
 def _has_param(mail: MailFrom, keyword: str) -> bool:
@@ -135,7 +137,7 @@ class Session:
         self.context = context
         self.config = context.config
         self.id = f"{next(_session_ids):x}"
-        self.smtp = SmtpServer(context.limits)
+        self.smtp = SmtpServer(context.limits, lmtp=listener.protocol == "lmtp")
         if context.shutting_down.is_set():
             self.smtp.closing = replies.SHUTTING_DOWN
         self.txn: Transaction | None = None
@@ -237,7 +239,7 @@ class Session:
     async def _converse(self) -> None:
         smtp = self.smtp
         try:
-            smtp.send(replies.service_ready(self.config.server.hostname))
+            smtp.send(replies.service_ready(self.config.server.hostname, lmtp=smtp.lmtp))
             while True:
                 event = smtp.next_event()
                 if not self._counted and smtp.spoke:
@@ -251,7 +253,8 @@ class Session:
                     # out) before more are made, and the other sessions get their turn.
                     await self.flush()
                 else:
-                    await _ON_EVENT[type(event)](self, event)
+                    # By name, so that a subclass (the LMTP session) answers with its own.
+                    await getattr(self, _ON_EVENT[type(event)])(event)
         except _CloseSession:
             pass
         except Exception:
@@ -286,6 +289,7 @@ class Session:
     # ---- events of the SMTP dialogue ---------------------------------------------------------
 
     async def on_reset(self, event: TransactionReset) -> None:
+        await self.flush()  # the client's reply first: an MX's RSET may take seconds
         await self._reset()
 
     async def on_mail(self, event: MailOpened) -> None:
@@ -331,6 +335,10 @@ class Session:
         if answer is None:
             if self.upstream is not None:
                 await self._drop_upstream(polite=False)
+                # The recipients accepted so far were on that connection: a later RCPT must
+                # not go out on a new one (its DATA would reach the MX without them).
+                if txn.accepted:
+                    txn.broken = True
             answer = replies.setup_timed_out(delivery.setup_timeout)
         self._count_recipient(txn, answer)
         self.smtp.answer_rcpt(answer)
@@ -368,6 +376,13 @@ class Session:
             return self._last_proxy_error or error.reply
         if txn.route is not None and route.key != txn.route.key:
             return replies.OTHER_ROUTE
+        return await self._replay_on_route(txn, route, rcpt, by)
+
+    async def _replay_on_route(
+        self, txn: Transaction, route: Route, rcpt: RcptTo, by: float
+    ) -> Reply | _TryAnotherBinding:
+        """Send ``rcpt`` on ``route``'s upstream (``self.upstream``, opened or taken from the
+        cache when needed, its slot from traffic shaping), replaying MAIL there first."""
         if txn.broken:
             return replies.mx_connection_lost("earlier in this transaction")
         shaper = self.context.shaper
@@ -431,7 +446,7 @@ class Session:
             await self._drop_upstream(polite=False)
             if txn.accepted:
                 txn.broken = True
-        elif answer.code in (250, 251):
+        elif 200 <= answer.code < 300:  # 250, 251 (and an odd 252): the MX took it
             txn.accepted += 1
             txn.route = route
             if txn.via is None and self.upstream is not None:
@@ -581,6 +596,7 @@ class Session:
             return
         if txn.broken or upstream is None or upstream.closed:
             self._refuse_data(txn, replies.mx_connection_lost("before DATA"))
+            await self.flush()  # the client's reply first: an MX's RSET may take seconds
             await self._reset()
             return
         await self.flush()
@@ -594,6 +610,7 @@ class Session:
         if answer.code != 354:
             await self._observe(txn, answer)
             self._refuse_data(txn, answer)
+            await self.flush()  # the client's reply first: an MX's RSET may take seconds
             await self._reset()
             return
         if upstream.parser.buffered:
@@ -701,9 +718,11 @@ class Session:
         if not transaction_logging():
             return
         counts = txn.recipient_outcomes
-        log_transaction(
+        line: dict[str, object] = {"session": self.id}
+        if txn.ident is not None:
+            line["transaction"] = txn.ident
+        line.update(
             {
-                "session": self.id,
                 "client": self.client,
                 "listener": str(self.listener.address),
                 "binding": None if via is None else via.binding,
@@ -723,6 +742,7 @@ class Session:
                 "duration": round(trio.current_time() - txn.started, 3),
             }
         )
+        log_transaction(line)
 
     async def _reset(self) -> None:
         txn, self.txn = self.txn, None
@@ -756,14 +776,15 @@ class Session:
             await upstream.abort()
 
 
-_ON_EVENT: dict[type[Any], Callable[[Session, Any], Awaitable[None]]] = {
-    TransactionReset: Session.on_reset,
-    MailOpened: Session.on_mail,
-    RcptRequested: Session.on_rcpt,
-    RcptRefused: Session.on_rcpt_refused,
-    DataCommand: Session.on_data,
-    Quit: Session.on_quit,
-    Close: Session.on_close,
-    DataChunk: Session.on_unexpected,
-    EndOfData: Session.on_unexpected,
+# The method that answers each event.
+_ON_EVENT: dict[type[Any], str] = {
+    TransactionReset: "on_reset",
+    MailOpened: "on_mail",
+    RcptRequested: "on_rcpt",
+    RcptRefused: "on_rcpt_refused",
+    DataCommand: "on_data",
+    Quit: "on_quit",
+    Close: "on_close",
+    DataChunk: "on_unexpected",
+    EndOfData: "on_unexpected",
 }

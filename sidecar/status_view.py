@@ -68,10 +68,12 @@ class BindingState:
 
 @dataclass(frozen=True)
 class ListenerState:
-    """One listener's address and the binding or binding_group its mail uses."""
+    """One listener's address, the binding or binding_group its mail uses, and what it
+    speaks (``smtp`` or ``lmtp``)."""
 
     address: str
     target: str
+    protocol: str = "smtp"
 
 
 @dataclass(frozen=True)
@@ -378,7 +380,7 @@ def take_snapshot(
             for binding in context.config.bindings.values()
         ),
         listeners=tuple(
-            ListenerState(str(listener.address), listener.target)
+            ListenerState(str(listener.address), listener.target, listener.protocol)
             for listener in context.config.listeners
         ),
         counters=counters_of(context.metrics),
@@ -428,7 +430,11 @@ def _status_object(snapshot: StatusSnapshot) -> dict[str, object]:
             for binding in snapshot.bindings
         ],
         "listeners": [
-            {"address": listener.address, "target": listener.target}
+            {
+                "address": listener.address,
+                "target": listener.target,
+                "protocol": listener.protocol,
+            }
             for listener in snapshot.listeners
         ],
         "counters": {name: _json_value(value) for name, value in snapshot.counters.items()},
@@ -560,7 +566,7 @@ def snapshot_from_json(data: Mapping[str, Any]) -> StatusSnapshot:
             for binding in data.get("bindings", [])
         ),
         listeners=tuple(
-            ListenerState(listener["address"], listener["target"])
+            ListenerState(listener["address"], listener["target"], listener.get("protocol", "smtp"))
             for listener in data.get("listeners", [])
         ),
         counters=Counters(

@@ -26,6 +26,8 @@ Behaviour is a set of public attributes that tests may also change while it runs
   sends a banner. Data that reached ``END`` is recorded (with ``reply == b""``).
 * ``delays``: per phase (``MAIL RCPT DATA END``), seconds to wait before replying (a slow
   policy service or a tarpit).
+* ``slow_data``: (octets, seconds): in the data phase read at most that many octets at a time
+  and wait that long before each read (an MX that takes the data slowly).
 * ``unsolicited_after_end``: (delay in seconds, bytes): after each end-of-data reply, wait
   that long and then send those bytes unasked (an MX whose reply stream is out of step).
 * ``accept_bare_lf``: also end the data at ``<LF>.<LF>`` (and ``<LF>.<CRLF>``,
@@ -186,6 +188,7 @@ class TestMX:
         max_line_length: int = 4096,
         unsolicited_after_end: tuple[float, bytes] | None = None,
         delays: Mapping[str, float] | None = None,
+        slow_data: tuple[int, float] | None = None,
     ) -> None:
         for phase in (*(replies or {}), close_at, hang_at):
             if phase is not None and phase not in PHASES:
@@ -202,6 +205,7 @@ class TestMX:
         self.accept_bare_lf = accept_bare_lf
         self.unsolicited_after_end = unsolicited_after_end
         self.delays: dict[str, float] = dict(delays or {})
+        self.slow_data = slow_data
         self.max_line_length = max_line_length
         self.connections: list[MXConnection] = []
         self.messages: list[MXMessage] = []
@@ -385,7 +389,11 @@ class _Session:
                 self.buffer = bytearray(data[match.end() :])
                 return bytes(data[2 : match.end(1)])
             searched = max(0, len(data) - (_MARKER_MAX - 1))
-            chunk = await self.stream.receive_some(_CHUNK)
+            size = _CHUNK
+            if self.mx.slow_data is not None:
+                size, pause = self.mx.slow_data
+                await trio.sleep(pause)
+            chunk = await self.stream.receive_some(size)
             if not chunk:
                 return None
             data += chunk

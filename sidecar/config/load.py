@@ -25,6 +25,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from sidecar.config.schema import (
     DEFAULT_DNS_PORT,
+    LISTENER_PROTOCOLS,
     RULE_ACTIONS,
     SELECTIONS,
     SHAPING_BACKENDS,
@@ -40,6 +41,7 @@ from sidecar.config.schema import (
     HealthConfig,
     HostPort,
     Listener,
+    ListenerProtocol,
     RuleAction,
     Selection,
     ServerConfig,
@@ -61,6 +63,9 @@ log = logging.getLogger("sidecar.config")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+# The SMTP port, where an LMTP listener is refused (RFC 2033 section 5).
+SMTP_PORT = 25
 
 _Parser = Callable[[object, str], Any]
 _T = TypeVar("_T")
@@ -382,6 +387,13 @@ def _parse_listeners(
             raise ConfigError(_key(path, "binding"), f"no binding named {_show(binding)}")
         if group is not None and group not in groups:
             raise ConfigError(_key(path, "binding_group"), f"no binding_group named {_show(group)}")
+        if kwargs.get("protocol") == "lmtp" and kwargs["address"].port == SMTP_PORT:
+            # RFC 2033 section 5: LMTP must not be offered on the SMTP port, where an SMTP
+            # client would take its per-recipient replies for replies to other commands.
+            raise ConfigError(
+                _key(path, "protocol"),
+                f'"lmtp" on port {SMTP_PORT} (RFC 2033 section 5: never on the SMTP port)',
+            )
         listeners.append(Listener(**kwargs))
     return tuple(listeners)
 
@@ -655,6 +667,10 @@ def _parse_selection(value: object, path: str) -> Selection:
     return _choice(value, path, SELECTIONS)
 
 
+def _parse_listener_protocol(value: object, path: str) -> ListenerProtocol:
+    return _choice(value, path, LISTENER_PROTOCOLS)
+
+
 def _parse_tls(value: object, path: str) -> TlsPolicy:
     return _choice(value, path, TLS_POLICIES)
 
@@ -868,6 +884,7 @@ _BY_NAME: dict[tuple[type[Any], str], _Parser] = {
     (ShapingRule, "duration"): _duration,
     (Listener, "binding"): _str,
     (Listener, "binding_group"): _str,
+    (Listener, "protocol"): _parse_listener_protocol,
 }
 # Given per call, with what they need of the rest of the configuration.
 _IN_CONTEXT = {

@@ -32,6 +32,10 @@ TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required", 
 # domain keeps one member, so one source address, while that member is usable).
 Selection = Literal["round-robin", "hash"]
 SELECTIONS: tuple[Selection, ...] = ("round-robin", "hash")
+# What a listener speaks: SMTP (RFC 5321), or LMTP (RFC 2033: one reply per recipient after
+# the end of data, so one transaction may go to several routes at once).
+ListenerProtocol = Literal["smtp", "lmtp"]
+LISTENER_PROTOCOLS: tuple[ListenerProtocol, ...] = ("smtp", "lmtp")
 # Where shaping state lives: this process, or a Redis/Valkey shared by every sidecar.
 ShapingBackendKind = Literal["memory", "redis"]
 SHAPING_BACKENDS: tuple[ShapingBackendKind, ...] = ("memory", "redis")
@@ -303,6 +307,20 @@ class Listener:
     )
     binding: str | None = field(default=None, metadata=doc("name of the binding used"))
     binding_group: str | None = field(default=None, metadata=doc("name of the binding_group used"))
+    protocol: ListenerProtocol = field(
+        default="smtp",
+        metadata=doc(
+            '"smtp", or "lmtp" (RFC 2033: LHLO, one reply per recipient, recipients of any'
+            " domain in one transaction; never on port 25)"
+        ),
+    )
+    max_routes: int = field(
+        default=20,
+        metadata=doc(
+            "LMTP: most routes (MX connections) one transaction may use at once, a count; a"
+            " recipient on one more route gets 452 4.5.3 (retried in another transaction)"
+        ),
+    )
 
     @property
     def target(self) -> str:

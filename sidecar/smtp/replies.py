@@ -22,12 +22,15 @@ __all__ = [
     "GOODBYE",
     "HELO_NEEDS_DOMAIN",
     "HELP",
+    "HELP_LMTP",
+    "LHLO_NEEDS_DOMAIN",
     "LINE_TOO_LONG",
     "MAX_REPLY_LINE",
     "MAX_REPLY_LINES",
     "MAX_REPLY_SIZE",
     "MESSAGE_TOO_BIG",
     "NEED_HELLO",
+    "NEED_LHLO",
     "NEED_MAIL_BEFORE_DATA",
     "NEED_MAIL_BEFORE_RCPT",
     "NEED_RCPT_BEFORE_DATA",
@@ -36,6 +39,7 @@ __all__ = [
     "NON_ASCII_HEADER",
     "NOT_IMPLEMENTED",
     "NO_VALID_RECIPIENTS",
+    "NO_VALID_RECIPIENTS_LMTP",
     "OK",
     "PARAM_SYNTAX",
     "RECIPIENT_NEEDS_DOMAIN",
@@ -45,6 +49,7 @@ __all__ = [
     "TOO_MANY_ERRORS",
     "TOO_MANY_RECIPIENTS",
     "UNKNOWN_COMMAND",
+    "USE_LHLO",
     "VRFY_CANNOT",
     "Reply",
     "ReplyError",
@@ -333,6 +338,11 @@ HELP = reply(
     "2.0.0",
     "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY\nSee RFC 5321 for details",
 )
+HELP_LMTP = reply(
+    214,
+    "2.0.0",
+    "Commands: LHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY\nSee RFC 2033 for details",
+)
 
 # Command syntax and sequence
 SYNTAX_ERROR = reply(500, "5.5.2", "Syntax error")
@@ -345,6 +355,10 @@ NOT_IMPLEMENTED = reply(502, "5.5.1", "Command not implemented")
 EHLO_NEEDS_DOMAIN = reply(501, "5.5.4", "EHLO needs a domain or address literal")
 HELO_NEEDS_DOMAIN = reply(501, "5.5.4", "HELO needs a domain")
 NEED_HELLO = reply(503, "5.5.1", "Send EHLO or HELO first")
+# LMTP (RFC 2033 section 4.1): LHLO replaces EHLO and HELO, which an LMTP server refuses.
+NEED_LHLO = reply(503, "5.5.1", "Send LHLO first")
+LHLO_NEEDS_DOMAIN = reply(501, "5.5.4", "LHLO needs a domain or address literal")
+USE_LHLO = reply(500, "5.5.1", "This is an LMTP server: send LHLO, not EHLO or HELO (RFC 2033)")
 NESTED_MAIL = reply(503, "5.5.1", "Nested MAIL command")
 SIZE_NOT_A_NUMBER = reply(501, "5.5.4", "SIZE needs a number")
 BAD_BODY = reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
@@ -361,6 +375,8 @@ def unsupported_parameter(command: str, keyword: str) -> Reply:
 
 # Transaction limits and refusals
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")
+# RFC 2033 section 4.2: LMTP's DATA without a successful RCPT MUST fail with 503.
+NO_VALID_RECIPIENTS_LMTP = reply(503, "5.5.1", "No valid recipients")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
 RECIPIENT_NEEDS_DOMAIN = reply(550, "5.1.1", "This relay needs a recipient with a domain")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
@@ -388,9 +404,10 @@ BARE_NEWLINE = reply(
 TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection")
 
 
-def service_ready(hostname: str) -> Reply:
-    """The 220 banner (no enhanced code before EHLO, RFC 2034)."""
-    return reply(220, None, f"{hostname} ESMTP sidecar ready")
+def service_ready(hostname: str, *, lmtp: bool = False) -> Reply:
+    """The 220 banner (no enhanced code before EHLO, RFC 2034); ``lmtp``: an LMTP listener's
+    (RFC 2033 section 4)."""
+    return reply(220, None, f"{hostname} {'LMTP' if lmtp else 'ESMTP'} sidecar ready")
 
 
 def helo_reply(hostname: str) -> Reply:

@@ -12,6 +12,10 @@ answers with :meth:`~SmtpServer.answer_rcpt`, :meth:`~SmtpServer.answer_data` an
 :class:`DataChunk` events, scanned once by :class:`~sidecar.smtp.data.DataScanner`, up to
 ``<CRLF>.<CRLF>``; the bytes after it are the next commands.
 
+With ``lmtp=True`` the same core speaks LMTP (RFC 2033): LHLO instead of EHLO and HELO (which
+get 500), the same limits and data rules, and after the end of data one reply per accepted
+recipient, in RCPT order (:meth:`~SmtpServer.answer_recipients`).
+
 Which command is accepted in which state is the table :data:`OUT_OF_SEQUENCE`.
 """
 
@@ -85,6 +89,11 @@ OUT_OF_SEQUENCE: Final[dict[tuple[str, State], Reply]] = {
     ("DATA", State.CONNECTED): replies.NEED_MAIL_BEFORE_DATA,
     ("DATA", State.READY): replies.NEED_MAIL_BEFORE_DATA,
 }
+# LMTP's (RFC 2033 section 4.1): the same table, the greeting named LHLO.
+LMTP_OUT_OF_SEQUENCE: Final[dict[tuple[str, State], Reply]] = {
+    **OUT_OF_SEQUENCE,
+    ("MAIL", State.CONNECTED): replies.NEED_LHLO,
+}
 
 
 # ---- events -----------------------------------------------------------------------------------
@@ -136,10 +145,12 @@ class DataChunk:
 class EndOfData:
     """The client's end of data. ``size`` in octets as RFC 1870 counts it; ``refusal`` is the
     reply when the data must not reach the MX (the chunks stopped before its end), else
-    ``None``: answer with :meth:`SmtpServer.answer_final`."""
+    ``None``: answer with :meth:`SmtpServer.answer_final` (LMTP: with
+    :meth:`SmtpServer.answer_recipients`, one reply for each of the ``recipients`` accepted)."""
 
     size: int
     refusal: Reply | None
+    recipients: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,10 +213,15 @@ class SmtpServer:
     """One client connection's SMTP dialogue, without I/O. See the module docstring."""
 
     __slots__ = (
+        "_accepted",
         "_end",
+        "_finals_owed",
+        "_handlers",
+        "_header_stops",
         "_limits",
         "_mail",
         "_out",
+        "_out_of_sequence",
         "_owed",
         "_pending",
         "_reader",
@@ -214,12 +230,20 @@ class SmtpServer:
         "_stopped",
         "closing",
         "errors",
+        "lmtp",
         "spoke",
         "state",
     )
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, *, lmtp: bool = False) -> None:
         self._limits = limits
+        # RFC 2033: LHLO, and one reply per accepted recipient after the end of data.
+        self.lmtp = lmtp
+        self._handlers = _LMTP_HANDLERS if lmtp else _HANDLERS
+        self._out_of_sequence = LMTP_OUT_OF_SEQUENCE if lmtp else OUT_OF_SEQUENCE
+        self._accepted = 0  # RCPTs answered 2xx in this transaction
+        self._finals_owed = 0  # LMTP: replies owed after the end of data
+        self._header_stops = True  # a non-ASCII header (when checked) stops the data
         self._reader = LineReader(limits.max_line_length)
         self._out: list[bytes] = []
         self.state = State.CONNECTED
@@ -303,11 +327,11 @@ class SmtpServer:
             return self._error(error.reply)
         if command.verb not in PROBE_VERBS:
             self.spoke = True
-        handler = _HANDLERS.get(command.verb)
+        handler = self._handlers.get(command.verb)
         if handler is None:
             known = command.verb in NOT_IMPLEMENTED
             return self._error(replies.NOT_IMPLEMENTED if known else replies.UNKNOWN_COMMAND)
-        out_of_sequence = OUT_OF_SEQUENCE.get((command.verb, self.state))
+        out_of_sequence = self._out_of_sequence.get((command.verb, self.state))
         if out_of_sequence is not None and not (command.verb == "MAIL" and self.closing):
             return self._error(out_of_sequence)
         return handler(self, command)
@@ -327,6 +351,7 @@ class SmtpServer:
         open_ = self._mail is not None
         self._mail = None
         self._recipients = 0
+        self._accepted = 0
         if self.state is State.MAIL:
             self.state = State.READY
         return open_
@@ -341,20 +366,32 @@ class SmtpServer:
         self._out.append(reply.to_bytes())
         return TransactionReset() if ended else None
 
-    def _ehlo(self, command: Command) -> Event | None:
-        # The client's name, cut short: a reply line stays within RFC 5321's 512 octets.
-        name = command.argument.split()[0][:64] if command.argument.strip() else ""
+    def _capabilities(self) -> tuple[str, ...]:
+        """The EHLO (LHLO) keywords. SMTP: one domain per transaction (RFC 9422
+        RCPTDOMAINMAX=1), since one end-of-data reply must stand for every recipient; LMTP
+        has no such limit. DSN is not offered: the sidecar relays, so a client asked for
+        NOTIFY=SUCCESS reports "relayed" (RFC 3461 section 4.1), never "delivered"."""
         limits = self._limits
-        keywords = (
+        domains = "" if self.lmtp else " RCPTDOMAINMAX=1"
+        return (
             "PIPELINING",
             "8BITMIME",
             f"SIZE {limits.max_message_size}",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
-            f"LIMITS RCPTMAX={limits.max_recipients} RCPTDOMAINMAX=1",
+            f"LIMITS RCPTMAX={limits.max_recipients}{domains}",
         )
-        reply = replies.ehlo_reply(f"{limits.hostname} greets {name}", keywords)
-        return self._hello(command, reply, replies.EHLO_NEEDS_DOMAIN)
+
+    def _ehlo(self, command: Command) -> Event | None:
+        # The client's name, cut short: a reply line stays within RFC 5321's 512 octets.
+        name = command.argument.split()[0][:64] if command.argument.strip() else ""
+        reply = replies.ehlo_reply(f"{self._limits.hostname} greets {name}", self._capabilities())
+        missing = replies.LHLO_NEEDS_DOMAIN if self.lmtp else replies.EHLO_NEEDS_DOMAIN
+        return self._hello(command, reply, missing)
+
+    def _not_lmtp(self, command: Command) -> Event | None:
+        """EHLO or HELO on LMTP (RFC 2033 section 4.1: LHLO replaces them)."""
+        return self._error(replies.USE_LHLO)
 
     def _helo(self, command: Command) -> Event | None:
         reply = replies.helo_reply(self._limits.hostname)
@@ -437,7 +474,7 @@ class SmtpServer:
         self._out.append(replies.VRFY_CANNOT.to_bytes())
 
     def _help(self, command: Command) -> None:
-        self._out.append(replies.HELP.to_bytes())
+        self._out.append((replies.HELP_LMTP if self.lmtp else replies.HELP).to_bytes())
 
     def _quit(self, command: Command) -> Quit:
         self._out.append(replies.GOODBYE.to_bytes())
@@ -449,17 +486,29 @@ class SmtpServer:
     def answer_rcpt(self, reply: Reply) -> None:
         """The reply to the RCPT of the last :class:`RcptRequested`."""
         self._owed = None
+        if 200 <= reply.code < 300:  # a recipient accepted (250, 251; 252 as well)
+            self._accepted += 1
         self._out.append(reply.to_bytes())
 
-    def answer_data(self, reply: Reply, *, check_header: bool = False, ends: bool = True) -> None:
+    def answer_data(
+        self,
+        reply: Reply,
+        *,
+        check_header: bool = False,
+        ends: bool = True,
+        header_stops: bool = True,
+    ) -> None:
         """The reply to the last :class:`DataCommand`. A ``354`` starts the DATA phase
-        (``check_header``: refuse a message whose header section is not ASCII, for an MX
-        without SMTPUTF8); any other reply ends the transaction, unless ``ends`` is false (the
+        (``check_header``: look for a non-ASCII header section, which an MX without SMTPUTF8
+        must not get: with ``header_stops`` the data stops there and the message is refused;
+        without, the session reads :attr:`header_not_ascii` and stops only the routes that
+        cannot take it); any other reply ends the transaction, unless ``ends`` is false (the
         client may still add recipients, as after ``554 No valid recipients``)."""
         self._owed = None
         self._out.append(reply.to_bytes())
         if reply.code == 354:
             self.state = State.DATA
+            self._header_stops = header_stops
             self._scanner = DataScanner(check_header=check_header)
             self._pending = self._reader.take_buffer()
             self._stopped = False
@@ -467,9 +516,29 @@ class SmtpServer:
         elif ends:
             self._end_transaction()
 
+    @property
+    def header_not_ascii(self) -> bool:
+        """DATA phase, with ``check_header``: the header section seen so far holds a byte that
+        is not ASCII (RFC 6532: the message needs SMTPUTF8). Set before the chunk that holds
+        the offending byte comes out."""
+        return self._scanner is not None and self._scanner.non_ascii_header
+
     def answer_final(self, reply: Reply) -> None:
-        """The reply to the end of data (after :class:`EndOfData`)."""
+        """The reply to the end of data (after :class:`EndOfData`; SMTP only)."""
+        if self.lmtp:
+            raise RuntimeError("LMTP answers the end of data with answer_recipients")
         self._out.append(reply.to_bytes())
+
+    def answer_recipients(self, answers: list[Reply]) -> None:
+        """LMTP's replies to the end of data (RFC 2033 section 4.2): one for each recipient
+        whose RCPT was accepted, in the order of those RCPTs. Raises ValueError for another
+        count: a client would take the wrong reply for a recipient."""
+        if not self.lmtp:
+            raise RuntimeError("SMTP answers the end of data with answer_final")
+        if len(answers) != self._finals_owed:
+            raise ValueError(f"{len(answers)} replies for {self._finals_owed} recipients")
+        self._finals_owed = 0
+        self._out.extend(answer.to_bytes() for answer in answers)
 
     def end_transaction(self) -> None:
         """The session ended the transaction itself (its MX connection was lost)."""
@@ -493,11 +562,14 @@ class SmtpServer:
         at = scanner.feed(chunk)
         part = chunk if at is None else chunk[:at]
         too_big = scanner.size > self._limits.max_message_size
-        if scanner.bad_byte or scanner.non_ascii_header or too_big:
+        header = scanner.non_ascii_header and self._header_stops
+        if scanner.bad_byte or header or too_big:
             self._stopped = True
         if at is not None:
             self._reader.feed(chunk[at:])
-            self._end = EndOfData(scanner.size, self._refusal(scanner))
+            accepted = self._accepted if self.lmtp else 1
+            self._finals_owed = accepted if self.lmtp else 0
+            self._end = EndOfData(scanner.size, self._refusal(scanner), accepted)
         if self._stopped:
             return self._next_data_event()
         return DataChunk(part, last=at is not None)
@@ -507,7 +579,7 @@ class SmtpServer:
             return replies.BARE_NEWLINE
         if scanner.size > self._limits.max_message_size:
             return replies.MESSAGE_TOO_BIG
-        if scanner.non_ascii_header:
+        if scanner.non_ascii_header and self._header_stops:
             return replies.NON_ASCII_HEADER
         return None
 
@@ -523,4 +595,10 @@ _HANDLERS = {
     "VRFY": SmtpServer._vrfy,
     "HELP": SmtpServer._help,
     "QUIT": SmtpServer._quit,
+}
+_LMTP_HANDLERS = {
+    **_HANDLERS,
+    "LHLO": SmtpServer._ehlo,
+    "EHLO": SmtpServer._not_lmtp,
+    "HELO": SmtpServer._not_lmtp,
 }

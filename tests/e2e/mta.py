@@ -519,18 +519,29 @@ class TapSession:
 
     def exchanges(self) -> list[Exchange]:
         """Commands paired with their replies in order (pipelined or not); the banner and the
-        message data are left out, the reply to the end of data is paired with ``<data>``."""
+        message data are left out, the reply to the end of data is paired with ``<data>``
+        (LMTP: one ``<data>`` per recipient accepted, RFC 2033 section 4.2)."""
         replies = iter(self.replies()[1:])
         lines = iter(bytes(self.client).decode("utf-8", "replace").split("\r\n")[:-1])
         exchanges = []
+        lmtp = False
+        accepted = 0
         for command in lines:
             reply = next(replies, "")
             exchanges.append(Exchange(command, reply))
-            if command.upper() == "DATA" and reply.startswith("354"):
+            verb = command.split(" ", 1)[0].upper()
+            if verb == "LHLO":
+                lmtp = True
+            elif verb == "MAIL":
+                accepted = 0
+            elif verb == "RCPT" and reply.startswith("2"):
+                accepted += 1
+            if verb == "DATA" and reply.startswith("354"):
                 for line in lines:
                     if line == ".":
                         break
-                exchanges.append(Exchange("<data>", next(replies, "")))
+                for _ in range(accepted if lmtp else 1):
+                    exchanges.append(Exchange("<data>", next(replies, "")))
         return exchanges
 
 
@@ -543,6 +554,8 @@ class Transaction:
     sender: str
     recipients: list[tuple[str, int]]  # (address, RCPT reply code)
     final: int | None  # reply code to the end of data, None when no data was sent
+    # LMTP: every reply code to the end of data, one per accepted recipient in RCPT order.
+    finals: tuple[int, ...] = ()
 
     @property
     def accepted(self) -> list[str]:
@@ -601,9 +614,10 @@ class SMTPTap:
         for index, session in enumerate(self.sessions):
             recipients: list[tuple[str, int]] | None = None
             client = sender = ""
-            for exchange in session.exchanges():
+            exchanges = session.exchanges()
+            for at, exchange in enumerate(exchanges):
                 verb = exchange.command.split(" ", 1)[0].upper()
-                if verb in ("EHLO", "HELO"):
+                if verb in ("EHLO", "HELO", "LHLO"):
                     client = exchange.command[5:].strip()
                 elif verb == "MAIL":
                     recipients = [] if exchange.code == 250 else None
@@ -612,7 +626,14 @@ class SMTPTap:
                 elif recipients is not None and (match := _RCPT.match(exchange.command)):
                     recipients.append((match[1], exchange.code))
                 elif recipients is not None and exchange.command == "<data>":
-                    found.append(Transaction(index, client, sender, recipients, exchange.code))
+                    finals = [exchange.code]
+                    for after in exchanges[at + 1 :]:
+                        if after.command != "<data>":
+                            break
+                        finals.append(after.code)
+                    found.append(
+                        Transaction(index, client, sender, recipients, exchange.code, tuple(finals))
+                    )
                     recipients = None
                 elif recipients is not None and verb in ("RSET", "QUIT"):
                     found.append(Transaction(index, client, sender, recipients, None))
@@ -702,12 +723,14 @@ async def make_mail_stack(
     tls: str = "disabled",
     mx_options: Mapping[str, dict[str, Any]] | None = None,
     sections: dict[str, Any] | None = None,
+    protocol: str = "smtp",
 ) -> MailStack:
     """One TestMX per domain (``mx.<domain>``, its own 127.0.0.x, one shared port), dnsmasq
     with their MX and A records, one HAProxy, and the sidecar with one listener per binding,
     each binding with its own source address. ``tls_contexts``: the MXes (by domain) that offer
     STARTTLS; ``tls``: the sidecar's ``delivery.tls``; ``mx_options``: more TestMX options by
-    domain (``delays``...); ``sections``: more config tables (``shaping``...)."""
+    domain (``delays``...); ``sections``: more config tables (``shaping``...); ``protocol``: the
+    listeners' (``"lmtp"``: RFC 2033)."""
     domains = list(domains)
     stack = await lab.build(
         mxes=[
@@ -720,6 +743,7 @@ async def make_mail_stack(
         delivery={**FAST_DELIVERY, "tls": tls},
         server=FAST_SERVER,
         sections=sections,
+        protocol=protocol,
     )
     egress = {}
     for name in bindings:

@@ -294,3 +294,31 @@ async def test_mx_hanging_at_data_command_is_451(relay_stack: RelayStackFactory)
         assert answer.startswith(b"451 4.4.2 Timed out waiting for the MX at DATA"), answer
         assert (await client.command(b"NOOP")).startswith(b"250 ")
     assert stack.mx.messages == []
+
+
+async def test_a_refused_data_is_answered_before_the_mx_s_rset(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """The MX refuses DATA and then never answers RSET: the client has the MX's refusal at
+    once, not after the sidecar's RSET wait (10 s). Failed before: the reply was queued
+    behind the RSET."""
+    refused = b"451 4.3.0 DATA not now\r\n"
+    stack = await relay_stack(mxes=[{"replies": {"DATA": refused}, "hang_at": "RSET"}])
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert (await client.command(RCPT)).startswith(b"250 ")
+        with trio.fail_after(4):
+            assert await client.command(b"DATA") == refused
+
+
+async def test_the_client_s_rset_is_answered_before_the_mx_s(
+    relay_stack: RelayStackFactory,
+) -> None:
+    """RSET after an accepted RCPT, the MX never answers RSET: the client has its 250 at
+    once (the upstream is dropped after the sidecar's RSET wait, 10 s)."""
+    stack = await relay_stack(mxes=[{"hang_at": "RSET"}])
+    async with await stack.client() as client:
+        assert (await client.command(MAIL)).startswith(b"250 ")
+        assert (await client.command(RCPT)).startswith(b"250 ")
+        with trio.fail_after(4):
+            assert (await client.command(b"RSET")).startswith(b"250 ")

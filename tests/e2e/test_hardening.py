@@ -193,7 +193,7 @@ async def test_an_unexpected_error_costs_one_session_not_the_process(
     stack = await relay_stack()
     control = Control(stack.endpoint, stack.mx)
 
-    on_mail = session_module._ON_EVENT[MailOpened]
+    on_mail = session_module.Session.on_mail
 
     async def broken_mail(self: session_module.Session, event: MailOpened) -> None:
         sender = event.mail.sender
@@ -201,7 +201,7 @@ async def test_an_unexpected_error_costs_one_session_not_the_process(
             raise RuntimeError("a bug in the session's handling of an SMTP event")
         await on_mail(self, event)
 
-    monkeypatch.setitem(session_module._ON_EVENT, MailOpened, broken_mail)
+    monkeypatch.setattr(session_module.Session, "on_mail", broken_mail)
 
     async def abuse() -> None:
         for _ in range(3):
@@ -969,3 +969,41 @@ async def test_mx_silent_or_421_at_each_stage_is_4xx(
         assert last == b"421 4.3.2 mx.test closing\r\n"  # the MX's own reply, passed on
     accepted = [m for m in faulty.messages if m.accepted]
     assert accepted == []
+
+
+async def test_a_set_up_timeout_after_an_accepted_recipient_loses_no_recipient(lab: Lab) -> None:
+    """RCPT 1 accepted, RCPT 2's DNS outlasts the set-up budget (its connection to the MX is
+    dropped with RCPT 1 on it), RCPT 3 on RCPT 1's route: it must not go out on a new
+    connection, whose DATA would reach the MX without RCPT 1 while the client is told the
+    message was delivered to all of them. Failed before the fix: RCPT 3 got 250 and the
+    final 250 covered a recipient the MX never saw."""
+
+    def handlers(mx_address: str) -> dict[str, Any]:
+        return {"garbage.test": garbage(1)}  # ignored queries: the resolver waits
+
+    sidecar, stub, good, _other = await dns_stub_stack(
+        lab, handlers, dns={"timeout": 5}, delivery={"setup_timeout": 1.5}
+    )
+    try:
+        async with await smtp_client(sidecar.endpoint) as client:
+            assert (await client.command(b"MAIL FROM:<s@client.test>")).startswith(b"250 ")
+            assert (await client.command(b"RCPT TO:<one@good.test>")).startswith(b"250 ")
+            slow = await client.command(b"RCPT TO:<two@x.garbage.test>")
+            assert slow.startswith(b"451 "), slow
+            third = await client.command(b"RCPT TO:<three@good.test>")
+            data = await client.command(b"DATA")
+            if data.startswith(b"354"):
+                await client.send(b"Subject: t\r\n\r\nbody\r\n.\r\n")
+                final = await client.read_reply()
+            else:
+                final = data
+            await client.command(b"QUIT")
+        delivered = [m for m in good.messages if m.accepted]
+        if final.startswith(b"250"):
+            # Every recipient the client was told about reached the MX.
+            (message,) = delivered
+            assert b"RCPT TO:<one@good.test>" in message.rcpt_to, (third, message.rcpt_to)
+        else:
+            assert final[:1] == b"4" and delivered == [], final
+    finally:
+        stub.stop()

@@ -52,7 +52,9 @@ def test_check_prints_effective_config_and_exits_0(runner: CliRunner, tmp_path: 
     assert effective["server"]["max_connections"] == 1000
     assert effective["delivery"]["tls"] == "opportunistic"
     assert effective["ha_proxy_client"]["health_check_interval"] == 5.0
-    assert effective["listener"] == [{"address": "127.0.0.1:2525", "binding": "b1"}]
+    assert effective["listener"] == [
+        {"address": "127.0.0.1:2525", "binding": "b1", "protocol": "smtp", "max_routes": 20}
+    ]
     assert parse_config(effective) == load_config(path)
 
 
@@ -131,7 +133,7 @@ def test_init_writes_default_path_that_passes_check(
     check = runner.invoke(main, ["check", "-c", "sidecar.toml"])
     assert check.exit_code == 0, check.output
     assert tomllib.loads(check.stdout)["listener"] == [
-        {"address": "127.0.0.1:2525", "binding": "b1"}
+        {"address": "127.0.0.1:2525", "binding": "b1", "protocol": "smtp", "max_routes": 20}
     ]
 
 

@@ -933,8 +933,8 @@ def test_minimal_config_round_trips_with_defaults_filled_in() -> None:
 def test_config_to_dict_shape() -> None:
     out = config_to_dict(parse_config(tomllib.loads(FULL_TOML)))
     assert out["listener"] == [
-        {"address": "127.0.0.1:2525", "binding": "b1"},
-        {"address": "[::1]:2526", "binding_group": "pool"},
+        {"address": "127.0.0.1:2525", "binding": "b1", "protocol": "smtp", "max_routes": 20},
+        {"address": "[::1]:2526", "binding_group": "pool", "protocol": "smtp", "max_routes": 20},
     ]
     assert out["binding"] == {
         "b1": {
@@ -1068,3 +1068,33 @@ def test_tls_verify_context_is_no_configuration_key(tmp_path: Path) -> None:
     data["delivery"]["tls_verify_context"] = "x"
     with pytest.raises(ConfigError, match=r"^delivery\.tls_verify_context: unknown key$"):
         parse_config(data)
+
+
+# -- LMTP listeners (issue 16) -------------------------------------------------------------------
+
+
+def test_listener_protocol_defaults_to_smtp_and_takes_lmtp() -> None:
+    config = parse_config(
+        listeners(
+            {"address": "127.0.0.1:2525", "binding_group": "pool"},
+            {"address": "127.0.0.1:2424", "binding_group": "pool", "protocol": "lmtp"},
+        )
+    )
+    assert [listener.protocol for listener in config.listeners] == ["smtp", "lmtp"]
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (
+            {"address": "127.0.0.1:25", "binding_group": "pool", "protocol": "lmtp"},
+            'listener[0].protocol: "lmtp" on port 25 (RFC 2033 section 5: never on the SMTP port)',
+        ),
+        (
+            {"address": "127.0.0.1:2424", "binding_group": "pool", "protocol": "LMTP"},
+            'listener[0].protocol: must be one of "smtp", "lmtp", got "LMTP"',
+        ),
+    ],
+)
+def test_listener_protocol_errors(item: dict[str, Any], message: str) -> None:
+    assert error_of(listeners(item)) == message

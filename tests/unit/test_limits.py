@@ -64,6 +64,21 @@ def test_budget_shares_out_the_descriptors() -> None:
     assert f"RLIMIT_NOFILE 256: {budget.sessions} client sessions" in text
 
 
+def test_an_lmtp_listener_counts_one_upstream_per_route() -> None:
+    listener = {"address": "127.0.0.1:2424", "binding": "b1", "protocol": "lmtp", "max_routes": 5}
+    raw: dict[str, Any] = {
+        "server": {"hostname": "sidecar.test"},
+        "listener": [{"address": "127.0.0.1:2525", "binding": "b1"}, listener],
+        "binding": {"b1": {"ha_proxy_server": str(PROXY), "ha_proxy_src_addr": "192.0.2.1"}},
+    }
+    lmtp = parse_config(raw)
+    budget = plan_descriptors(4096, 10, lmtp)
+    assert budget.per_session == 6  # the client's connection and 5 routes
+    assert budget.sessions == (4096 - budget.reserved) // 6
+    assert "(6 descriptors each)" in budget.describe()
+    assert plan_descriptors(4096, 10, config()).per_session == PER_SESSION
+
+
 def test_budget_counts_status_and_cache_and_servers() -> None:
     with_status = config(status={"address": "127.0.0.1:9925"})
     assert plan_descriptors(4096, 10, with_status).status == STATUS_CONNECTIONS

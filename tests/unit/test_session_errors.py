@@ -11,12 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from sidecar import session as session_module
 from sidecar.config import parse_config
 from sidecar.logs import BufferedStreamHandler, TextFormatter
 from sidecar.server import build_context
 from sidecar.session import Session
-from sidecar.smtp.server import TransactionReset
 
 CONFIG = {
     "server": {"hostname": "sidecar.test", "max_line_length": 10_000},
@@ -69,7 +67,7 @@ async def test_unexpected_error_is_421_and_logged(
 
     # A bug in the session's handling of an event of the SMTP core (here: a RSET that ends a
     # transaction).
-    monkeypatch.setitem(session_module._ON_EVENT, TransactionReset, broken)
+    monkeypatch.setattr(Session, "on_reset", broken)
     with caplog.at_level(logging.ERROR, logger="sidecar.session"):
         replies = await converse(b"NOOP\r\nHELO c.test\r\nMAIL FROM:<a@b.test>\r\nRSET\r\nNOOP\r\n")
     # The replies already due go out first; the session ends there.
@@ -88,7 +86,7 @@ async def test_a_crashed_session_still_logs_its_transaction_within_the_flush_del
     async def broken(self: Session, event: Any) -> None:
         raise KeyError("a bug")
 
-    monkeypatch.setitem(session_module._ON_EVENT, TransactionReset, broken)
+    monkeypatch.setattr(Session, "on_reset", broken)
     stream = io.StringIO()
     handler = BufferedStreamHandler(stream, delay=0.05)
     handler.setFormatter(TextFormatter())

@@ -140,6 +140,7 @@ class Lab:
         delivery: dict[str, Any] | None = None,
         dns: dict[str, Any] | Callable[[list[str]], dict[str, Any]] | None = None,
         sections: dict[str, Any] | None = None,
+        protocol: str = "smtp",
         start: bool = True,
     ) -> Stack:
         """One TestMX per ``mxes`` entry (its TestMX options) on its own 127.0.0.x, all on one
@@ -152,7 +153,8 @@ class Lab:
         binding name; ``delivery.state_dir`` is ``<workdir>/state`` unless given. ``server``,
         ``delivery``, ``dns`` (or a callable given the MX addresses)
         and ``sections`` (other tables) go into the config, which is also written to
-        ``sidecar.toml``. ``start=False``: no sidecar (``sidecar run`` it yourself)."""
+        ``sidecar.toml``; ``protocol``: every listener's (``"lmtp"``: RFC 2033).
+        ``start=False``: no sidecar (``sidecar run`` it yourself)."""
         servers: list[TestMX] = []
         if mx_at:  # MX servers the test started itself (all on one port)
             mx_addresses, port = [endpoint.host for endpoint in mx_at], mx_at[0].port
@@ -190,6 +192,9 @@ class Lab:
             **(sections or {}),
         )
         config["dns"].update((dns(mx_addresses) if callable(dns) else dns) or {})
+        if protocol != "smtp":
+            for listener in config["listener"]:
+                listener["protocol"] = protocol
         path = self.workdir / "sidecar.toml"
         for number in range(2, 100):  # a second stack in one test keeps the first one's file
             if not path.exists():
