@@ -143,31 +143,21 @@ def check_testing(route: Route, upstream: Upstream, reporter: TlsReporter) -> No
     failure = enforce_verdict(
         tls_stream, upstream.tls_fallback, candidate.mx, upstream.delivery.tls_ca_file
     )
-    if failure is None:  # it would have passed: a success of the "sts" policy
-        reporter.record(
-            TlsOutcome(
-                lookup.domain,
-                "sts",
-                candidate.mx,
-                str(candidate.address),
-                None if candidate.source is None else str(candidate.source),
-                None,
-                lookup.text,
-            )
+    result: ResultType | None = None
+    why = ""
+    if failure is not None:
+        result, why = failure
+        log.warning(
+            "MTA-STS policy of %s (testing, id %s): %s[%s] would fail under enforce (%s): %s; "
+            "delivering as before",
+            route.domain,
+            lookup.id,
+            candidate.mx,
+            candidate.address,
+            result,
+            why,
         )
-        return
-    result, why = failure
-    log.warning(
-        "MTA-STS policy of %s (testing, id %s): %s[%s] would fail under enforce (%s): %s; "
-        "delivering as before",
-        route.domain,
-        lookup.id,
-        candidate.mx,
-        candidate.address,
-        result,
-        why,
-    )
-    reporter.record(
+    reporter.record(  # a failure, or a success of the "sts" policy: it would have passed
         TlsOutcome(
             lookup.domain,
             "sts",
