@@ -372,3 +372,26 @@ def test_a_reload_keeps_the_policy_store_and_mta_sts_off_builds_none(tmp_path: P
     # On for one domain only: built.
     one = {**off, "domain": {"bank.example": {"mta_sts": True}}}
     assert build_context(parse_config(one)).router.sts is not None
+
+
+def test_routes_under_different_enforced_policies_never_share_a_connection() -> None:
+    """A connection (or a transaction) is shared only between routes with equal keys. Two
+    domains on one MX set whose enforced MTA-STS policies allow different MX hosts must not
+    share one: a connection to ``backup.elsewhere.test`` opened for a policy that allows it
+    would otherwise carry mail of a domain whose policy does not (RFC 8461 section 4.1). Nor
+    may a route under ``verify`` without a policy share with one under a policy."""
+    router = make_router(None)
+    narrow = route_with(router, lookup_of(ENFORCE))  # allows mx1.example.test only
+    wide = route_with(
+        router,
+        lookup_of(
+            ENFORCE.replace("mx: *.example.test", "mx: *.example.test\nmx: *.elsewhere.test")
+        ),
+    )
+    binding = router.config.bindings["b"]
+    plain_verify = router.candidates("example.test", binding, False, MX, "verify")
+    assert narrow.tls == wide.tls == plain_verify.tls == "verify"
+    assert narrow.key != wide.key
+    assert wide.key != plain_verify.key and narrow.key != plain_verify.key
+    # The same policy (or one allowing the same hosts) still shares.
+    assert route_with(router, lookup_of(ENFORCE)).key == narrow.key
