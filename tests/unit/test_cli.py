@@ -272,3 +272,22 @@ def test_check_refuses_a_state_dir_that_cannot_hold_the_store(
     path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{tmp_path / "fresh" / "s"}"\n')
     assert runner.invoke(main, ["check", "-c", str(path)]).exit_code == 0
     assert not (tmp_path / "fresh").exists()  # checked, not made
+
+
+@pytest.mark.parametrize("name", ["tls-rpt.sqlite3", "mta-sts.sqlite3"])
+def test_check_refuses_a_store_sidecar_run_could_not_open(
+    runner: CliRunner, tmp_path: Path, name: str
+) -> None:
+    """A store file that is not an SQLite database (a crash, a disk fault, a stray file):
+    ``sidecar run`` stops with ``error: delivery.state_dir: ... file is not a database``, so
+    ``sidecar check`` must say the same and not pass it (a check that passes and a service
+    that does not start is what a careful operator's deploy pipeline cannot catch)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / name).write_bytes(b"not a database " * 100)
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{state}"\n')
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: delivery.state_dir: ")
+    assert f"{state / name}" in result.stderr and "file is not a database" in result.stderr
+    assert (state / name).read_bytes() == b"not a database " * 100  # checked, not touched
