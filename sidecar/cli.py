@@ -513,9 +513,13 @@ def tls_report(
         sys.exit(EXIT_CONFIG_ERROR)
     try:
         store = TlsRptStore.open(config.delivery.state_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except (StateDirError, OSError) as e:
+    except StateDirError as e:
         click.echo(f"error: {describe_error(e)}", err=True)
+        sys.exit(1)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        click.echo(f"error: --output-dir {output_dir}: {e.strerror or describe_error(e)}", err=True)
         sys.exit(1)
     hostname = config.server.hostname
     submitter = submitter or hostname

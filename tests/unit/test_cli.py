@@ -291,3 +291,15 @@ def test_check_refuses_a_store_sidecar_run_could_not_open(
     assert result.stderr.startswith("error: delivery.state_dir: ")
     assert f"{state / name}" in result.stderr and "file is not a database" in result.stderr
     assert (state / name).read_bytes() == b"not a database " * 100  # checked, not touched
+
+
+def test_tls_report_names_the_option_of_an_output_dir_it_cannot_make(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{tmp_path / "state"}"\n')
+    args = ["tls-report", "-c", str(path), "--output-dir", str(blocker / "out")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: --output-dir {blocker / 'out'}: "), result.stderr
