@@ -171,8 +171,9 @@ class StsStore:
         self._entries[entry.domain] = entry
 
     def write(self, entry: CachedPolicy) -> None:
-        """Write ``entry`` to disk (blocking: call it in a thread). Never raises: a failed
-        write is logged, the policy stays in memory."""
+        """Write ``entry`` to disk (blocking: call it in a thread), which keeps at most
+        :data:`MAX_ENTRIES` policies, those that last longest (as memory does). Never raises:
+        a failed write is logged, the policy stays in memory."""
         if self._db is None:
             return
         try:
@@ -183,6 +184,12 @@ class StsStore:
                     (entry.domain, entry.id, entry.body, entry.fetched, entry.expires),
                 )
                 self._db.execute("DELETE FROM policy WHERE expires <= ?", (self.clock(),))
+                # As in memory: at most MAX_ENTRIES, the ones that last longest.
+                self._db.execute(
+                    "DELETE FROM policy WHERE domain NOT IN"
+                    " (SELECT domain FROM policy ORDER BY expires DESC LIMIT ?)",
+                    (MAX_ENTRIES,),
+                )
         except sqlite3.Error as error:
             log.warning("MTA-STS cache %s: cannot write: %s", self.path, describe_error(error))
 

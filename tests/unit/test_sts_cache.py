@@ -207,6 +207,31 @@ async def test_the_store_survives_a_restart(tmp_path: Path) -> None:
     assert len(StsStore.in_state_dir(str(tmp_path / "state"), clock)) == 0
 
 
+def test_the_store_on_disk_is_bounded_like_the_one_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fetched policy (up to 64 KiB each) is written to disk: policies of ever more
+    recipient domains (an attacker's subdomains) must not grow the file without bound. The
+    file keeps the MAX_ENTRIES that last longest, as memory does."""
+    import sqlite3
+
+    from sidecar.mxtls import sts_cache
+
+    monkeypatch.setattr(sts_cache, "MAX_ENTRIES", 3)
+    clock = Clock()
+    store = StsStore.in_state_dir(str(tmp_path / "state"), clock)
+    policy = parse_policy(ENFORCE.encode())
+    for n in range(6):
+        entry = CachedPolicy(f"d{n}.test", "1", policy, ENFORCE, clock.now, clock.now + 100 + n)
+        store.put_memory(entry)
+        store.write(entry)
+    store.close()
+    with sqlite3.connect(tmp_path / "state" / "mta-sts.sqlite3") as db:
+        kept = sorted(row[0] for row in db.execute("SELECT domain FROM policy"))
+    assert kept == ["d3.test", "d4.test", "d5.test"]
+    assert sorted(StsStore.in_state_dir(str(tmp_path / "state"), clock)._entries) == kept
+
+
 def test_a_state_dir_that_cannot_be_created_names_the_key(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
