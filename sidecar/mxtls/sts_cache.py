@@ -28,6 +28,7 @@ from sidecar.errors import RouteError, describe_error
 from sidecar.mxtls.outcome import ResultType
 from sidecar.mxtls.sts import StsLookup, StsPolicy, StsRecord, parse_policy, parse_txt_records
 from sidecar.mxtls.sts_fetch import CONNECT_TIMEOUT, FETCH_TIMEOUT, StsFetcher, StsFetchError
+from sidecar.mxtls.tlsrpt_store import not_writable
 from sidecar.resolver import Resolver
 
 log = logging.getLogger("sidecar.mta_sts")
@@ -98,7 +99,7 @@ class StsStore:
             why = error.strerror or describe_error(error)
             raise StateDirError(f"cannot create {state_dir}: {why}") from None
         if not os.access(directory, os.W_OK | os.X_OK):
-            raise StateDirError(f"{state_dir} is not writable by this user")
+            raise StateDirError(f"cannot use {state_dir}: {not_writable(directory)}")
         return cls(directory / STORE_FILE, clock)
 
     @classmethod

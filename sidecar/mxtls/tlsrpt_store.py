@@ -89,7 +89,7 @@ def state_dir_problem(state_dir: str) -> str | None:
     where = f"delivery.state_dir: cannot keep the TLS-RPT results in {str(path)!r}"
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK) or not os.access(directory, os.W_OK):
-            return f"{where}: Permission denied"
+            return f"{where}: {not_writable(directory)}"
         why = unreadable_store(path)
         return None if why is None else f"{where}: {why}"
     existing = directory
@@ -98,8 +98,20 @@ def state_dir_problem(state_dir: str) -> str | None:
     if not existing.is_dir():
         return f"{where}: {str(existing)!r} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{where}: Permission denied"
+        return f"{where}: {not_writable(existing)}"
     return None
+
+
+def not_writable(path: Path) -> str:
+    """Why the existing ``path`` cannot be written: "Read-only file system" when it is on a
+    read-only mount (a container's read-only root without a volume: a writable volume
+    helps, not chown), else "Permission denied"."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "Read-only file system"
+    except OSError:
+        pass
+    return "Permission denied"
 
 
 def unreadable_store(path: Path) -> str | None:

@@ -303,3 +303,33 @@ def test_tls_report_names_the_option_of_an_output_dir_it_cannot_make(
     result = runner.invoke(main, args)
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: --output-dir {blocker / 'out'}: "), result.stderr
+
+
+def test_check_and_run_say_a_read_only_state_dir_is_read_only(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state_dir on a read-only mount (a container's read-only root without a volume) is
+    not a permission problem: chown would not help, a writable volume would. Check and run
+    say which."""
+    import os
+    import types
+
+    from sidecar.mxtls.sts_cache import StateDirError, StsStore
+
+    state = tmp_path / "state"
+    state.mkdir()
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: not (mode & os.W_OK) and os.path.exists(path)
+    )
+    monkeypatch.setattr(
+        os,
+        "statvfs",
+        lambda path: types.SimpleNamespace(f_flag=real_statvfs(path).f_flag | os.ST_RDONLY),
+    )
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{state}"\n')
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.endswith(": Read-only file system\n"), result.stderr
+    with pytest.raises(StateDirError, match="Read-only file system"):
+        StsStore.in_state_dir(str(state))
