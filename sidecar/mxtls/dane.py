@@ -178,6 +178,17 @@ class DanePolicy:
         )
 
     @property
+    def base_domain(self) -> str:
+        """The TLSA base domain (RFC 7672 section 2.2.2): the name the TLSA records were
+        found under, without its ``_<port>._tcp.`` prefix (the CNAME-expanded MX host when
+        they were found there); the MX host when that is not known. Sent as SNI (section
+        8.1)."""
+        labels = self.tlsa_name.split(".", 2)
+        if len(labels) == 3 and labels[0].startswith("_") and labels[1] == "_tcp" and labels[2]:
+            return labels[2]
+        return self.host
+
+    @property
     def authenticates(self) -> bool:
         """Whether the MX must be authenticated (some usable record), not just encrypted."""
         return bool(self.usable)
