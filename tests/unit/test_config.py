@@ -1068,3 +1068,13 @@ def test_tls_verify_context_is_no_configuration_key(tmp_path: Path) -> None:
     data["delivery"]["tls_verify_context"] = "x"
     with pytest.raises(ConfigError, match=r"^delivery\.tls_verify_context: unknown key$"):
         parse_config(data)
+
+
+@pytest.mark.parametrize("value", ["state", "./state", "var/lib/sidecar", ""])
+def test_state_dir_must_be_an_absolute_path(value: str) -> None:
+    """sidecar run (a service, its working directory /), sidecar check (the operator's shell)
+    and sidecar tls-report (cron, the user's home) run in different directories: a relative
+    state_dir would give each its own store, and tls-report would read an empty one."""
+    assert error_of(minimal(delivery={"state_dir": value})) == (
+        f'delivery.state_dir: must be an absolute path, got "{value}"'
+    )
