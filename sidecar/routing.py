@@ -366,9 +366,24 @@ class Router:
         for host in mx.hosts:
             if host.dane_failure is not None:
                 # RFC 7672 section 2.2: a secure MX host whose TLSA look-up failed is not
-                # used (never tried without DANE, nor in the clear).
+                # used (never tried without DANE, nor in the clear). For TLS-RPT (RFC 8460
+                # section 4.3.2) that is a failed session of the DANE policy: dnssec-invalid.
                 skipped.append(f"{host.name}: {host.dane_failure}")
                 dane_failures.append(host.dane_failure)
+                first = host.addresses[0] if host.addresses else None
+                source = None if bypass or first is None else source_for(binding, first)
+                self.report(
+                    TlsOutcome(
+                        domain,
+                        "tlsa",
+                        host.name,
+                        "",
+                        None if source is None else str(source),
+                        "dnssec-invalid",
+                        (),
+                        host.dane_failure,
+                    )
+                )
                 continue
             for address in host.addresses:
                 if not delivery.allow_private_destinations:
