@@ -37,7 +37,12 @@ from sidecar.errors import describe_error
 from sidecar.explain import dane_resolver_warning, explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
 from sidecar.logs import configure_logging, shutdown_logging
-from sidecar.mxtls.tlsrpt_store import StateDirError, TlsRptStore, state_dir_problem
+from sidecar.mxtls.tlsrpt_store import (
+    StateDirError,
+    TlsRptStore,
+    state_dir_problem,
+    unreadable_store,
+)
 from sidecar.server import ListenError, hold_signals, run_until_signal
 from sidecar.smtp.commands import CommandError, parse_rcpt_to
 from sidecar.starter import STARTER_CONFIG
@@ -122,6 +127,21 @@ def check_state_dir(config: Config) -> None:
         open_store(config).close()
 
 
+def sts_store_problem(config: Config) -> str | None:
+    """Why ``sidecar run`` could not open the MTA-STS policy cache that exists under
+    ``delivery.state_dir`` (e.g. "file is not a database"), read-only, as ``check`` may;
+    ``None`` when it could, or there is none yet, or MTA-STS is off."""
+    from sidecar.mxtls.sts_cache import STORE_FILE, sts_configured
+
+    path = Path(config.delivery.state_dir) / STORE_FILE
+    if not sts_configured(config) or not path.exists():
+        return None
+    why = unreadable_store(path)
+    if why is None:
+        return None
+    return f"delivery.state_dir: cannot use {path}: {why} (MTA-STS policy cache)"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 # The version is looked up only when asked for: importlib.metadata costs ~1 MiB of RSS. The
 # distribution is "smtp-proxy-sidecar" (the name "sidecar" on PyPI is another project's); the
@@ -140,7 +160,7 @@ def check(config_path: str) -> None:
     Exits 0 when valid, 2 with "error: <key path>: <problem>" on stderr when not.
     """
     config = _load(config_path)
-    problem = state_dir_problem(config.delivery.state_dir)
+    problem = state_dir_problem(config.delivery.state_dir) or sts_store_problem(config)
     if problem is not None:
         click.echo(f"error: {problem}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -493,9 +513,13 @@ def tls_report(
         sys.exit(EXIT_CONFIG_ERROR)
     try:
         store = TlsRptStore.open(config.delivery.state_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except (StateDirError, OSError) as e:
+    except StateDirError as e:
         click.echo(f"error: {describe_error(e)}", err=True)
+        sys.exit(1)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        click.echo(f"error: --output-dir {output_dir}: {e.strerror or describe_error(e)}", err=True)
         sys.exit(1)
     hostname = config.server.hostname
     submitter = submitter or hostname

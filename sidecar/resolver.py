@@ -35,7 +35,7 @@ from sidecar import replies
 from sidecar.config import DnsConfig
 from sidecar.errors import LocalResourceError, ResolutionError, describe_error
 from sidecar.limits import DNS_IN_FLIGHT, local_resource_errno
-from sidecar.mxtls.dane import MAX_TLSA_RECORDS, DanePolicy, TlsaRecord
+from sidecar.mxtls.dane import DanePolicy, TlsaRecord
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -366,9 +366,11 @@ class Resolver:
                 raise ResolutionError(replies.dane_tlsa_failed(host, owner)) from None
             if not _authenticated(answer.response):
                 return None  # an insecure TLSA RRset (e.g. through an insecure CNAME)
+            # The whole RRset (bounded by the DNS message size): DanePolicy keeps at most
+            # MAX_TLSA_RECORDS usable ones, never dropping a usable one for an unusable one.
             records = [
                 TlsaRecord(int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert))
-                for r in list(answer)[:MAX_TLSA_RECORDS]
+                for r in answer
             ]
             names = [host, base] if base != host else [host]
             return DanePolicy.from_records(host, records, names, owner)

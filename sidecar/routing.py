@@ -37,14 +37,18 @@ class RouteKey:
     """What two recipients must share to share a transaction, and a transaction to reuse a
     connection (DESIGN.md invariant 3): the binding, bypass or not, the destination's site
     (every MX host name of its MX answer, :attr:`MXResult.site`) and the TLS policy: the
-    configured one and the MX hosts under DANE (a connection authenticated by DANE is not
-    reused for a route without it, nor the other way round)."""
+    configured one, the MX hosts under DANE (a connection authenticated by DANE is not
+    reused for a route without it, nor the other way round) and, under an enforced MTA-STS
+    policy, the MX hosts of the site it allows (RFC 8461 section 4.1: a connection opened
+    for a policy that allows an MX host never carries mail of a domain whose policy does
+    not, nor of a route without a policy)."""
 
     binding: str
     bypass: bool
     site: frozenset[str]
     tls: TlsPolicy
     dane: tuple[str, ...] = ()  # the MX hosts with a DANE policy (RFC 7672), sorted
+    sts: frozenset[str] | None = None  # None: no enforced MTA-STS policy
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,11 @@ class Route:
         the subset of hosts this look-up happened to keep: a shuffle or a cut must not make
         two recipients of one domain look like two routes (issue 10, item 2)."""
         dane = tuple(sorted(host.name for host in self.mx.hosts if host.dane is not None))
-        return RouteKey(self.binding.name, self.bypass, self.mx.site, self.tls, dane)
+        sts: frozenset[str] | None = None
+        if self.sts_enforced and self.sts is not None and self.sts.policy is not None:
+            policy = self.sts.policy
+            sts = frozenset(name for name in self.mx.site if policy.matches(name))
+        return RouteKey(self.binding.name, self.bypass, self.mx.site, self.tls, dane, sts)
 
     @property
     def servers(self) -> tuple[HostPort, ...]:
@@ -358,9 +366,24 @@ class Router:
         for host in mx.hosts:
             if host.dane_failure is not None:
                 # RFC 7672 section 2.2: a secure MX host whose TLSA look-up failed is not
-                # used (never tried without DANE, nor in the clear).
+                # used (never tried without DANE, nor in the clear). For TLS-RPT (RFC 8460
+                # section 4.3.2) that is a failed session of the DANE policy: dnssec-invalid.
                 skipped.append(f"{host.name}: {host.dane_failure}")
                 dane_failures.append(host.dane_failure)
+                first = host.addresses[0] if host.addresses else None
+                source = None if bypass or first is None else source_for(binding, first)
+                self.report(
+                    TlsOutcome(
+                        domain,
+                        "tlsa",
+                        host.name,
+                        "",
+                        None if source is None else str(source),
+                        "dnssec-invalid",
+                        (),
+                        host.dane_failure,
+                    )
+                )
                 continue
             for address in host.addresses:
                 if not delivery.allow_private_destinations:

@@ -436,7 +436,7 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
     try:
         # Before STARTTLS: a local fault must not leave the MX waiting for a handshake.
         context = tls_context(upstream.tls_policy, upstream.delivery)
-        tls_stream = trio.SSLStream(upstream.stream, context, server_hostname=upstream.candidate.mx)
+        tls_stream = trio.SSLStream(upstream.stream, context, server_hostname=_sni(upstream))
     except (OSError, ssl.SSLError, ValueError) as error:
         # Ours, not the MX's (no next MX would fare better): a 4xx naming the cause.
         why = describe_error(error)
@@ -480,6 +480,16 @@ async def _start_tls(upstream: Upstream, ehlo_name: str, by: float) -> None:
         _report(upstream, None)
     await _greet(upstream, ehlo_name, by)
     upstream.tls_settled = True
+
+
+def _sni(upstream: Upstream) -> str:
+    """The name sent as SNI (and, under ``verify``, checked against the certificate): the
+    TLSA base domain under DANE (RFC 7672 section 8.1; the CNAME-expanded MX host when its
+    TLSA records were found there), else the MX host name (RFC 7817, RFC 8461 section 4.2)."""
+    dane = upstream.dane
+    if dane is not None and upstream.tls_policy != "verify":
+        return dane.base_domain
+    return upstream.candidate.mx
 
 
 class _TlsFailed(_CandidateFailed):

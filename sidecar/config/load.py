@@ -723,6 +723,16 @@ def _str(value: object, path: str) -> str:
     return value
 
 
+def _absolute_path(value: object, path: str) -> str:
+    """An absolute path: ``sidecar run`` (a service, working directory /), ``check`` and
+    ``tls-report`` (a shell, cron) run in different directories, and a relative path would
+    give each its own store."""
+    text = _str(value, path)
+    if not text.startswith("/"):
+        raise ConfigError(path, f"must be an absolute path, got {_show(text)}")
+    return text
+
+
 def _bool(value: object, path: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(path, f"must be true or false, got {_show(value)}")
@@ -862,7 +872,7 @@ _BY_NAME: dict[tuple[type[Any], str], _Parser] = {
     (DeliveryConfig, "port"): _port,
     (DeliveryConfig, "tls"): _parse_tls,
     (DeliveryConfig, "tls_ca_file"): _str,
-    (DeliveryConfig, "state_dir"): _str,
+    (DeliveryConfig, "state_dir"): _absolute_path,
     (HealthConfig, "health_check_probe"): _parse_probe,
     (StatusConfig, "address"): _status_address,
     (StatusConfig, "allow_control_from"): _parse_control_networks,

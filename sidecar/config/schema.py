@@ -442,8 +442,8 @@ class DeliveryConfig:
     state_dir: str = field(
         default="/var/lib/sidecar",
         metadata=doc(
-            "directory of the on-disk state (MTA-STS policy cache, TLS-RPT results); "
-            "created if missing"
+            "directory of the on-disk state (MTA-STS policy cache, TLS-RPT results), an "
+            "absolute path; created if missing"
         ),
     )
     # The TLS client context built from tls_ca_file when the configuration was loaded (so a

@@ -43,7 +43,8 @@ SELECTOR_CERT, SELECTOR_SPKI = 0, 1
 MATCH_FULL, MATCH_SHA256, MATCH_SHA512 = 0, 1, 2
 
 # Bounds on what one TLSA record or RRset may hold (DESIGN.md invariant 5): association data
-# of a full certificate is at most a few KiB; an RRset beyond this many records is not read.
+# of a full certificate is at most a few KiB; of an RRset this many usable records are kept
+# (each is hashed against the chain per handshake), and this many unusable ones.
 MAX_TLSA_DATA = 16_384
 MAX_TLSA_RECORDS = 32
 # Certificates of a peer chain looked at (a TLS chain longer than this is refused).
@@ -157,9 +158,12 @@ class DanePolicy:
         names: Sequence[str] = (),
         tlsa_name: str = "",
     ) -> DanePolicy:
-        """Split ``records`` (at most :data:`MAX_TLSA_RECORDS` are kept) into usable and
-        unusable ones; ``names`` default to ``host``."""
-        kept = list(records)[:MAX_TLSA_RECORDS]
+        """Split ``records`` into usable and unusable ones, at most :data:`MAX_TLSA_RECORDS`
+        of each (an RRset's order is arbitrary: a cut of the whole must never leave only
+        unusable records where a usable one was published, which would make authenticated
+        DANE mere mandatory TLS); ``names`` default to ``host``."""
+        usable = tuple(record for record in records if record.usable)[:MAX_TLSA_RECORDS]
+        unusable = tuple(record for record in records if not record.usable)[:MAX_TLSA_RECORDS]
         seen: list[str] = []
         for name in names or (host,):
             clean = name.lower().rstrip(".")
@@ -167,11 +171,22 @@ class DanePolicy:
                 seen.append(clean)
         return cls(
             host,
-            tuple(record for record in kept if record.usable),
-            tuple(record for record in kept if not record.usable),
+            usable,
+            unusable,
             tuple(seen),
             tlsa_name,
         )
+
+    @property
+    def base_domain(self) -> str:
+        """The TLSA base domain (RFC 7672 section 2.2.2): the name the TLSA records were
+        found under, without its ``_<port>._tcp.`` prefix (the CNAME-expanded MX host when
+        they were found there); the MX host when that is not known. Sent as SNI (section
+        8.1)."""
+        labels = self.tlsa_name.split(".", 2)
+        if len(labels) == 3 and labels[0].startswith("_") and labels[1] == "_tcp" and labels[2]:
+            return labels[2]
+        return self.host
 
     @property
     def authenticates(self) -> bool:

@@ -28,6 +28,7 @@ from sidecar.errors import RouteError, describe_error
 from sidecar.mxtls.outcome import ResultType
 from sidecar.mxtls.sts import StsLookup, StsPolicy, StsRecord, parse_policy, parse_txt_records
 from sidecar.mxtls.sts_fetch import CONNECT_TIMEOUT, FETCH_TIMEOUT, StsFetcher, StsFetchError
+from sidecar.mxtls.tlsrpt_store import not_writable
 from sidecar.resolver import Resolver
 
 log = logging.getLogger("sidecar.mta_sts")
@@ -98,7 +99,7 @@ class StsStore:
             why = error.strerror or describe_error(error)
             raise StateDirError(f"cannot create {state_dir}: {why}") from None
         if not os.access(directory, os.W_OK | os.X_OK):
-            raise StateDirError(f"{state_dir} is not writable by this user")
+            raise StateDirError(f"cannot use {state_dir}: {not_writable(directory)}")
         return cls(directory / STORE_FILE, clock)
 
     @classmethod
@@ -171,8 +172,9 @@ class StsStore:
         self._entries[entry.domain] = entry
 
     def write(self, entry: CachedPolicy) -> None:
-        """Write ``entry`` to disk (blocking: call it in a thread). Never raises: a failed
-        write is logged, the policy stays in memory."""
+        """Write ``entry`` to disk (blocking: call it in a thread), which keeps at most
+        :data:`MAX_ENTRIES` policies, those that last longest (as memory does). Never raises:
+        a failed write is logged, the policy stays in memory."""
         if self._db is None:
             return
         try:
@@ -183,6 +185,12 @@ class StsStore:
                     (entry.domain, entry.id, entry.body, entry.fetched, entry.expires),
                 )
                 self._db.execute("DELETE FROM policy WHERE expires <= ?", (self.clock(),))
+                # As in memory: at most MAX_ENTRIES, the ones that last longest.
+                self._db.execute(
+                    "DELETE FROM policy WHERE domain NOT IN"
+                    " (SELECT domain FROM policy ORDER BY expires DESC LIMIT ?)",
+                    (MAX_ENTRIES,),
+                )
         except sqlite3.Error as error:
             log.warning("MTA-STS cache %s: cannot write: %s", self.path, describe_error(error))
 

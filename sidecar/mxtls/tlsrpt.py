@@ -194,6 +194,10 @@ def handshake_failure(error: BaseException) -> tuple[ResultType, str]:
 
 SUCCESS = ""  # the result column of a successful session's tally
 MAX_REASON_CHARS = 200  # a failure-reason-code longer than this is cut
+# At most this many failure-details entries per policy of a report, the most frequent ones
+# (an MX that words each refusal differently would make every failed session one); the
+# others are folded into one entry per result type, so the details add up to the summary.
+MAX_FAILURE_DETAILS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +254,9 @@ def build_report(
     """RFC 8460 section 4.4's JSON aggregate report of ``policy_domain`` for the UTC ``day``:
     one ``policies`` entry per applied policy (type, strings, MX host patterns), its summary
     counts and one ``failure-details`` entry per (result type, sending IP, receiving MX host
-    and IP, reason). Entries and details come in a stable order (the same counts give the
-    same bytes)."""
+    and IP, reason), at most :data:`MAX_FAILURE_DETAILS` of them (the most frequent; the rest
+    in one entry per result type). Entries and details come in a stable order (the same
+    counts give the same bytes)."""
     start, end = day_range(day)
     grouped: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[Tally]] = {}
     for tally in tallies:
@@ -281,9 +286,7 @@ def build_report(
             },
         }
         if failures:
-            entry["failure-details"] = [
-                _failure_detail(detail, count) for detail, count in sorted(failures.items())
-            ]
+            entry["failure-details"] = _bounded_details(failures)
         policies.append(entry)
     return {
         "organization-name": reporter.organization,
@@ -292,6 +295,29 @@ def build_report(
         "report-id": report_id(reporter, policy_domain, day),
         "policies": policies,
     }
+
+
+def _bounded_details(failures: dict[tuple[str, str, str, str, str], int]) -> list[dict[str, Any]]:
+    """The failure-details entries: the :data:`MAX_FAILURE_DETAILS` most frequent failures
+    one by one; the rest folded into one entry per result type (its count, and how many
+    distinct failures it stands for), so that the details still add up to the summary."""
+    ranked = sorted(failures.items(), key=lambda item: (-item[1], item[0]))
+    details = [
+        _failure_detail(detail, count) for detail, count in sorted(ranked[:MAX_FAILURE_DETAILS])
+    ]
+    folded: dict[str, tuple[int, int]] = {}
+    for (result, *_), count in ranked[MAX_FAILURE_DETAILS:]:
+        sessions, distinct = folded.get(result, (0, 0))
+        folded[result] = (sessions + count, distinct + 1)
+    for result, (sessions, distinct) in sorted(folded.items()):
+        details.append(
+            {
+                "result-type": result,
+                "failed-session-count": sessions,
+                "failure-reason-code": f"{distinct} more distinct failures, not detailed",
+            }
+        )
+    return details
 
 
 def _failure_detail(detail: tuple[str, str, str, str, str], count: int) -> dict[str, Any]:

@@ -89,15 +89,43 @@ def state_dir_problem(state_dir: str) -> str | None:
     where = f"delivery.state_dir: cannot keep the TLS-RPT results in {str(path)!r}"
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK) or not os.access(directory, os.W_OK):
-            return f"{where}: Permission denied"
-        return None
+            return f"{where}: {not_writable(directory)}"
+        why = unreadable_store(path)
+        return None if why is None else f"{where}: {why}"
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         return f"{where}: {str(existing)!r} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{where}: Permission denied"
+        return f"{where}: {not_writable(existing)}"
+    return None
+
+
+def not_writable(path: Path) -> str:
+    """Why the existing ``path`` cannot be written: "Read-only file system" when it is on a
+    read-only mount (a container's read-only root without a volume: a writable volume
+    helps, not chown), else "Permission denied"."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "Read-only file system"
+    except OSError:
+        pass
+    return "Permission denied"
+
+
+def unreadable_store(path: Path) -> str | None:
+    """Why the existing SQLite file ``path`` (a store under ``delivery.state_dir``) cannot
+    be read as a database, e.g. "file is not a database" after a disk fault or a stray file;
+    ``None`` when it can. Opened read-only: nothing is created or changed (``sidecar
+    check``), so that check refuses what ``sidecar run`` would refuse."""
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+        ) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as error:
+        return describe_error(error)
     return None
 
 

@@ -390,3 +390,45 @@ async def test_check_names_a_state_dir_that_cannot_be_created(tmp_path: Path) ->
         assert stderr.startswith("error: delivery.state_dir: cannot "), stderr
         assert f"{blocker}" in stderr, stderr
         assert "Traceback" not in stderr
+
+
+async def test_a_connection_kept_for_one_domains_policy_never_carries_anothers(
+    lab: Lab, nursery: trio.Nursery, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Two domains on one MX set, both under "enforce": wide.test allows mx.other.test,
+    sts.test only mx.sts.test. The connection the sidecar keeps after a message to wide.test
+    (to mx.other.test, verified) must not carry the next message to sts.test, whose policy
+    does not allow that MX (RFC 8461 section 4.1): the connection cache is keyed on the MX
+    hosts each policy allows, not only on the MX set and "verify"."""
+    ca_file = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    wide, wide_host = "wide.test", "mta-sts.wide.test"
+    server = PolicyServer(Endpoint(lab.addresses.ipv4(), 443), tls_ca, [POLICY_HOST, wide_host])
+    await nursery.start(server.serve)
+    server.responses[POLICY_HOST] = PolicyResponse(ENFORCE)
+    server.responses[wide_host] = PolicyResponse(policy_body("enforce", [OTHER, LISTED]))
+    stack = await lab.build(
+        mxes=[{"tls_context": server_tls_context(tls_ca, name)} for name in (OTHER, LISTED)],
+        hosts=[OTHER, LISTED],
+        domains={DOMAIN: [0, 1], wide: [0, 1]},
+        records=[
+            HostRecord(POLICY_HOST, [server.endpoint.host]),
+            HostRecord(wide_host, [server.endpoint.host]),
+            TxtRecord(f"_mta-sts.{DOMAIN}", "v=STSv1; id=1;"),
+            TxtRecord(f"_mta-sts.{wide}", "v=STSv1; id=1;"),
+        ],
+        server={"client_command_timeout": 10, "data_timeout": 10, "shutdown_grace": 1},
+        delivery={**FAST_DELIVERY, "tls": "opportunistic", "tls_ca_file": str(ca_file)},
+    )
+    other, listed = stack.mxes
+    result = await send(stack.endpoint, "a@client.test", [f"rcpt@{wide}"], MESSAGE)
+    assert final_status(result) == (250, "2.0.0")
+    assert (len(other.messages), len(listed.messages)) == (1, 0)
+    result = await send(stack.endpoint, "a@client.test", [RCPT], MESSAGE)
+    assert final_status(result) == (250, "2.0.0")
+    assert (len(other.messages), len(listed.messages)) == (1, 1)
+    assert listed.messages[0].tls
+    # One message with both recipients: two routes, never one transaction via mx.other.test.
+    result = await send(stack.endpoint, "a@client.test", [f"rcpt@{wide}", RCPT], MESSAGE)
+    assert result.refused.get(RCPT, (0,))[0] == 452, result
+    assert len(listed.messages) == 1 and len(other.messages) == 2

@@ -274,3 +274,64 @@ def test_check_refuses_a_state_dir_that_cannot_hold_the_store(
     path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{tmp_path / "fresh" / "s"}"\n')
     assert runner.invoke(main, ["check", "-c", str(path)]).exit_code == 0
     assert not (tmp_path / "fresh").exists()  # checked, not made
+
+
+@pytest.mark.parametrize("name", ["tls-rpt.sqlite3", "mta-sts.sqlite3"])
+def test_check_refuses_a_store_sidecar_run_could_not_open(
+    runner: CliRunner, tmp_path: Path, name: str
+) -> None:
+    """A store file that is not an SQLite database (a crash, a disk fault, a stray file):
+    ``sidecar run`` stops with ``error: delivery.state_dir: ... file is not a database``, so
+    ``sidecar check`` must say the same and not pass it (a check that passes and a service
+    that does not start is what a careful operator's deploy pipeline cannot catch)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / name).write_bytes(b"not a database " * 100)
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{state}"\n')
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: delivery.state_dir: ")
+    assert f"{state / name}" in result.stderr and "file is not a database" in result.stderr
+    assert (state / name).read_bytes() == b"not a database " * 100  # checked, not touched
+
+
+def test_tls_report_names_the_option_of_an_output_dir_it_cannot_make(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{tmp_path / "state"}"\n')
+    args = ["tls-report", "-c", str(path), "--output-dir", str(blocker / "out")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: --output-dir {blocker / 'out'}: "), result.stderr
+
+
+def test_check_and_run_say_a_read_only_state_dir_is_read_only(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state_dir on a read-only mount (a container's read-only root without a volume) is
+    not a permission problem: chown would not help, a writable volume would. Check and run
+    say which."""
+    import os
+    import types
+
+    from sidecar.mxtls.sts_cache import StateDirError, StsStore
+
+    state = tmp_path / "state"
+    state.mkdir()
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: not (mode & os.W_OK) and os.path.exists(path)
+    )
+    monkeypatch.setattr(
+        os,
+        "statvfs",
+        lambda path: types.SimpleNamespace(f_flag=real_statvfs(path).f_flag | os.ST_RDONLY),
+    )
+    path = write(tmp_path, VALID + f'\n[delivery]\nstate_dir = "{state}"\n')
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.endswith(": Read-only file system\n"), result.stderr
+    with pytest.raises(StateDirError, match="Read-only file system"):
+        StsStore.in_state_dir(str(state))

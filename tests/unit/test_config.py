@@ -1098,3 +1098,13 @@ def test_listener_protocol_defaults_to_smtp_and_takes_lmtp() -> None:
 )
 def test_listener_protocol_errors(item: dict[str, Any], message: str) -> None:
     assert error_of(listeners(item)) == message
+
+
+@pytest.mark.parametrize("value", ["state", "./state", "var/lib/sidecar", ""])
+def test_state_dir_must_be_an_absolute_path(value: str) -> None:
+    """sidecar run (a service, its working directory /), sidecar check (the operator's shell)
+    and sidecar tls-report (cron, the user's home) run in different directories: a relative
+    state_dir would give each its own store, and tls-report would read an empty one."""
+    assert error_of(minimal(delivery={"state_dir": value})) == (
+        f'delivery.state_dir: must be an absolute path, got "{value}"'
+    )

@@ -301,3 +301,16 @@ def test_peer_chain_prefers_the_public_method_and_fails_loudly_without_one() -> 
     assert peer_chain(_Private()) == [b"private"]  # type: ignore[arg-type]
     with pytest.raises(PeerChainUnavailable):
         peer_chain(object())  # type: ignore[arg-type]
+
+
+def test_unusable_records_never_crowd_out_a_usable_one() -> None:
+    """An RRset with more records than are kept (MAX_TLSA_RECORDS), the usable one last: the
+    cut must not drop it and leave only unusable records, which would turn authenticated
+    DANE into mandatory unauthenticated TLS (RFC 7672 3.1.3) that any certificate passes."""
+    from sidecar.mxtls.dane import MAX_TLSA_RECORDS
+
+    unusable = [TlsaRecord(1, 1, 1, bytes([n]) * 32) for n in range(MAX_TLSA_RECORDS + 5)]
+    good = TlsaRecord(3, 1, 1, b"\xee" * 32)
+    policy = DanePolicy.from_records("mx.example", [*unusable, good])
+    assert policy.authenticates and policy.usable == (good,)
+    assert len(policy.unusable) <= MAX_TLSA_RECORDS

@@ -5,6 +5,8 @@ under DANE never use the DNSSEC resolver."""
 
 from __future__ import annotations
 
+import time
+
 import dns.flags
 import dns.message
 import dns.name
@@ -222,3 +224,41 @@ async def test_a_result_with_a_failed_tlsa_lookup_is_not_kept() -> None:
     assert stub.asked.count(("d.test", "MX")) == 2
     await resolver.resolve_mx("d.test", dnssec=True)
     assert stub.asked.count(("d.test", "MX")) == 2  # now from the result cache
+
+
+class _InOrder(list[object]):
+    """A TLSA answer in a given order (a real RRset's order is arbitrary, dnspython's too)."""
+
+    def __init__(self, records: list[object], response: dns.message.Message) -> None:
+        super().__init__(records)
+        self.response = response
+        self.rrset = response.answer[0]
+        self.expiration = time.time() + 60
+
+
+class OrderedTlsaStub(SecureZoneStub):
+    async def resolve(
+        self, qname: dns.name.Name, rdtype: str, search: bool = False, lifetime: float = 0
+    ) -> dns.resolver.Answer:
+        answer = await super().resolve(qname, rdtype, search, lifetime)
+        if rdtype != "TLSA":
+            return answer
+        records = sorted(answer, key=lambda r: int(r.usage))  # the usable (3) ones last
+        return _InOrder(records, answer.response)  # type: ignore[return-value]
+
+
+async def test_a_large_tlsa_rrset_keeps_its_usable_records() -> None:
+    """More TLSA records than a policy keeps, the usable one last in the answer: it is kept
+    (the host stays authenticated by DANE), not cut off with the answer's tail."""
+    from sidecar.mxtls.dane import MAX_TLSA_RECORDS
+
+    zone = dict(ZONE)
+    unusable = [f"1 1 1 {n:02x}" + HASH[2:] for n in range(MAX_TLSA_RECORDS + 3)]
+    zone[("_25._tcp.mx.d.test", "TLSA")] = [*unusable, f"3 1 1 {HASH}"]
+    secure = {"d.test", "mx.d.test", "mx2.d.test", "_25._tcp.mx.d.test"}
+    resolver, _plain, _stub = make(zone, secure)
+    resolver._dnssec = OrderedTlsaStub(zone, secure)  # type: ignore[assignment]
+    result = await resolver.resolve_mx("d.test", dnssec=True)
+    dane = {host.name: host for host in result.hosts}["mx.d.test"].dane
+    assert dane is not None and dane.authenticates
+    assert dane.usable == (TlsaRecord.from_text(f"3 1 1 {HASH}"),)

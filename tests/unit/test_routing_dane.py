@@ -135,3 +135,31 @@ def test_effective_policy(
         tls,  # type: ignore[arg-type]
     )
     assert effective_policy(route, route.candidates[0]) == expected
+
+
+def test_a_failed_tlsa_lookup_is_reported_for_tls_rpt_as_dnssec_invalid() -> None:
+    """RFC 8460 section 4.3.2: a secure MX host whose TLSA look-up failed (the validating
+    resolver's SERVFAIL: a bogus signature, an unreachable zone) is skipped, and the skip is
+    a failed session of the domain's DANE policy ("dnssec-invalid"), not silence: the
+    domain's operator learns of it from the report."""
+    from sidecar.mxtls.outcome import TlsOutcome
+
+    router, config = make()
+    outcomes: list[TlsOutcome] = []
+    router.report = outcomes.append
+    why = "DANE: TLSA lookup for _25._tcp.a.d.test failed, MX a.d.test not used"
+    route = router.candidates(
+        "d.test",
+        config.bindings["b1"],
+        False,
+        mx(
+            host("a.d.test", "127.0.0.5", secure=True, dane_failure=why),
+            host("b.d.test", "127.0.0.6"),
+        ),
+        "opportunistic",
+    )
+    assert [c.mx for c in route.candidates] == ["b.d.test"]
+    (outcome,) = outcomes
+    assert (outcome.policy_domain, outcome.policy_type) == ("d.test", "tlsa")
+    assert (outcome.mx_host, outcome.result, outcome.detail) == ("a.d.test", "dnssec-invalid", why)
+    assert outcome.sending_ip == "192.0.2.1"

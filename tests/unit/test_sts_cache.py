@@ -207,6 +207,31 @@ async def test_the_store_survives_a_restart(tmp_path: Path) -> None:
     assert len(StsStore.in_state_dir(str(tmp_path / "state"), clock)) == 0
 
 
+def test_the_store_on_disk_is_bounded_like_the_one_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fetched policy (up to 64 KiB each) is written to disk: policies of ever more
+    recipient domains (an attacker's subdomains) must not grow the file without bound. The
+    file keeps the MAX_ENTRIES that last longest, as memory does."""
+    import sqlite3
+
+    from sidecar.mxtls import sts_cache
+
+    monkeypatch.setattr(sts_cache, "MAX_ENTRIES", 3)
+    clock = Clock()
+    store = StsStore.in_state_dir(str(tmp_path / "state"), clock)
+    policy = parse_policy(ENFORCE.encode())
+    for n in range(6):
+        entry = CachedPolicy(f"d{n}.test", "1", policy, ENFORCE, clock.now, clock.now + 100 + n)
+        store.put_memory(entry)
+        store.write(entry)
+    store.close()
+    with sqlite3.connect(tmp_path / "state" / "mta-sts.sqlite3") as db:
+        kept = sorted(row[0] for row in db.execute("SELECT domain FROM policy"))
+    assert kept == ["d3.test", "d4.test", "d5.test"]
+    assert sorted(StsStore.in_state_dir(str(tmp_path / "state"), clock)._entries) == kept
+
+
 def test_a_state_dir_that_cannot_be_created_names_the_key(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -372,3 +397,26 @@ def test_a_reload_keeps_the_policy_store_and_mta_sts_off_builds_none(tmp_path: P
     # On for one domain only: built.
     one = {**off, "domain": {"bank.example": {"mta_sts": True}}}
     assert build_context(parse_config(one)).router.sts is not None
+
+
+def test_routes_under_different_enforced_policies_never_share_a_connection() -> None:
+    """A connection (or a transaction) is shared only between routes with equal keys. Two
+    domains on one MX set whose enforced MTA-STS policies allow different MX hosts must not
+    share one: a connection to ``backup.elsewhere.test`` opened for a policy that allows it
+    would otherwise carry mail of a domain whose policy does not (RFC 8461 section 4.1). Nor
+    may a route under ``verify`` without a policy share with one under a policy."""
+    router = make_router(None)
+    narrow = route_with(router, lookup_of(ENFORCE))  # allows mx1.example.test only
+    wide = route_with(
+        router,
+        lookup_of(
+            ENFORCE.replace("mx: *.example.test", "mx: *.example.test\nmx: *.elsewhere.test")
+        ),
+    )
+    binding = router.config.bindings["b"]
+    plain_verify = router.candidates("example.test", binding, False, MX, "verify")
+    assert narrow.tls == wide.tls == plain_verify.tls == "verify"
+    assert narrow.key != wide.key
+    assert wide.key != plain_verify.key and narrow.key != plain_verify.key
+    # The same policy (or one allowing the same hosts) still shares.
+    assert route_with(router, lookup_of(ENFORCE)).key == narrow.key

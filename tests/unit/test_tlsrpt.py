@@ -488,3 +488,32 @@ def test_the_email_follows_section_5_3() -> None:
     assert attachment.get_content_type() == "application/tlsrpt+gzip"
     assert attachment.get_filename() == name
     assert attachment.get_payload(decode=True) == data
+
+
+def test_failure_details_are_bounded_and_the_counts_stay_whole() -> None:
+    """An MX that words each refusal differently (``454 4.7.0 <random>``) makes each failed
+    session a detail of its own: the report keeps the MAX_FAILURE_DETAILS most frequent per
+    policy (every outside input bounded), and its summary still counts every session."""
+    from sidecar.mxtls.tlsrpt import MAX_FAILURE_DETAILS
+
+    many = [
+        _tally("starttls-not-supported", 1, reason=f"STARTTLS refused: 454 {n}")
+        for n in range(MAX_FAILURE_DETAILS + 500)
+    ]
+    frequent = _tally("certificate-expired", 7)
+    report = build_report(REPORTER, "example.test", DAY, [*many, frequent, _tally(None, 3)])
+    validate_report(report)
+    (entry,) = report["policies"]
+    assert entry["summary"] == {
+        "total-successful-session-count": 3,
+        "total-failure-session-count": MAX_FAILURE_DETAILS + 500 + 7,
+    }
+    details = entry["failure-details"]
+    assert len(details) == MAX_FAILURE_DETAILS + 1  # the rest: one entry for their type
+    assert details[-1] == {
+        "result-type": "starttls-not-supported",
+        "failed-session-count": 501,
+        "failure-reason-code": "501 more distinct failures, not detailed",
+    }
+    assert any(d["result-type"] == "certificate-expired" for d in details)  # the most frequent
+    assert len(gzip.compress(json.dumps(report).encode())) < 1_000_000

@@ -130,3 +130,75 @@ async def test_a_refused_starttls_is_starttls_not_supported(ca: trustme.CA) -> N
     recorded = await starttls(None, ca, starttls_reply=b"454 4.7.0 TLS not available\r\n")
     assert recorded.result == "starttls-not-supported"
     assert recorded.detail == "STARTTLS refused: 454 4.7.0 TLS not available"
+
+
+async def sni_under_dane(
+    ca: trustme.CA, tlsa_base: str
+) -> tuple[list[str | None], list[TlsOutcome]]:
+    """STARTTLS to a scripted MX (certificate for mail.hoster.test) under a DANE-EE record
+    of that certificate found under ``_25._tcp.<tlsa_base>``: the SNI names the MX saw, and
+    the outcomes recorded."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from sidecar.mxtls.dane import DanePolicy, TlsaRecord
+
+    leaf = ca.issue_cert("mail.hoster.test")
+    certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    spki = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    record = TlsaRecord(3, 1, 1, hashlib.sha256(spki).digest())
+    names = ["mx.example.test", tlsa_base]
+    dane = DanePolicy.from_records("mx.example.test", [record], names, f"_25._tcp.{tlsa_base}")
+    seen: list[str | None] = []
+
+    def sni(_obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        seen.append(name)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    context.sni_callback = sni  # type: ignore[assignment]
+    ours, theirs = trio.testing.memory_stream_pair()
+    recorder = Recorder()
+    upstream = Upstream(
+        deadline_stream(ours),
+        Candidate(CANDIDATE.mx, CANDIDATE.address, CANDIDATE.source, dane),
+        None,
+        DeliveryConfig(mx_command_timeout=5),
+        tls_policy="required",
+        policy_label="dane",
+        dane=dane,
+        reporter=recorder,
+        policy_domain="example.test",
+    )
+
+    async def line(stream: trio.abc.Stream) -> None:
+        data = b""
+        while b"\r\n" not in data:
+            data += await stream.receive_some(1000)
+
+    async def mx() -> None:
+        await line(theirs)
+        await theirs.send_all(b"220 2.0.0 go ahead\r\n")
+        tls = trio.SSLStream(theirs, context, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await tls.do_handshake()
+            await line(tls)
+            await tls.send_all(b"250 mail.hoster.test\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mx)
+        await _start_tls(upstream, "sidecar.test", trio.current_time() + 10)
+        await trio.aclose_forcefully(ours)
+    return seen, recorder.outcomes
+
+
+@pytest.mark.parametrize("tlsa_base", ["mail.hoster.test", "mx.example.test"])
+async def test_under_dane_the_sni_is_the_tlsa_base_domain(ca: trustme.CA, tlsa_base: str) -> None:
+    """RFC 7672 section 8.1: under DANE the client sends SNI with the TLSA base domain: the
+    CNAME-expanded name of the MX host when its TLSA records were found there (a hoster's
+    server picks the certificate its TLSA records describe by that name), else the MX name."""
+    seen, outcomes = await sni_under_dane(ca, tlsa_base)
+    assert seen == [tlsa_base]
+    assert [o.result for o in outcomes] == [None]  # DANE-EE matched
