@@ -231,7 +231,7 @@ class MtaSts:
         self.resolver = resolver
         self.fetcher = fetcher
         self.store = store
-        self._failures: dict[tuple[str, str], tuple[float, str, ResultType]] = {}
+        self._failures: dict[str, tuple[float, str, ResultType]] = {}
         self._fetching: dict[str, trio.Event] = {}
         self._no_record: dict[str, float] = {}  # domain -> trio time to ask again
 
@@ -278,7 +278,9 @@ class MtaSts:
             cached = self.store.get(domain)
             if cached is not None and self._current(cached, record):
                 return _lookup(cached)
-        held = self._failures.get((domain, record.id))
+        # Held per domain, whatever the id: TXT records with a new id each time (forged, or a
+        # flapping zone) must not make every delivery wait for another failing fetch.
+        held = self._failures.get(domain)
         now = trio.current_time()
         if held is not None and held[0] > now:
             return self._failed(domain, record, cached, held[1], held[2])
@@ -286,12 +288,12 @@ class MtaSts:
         try:
             fetched = await self.fetcher.fetch(domain, by=by)
         except StsFetchError as error:
-            self._hold(domain, record.id, str(error), error.result)
+            self._hold(domain, str(error), error.result)
             return self._failed(domain, record, cached, str(error), error.result)
         finally:
             del self._fetching[domain]
             event.set()
-        self._failures.pop((domain, record.id), None)
+        self._failures.pop(domain, None)
         wall = self.store.clock()
         entry = CachedPolicy(
             domain, record.id, fetched.policy, fetched.text, wall, wall + fetched.policy.max_age
@@ -319,13 +321,13 @@ class MtaSts:
         ago."""
         return cached.id == record.id and self.store.clock() - cached.fetched < REFRESH_AFTER
 
-    def _hold(self, domain: str, policy_id: str, problem: str, result: ResultType) -> None:
+    def _hold(self, domain: str, problem: str, result: ResultType) -> None:
         if len(self._failures) >= MAX_ENTRIES:
             now = trio.current_time()
             self._failures = {k: v for k, v in self._failures.items() if v[0] > now}
             if len(self._failures) >= MAX_ENTRIES:
                 self._failures.pop(next(iter(self._failures)))
-        self._failures[(domain, policy_id)] = (trio.current_time() + FAILURE_HOLD, problem, result)
+        self._failures[domain] = (trio.current_time() + FAILURE_HOLD, problem, result)
 
     def _failed(
         self,

@@ -18,7 +18,7 @@ from sidecar.errors import ResolutionError, RouteError
 from sidecar.health import HealthRegistry
 from sidecar.mxtls.outcome import TlsOutcome
 from sidecar.mxtls.sts import StsLookup, parse_policy
-from sidecar.mxtls.sts_cache import CachedPolicy, MtaSts, StsStore
+from sidecar.mxtls.sts_cache import FAILURE_HOLD, CachedPolicy, MtaSts, StsStore
 from sidecar.mxtls.sts_cache import open_store as real_open_store
 from sidecar.mxtls.sts_fetch import FetchedPolicy, StsFetchError
 from sidecar.replies import dns_temporary
@@ -160,7 +160,12 @@ async def test_a_domain_without_a_record_is_asked_again_after_a_minute(
     assert len(asked) == 2
 
 
-async def test_a_failed_fetch_without_cache_is_no_policy_and_is_held() -> None:
+async def test_a_failed_fetch_without_cache_is_no_policy_and_is_held(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A failed fetch is held for FAILURE_HOLD per domain, whatever the TXT id: TXT records
+    with a new id each time (forged, or a flapping zone) must not make every delivery wait
+    for another fetch (the break review of issue 13)."""
     sts, resolver, fetcher = make_sts(StsStore())
     publish(resolver, "example.test", "1")
     fetcher.bodies["example.test"] = StsFetchError("bad", "sts-webpki-invalid")
@@ -168,8 +173,11 @@ async def test_a_failed_fetch_without_cache_is_no_policy_and_is_held() -> None:
     assert found.policy is None and found.problem == "bad" and found.result == "sts-webpki-invalid"
     await sts.lookup("example.test")
     assert fetcher.fetches == ["example.test"]  # held: not tried on every delivery
-    publish(resolver, "example.test", "2")  # a new id is tried at once
+    publish(resolver, "example.test", "2")  # a new id: still held
     fetcher.bodies["example.test"] = ENFORCE
+    assert (await sts.lookup("example.test")).policy is None
+    assert fetcher.fetches == ["example.test"]
+    await trio.sleep(FAILURE_HOLD + 1)
     assert (await sts.lookup("example.test")).source == "fetched"
 
 
