@@ -306,8 +306,7 @@ class Router:
         if lookup.problem is not None and lookup.source == "none":
             self._report_sts(lookup, "", lookup.result, lookup.problem)
         if policy is None or policy.mode == "none":
-            route = self.candidates(domain, binding, bypass, mx, tls)
-            return replace(route, sts=lookup)
+            return self.candidates(domain, binding, bypass, mx, tls, lookup)
         excluded = tuple(host.name for host in mx.hosts if not policy.matches(host.name))
         if policy.mode == "testing":
             for host in excluded:
@@ -358,7 +357,10 @@ class Router:
         bypass: bool,
         mx: MXResult,
         tls: TlsPolicy,
+        sts: StsLookup | None = None,
     ) -> Route:
+        """The route to ``domain``'s MX addresses (``sts``: the MTA-STS look-up to attach when
+        it changes nothing about the MX hosts, for ``sidecar route`` and TLS-RPT)."""
         delivery = self.config.delivery
         chosen: list[Candidate] = []
         skipped: list[str] = []
@@ -414,5 +416,6 @@ class Router:
             tuple(chosen[: delivery.max_mx_addresses]),
             tuple(skipped),
             tls,
+            sts=sts,
         )
         return route
