@@ -154,6 +154,29 @@ def test_compose_parses_and_its_sidecar_config_checks(tmp_path: Path) -> None:
     ]
 
 
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping, as Docker Compose v2 does
+    (its YAML parser, go-yaml v3: "mapping key ... already defined"); PyYAML, docker-compose
+    1.29 and podman-compose keep the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicates = sorted({str(key) for key in keys if keys.count(key) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate keys {duplicates}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+def test_compose_file_loads_in_compose_v2_and_docker_compose_1() -> None:
+    text = (COMPOSE / "compose.yaml").read_text(encoding="utf-8")
+    compose = yaml.load(text, Loader=StrictLoader)  # a SafeLoader: no arbitrary objects
+    # docker-compose 1.29 (Debian 12's) refuses a top-level `name` ("'name' does not match any
+    # of the regexes: '^x-'"); the project name is the directory's, or -p NAME.
+    assert set(compose) <= {"services", "volumes", "networks"}
+
+
 @pytest.mark.parametrize("service", ["postfix", "haproxy", "mx", "sidecar"])
 def test_compose_builds_copy_files_that_exist(service: str) -> None:
     compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text(encoding="utf-8"))
