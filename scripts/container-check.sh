@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build and run the sidecar's container with a real engine, Podman (the default) or Docker
-# (`--engine docker`, or CHECK_ENGINE=docker), from a fresh Debian 12 machine, as root: the image, the README's `docker run` recipe against a real stack on
-# loopback, the health check, a stop during a slow transaction, a reload, ports below 1024,
-# the state directory, examples/compose and examples/kubernetes. Prints PASS/FAIL per check
-# and exits 1 if any failed. README: "The container".
+# (`--engine docker`, or CHECK_ENGINE=docker), from a fresh Debian 12 machine, as root: the
+# image, the README's `docker run` recipe against a real stack on loopback, the health check,
+# a stop during a slow transaction, a reload, ports below 1024, the state directory,
+# examples/compose and examples/kubernetes. Prints PASS/FAIL per check and exits 1 if any
+# failed. README: "The container".
 #
 # No container registry is needed. The base images are stand-ins built here with debootstrap
 # from Debian's apt mirror: "debian:bookworm-slim" is a minbase bookworm, and
@@ -22,11 +23,13 @@
 #
 # With Docker: Debian's docker.io (Docker Engine 20.10) and docker-compose (1.29) are installed
 # if missing, and if no Docker daemon answers, dockerd is started here (log in CHECK_DIR) and
-# stopped at the end. Docker runs the HEALTHCHECK itself (its own timers): the main container
-# keeps the image's 30 s interval; the others are run with --health-interval 1s so that the
-# healthy/unhealthy checks do not wait minutes. examples/compose runs with docker-compose;
-# examples/kubernetes needs `podman kube play` and is skipped. Podman without systemd cannot
-# time the health checks: there `podman healthcheck run` runs the same probe on demand.
+# stopped at the end (it leaves its docker0 bridge and iptables chains, as dockerd does
+# anywhere; docker.io stays installed). Docker runs the HEALTHCHECK itself (its own timers):
+# the main container keeps the image's 30 s interval; the others are run with
+# --health-interval 1s so that the healthy/unhealthy checks do not wait minutes.
+# examples/compose runs with docker-compose; examples/kubernetes needs `podman kube play` and
+# is skipped. Podman without systemd cannot time the health checks: there `podman healthcheck
+# run` runs the same probe on demand.
 #
 # Idempotent: every container, pod, volume, network and image it makes is named
 # sidecar-check-* (or is a tag it added) and removed at the end, as are the HAProxy and the
@@ -101,10 +104,18 @@ exec 3>&2 2>>"$RUN/stderr.log"
 
 # --- the engine's helpers --------------------------------------------------------------------
 image_exists() {  # IMAGE
-    if [ "$ENGINE" = docker ]; then docker image inspect "$1" >/dev/null 2>&1; else podman image exists "$1"; fi
+    if [ "$ENGINE" = docker ]; then
+        docker image inspect "$1" >/dev/null 2>&1
+    else
+        podman image exists "$1"
+    fi
 }
 untag() {  # NAME: remove this name only (the image stays under its other names)
-    if [ "$ENGINE" = docker ]; then docker rmi "$1" >/dev/null 2>&1; else podman untag "$1" >/dev/null 2>&1; fi
+    if [ "$ENGINE" = docker ]; then
+        docker rmi "$1" >/dev/null 2>&1
+    else
+        podman untag "$1" >/dev/null 2>&1
+    fi
 }
 health_status() { "$ENGINE" inspect "$1" --format '{{.State.Health.Status}}' 2>/dev/null; }
 wait_for_health() {  # CONTAINER STATUS SECONDS: Docker runs the HEALTHCHECK on its own timers
