@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from throughput import (
+    CACHE_SETTLE,
     DNS,
     DNS_PORT,
     EGRESS,
@@ -154,6 +155,7 @@ def run(backends: list[str], plan: list[Load], rounds: int, pids: dict[str, int]
         for load in plan:
             progress(f"round {number + 1}/{rounds}: {load.name} ({', '.join(order)})")
             for backend in order:
+                time.sleep(CACHE_SETTLE)  # the last sidecar's idle upstreams expire first
                 before = cpu_seconds(pids[backend])
                 seconds = run_load(load, SIDECARS[backend], SIDECAR_PORT)
                 results.cpu.setdefault((load.name, backend), []).append(
