@@ -638,12 +638,12 @@ class SnapshotCollector(Collector):
             for binding, outcome, count in extra.transactions:
                 transactions.add_metric([binding, outcome], count)
         yield transactions
-        recipients = CounterMetricFamily(
-            "sidecar_recipients", "RCPT replies by outcome class.", labels=["outcome"]
+        yield _counter_by(
+            "sidecar_recipients",
+            "RCPT replies by outcome class.",
+            "outcome",
+            counters.recipients_total,
         )
-        for outcome, count in counters.recipients_total:
-            recipients.add_metric([outcome], count)
-        yield recipients
         relayed = CounterMetricFamily(
             "sidecar_bytes",
             "Message and command bytes relayed, by direction.",
@@ -665,23 +665,19 @@ class SnapshotCollector(Collector):
                 "Upstream connections taken from the connection cache instead of opened.",
                 extra.connection_cache_hits,
             )
-            fallbacks = CounterMetricFamily(
+            yield _counter_by(
                 "sidecar_starttls_fallbacks",
                 "Opportunistic STARTTLS that failed, so that the mail went in plaintext.",
-                labels=["binding"],
+                "binding",
+                extra.starttls_fallbacks,
             )
-            for binding, count in extra.starttls_fallbacks:
-                fallbacks.add_metric([binding], count)
-            yield fallbacks
-            policies = CounterMetricFamily(
+            yield _counter_by(
                 "sidecar_transactions_by_tls_policy",
                 "Transactions by the TLS policy their MX connection was opened under"
                 " (dane, mta-sts, verify, required, opportunistic, none).",
-                labels=["tls_policy"],
+                "tls_policy",
+                extra.tls_policies,
             )
-            for label, count in extra.tls_policies:
-                policies.add_metric([label], count)
-            yield policies
         plumbed = GaugeMetricFamily(
             "sidecar_haproxy_server_plumbed",
             "1 when the HAProxy server is plumbed.",
@@ -705,6 +701,16 @@ class SnapshotCollector(Collector):
 def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
     """A counter family of one unlabelled series (``name`` without ``_total``)."""
     return CounterMetricFamily(name, help_text, value=value)
+
+
+def _counter_by(
+    name: str, help_text: str, label: str, counts: Iterable[tuple[str, float]]
+) -> CounterMetricFamily:
+    """A counter family with one label: a series per (label value, count) of ``counts``."""
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value, count in counts:
+        family.add_metric([value], count)
+    return family
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
