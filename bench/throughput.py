@@ -59,6 +59,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.cpus import available_cpus
+
 ROOT = Path(__file__).resolve().parents[1]
 SIDECAR = ROOT / ".venv" / "bin" / "sidecar"
 
@@ -194,7 +196,7 @@ backend to_egress
 """
 
 
-def write_configs(workdir: Path, workers: int = 2) -> None:
+def write_configs(workdir: Path, workers: int = 2, auto: bool = False) -> None:
     # Default threading: one process, both hops, and the sidecars' egress.
     (workdir / "haproxy.cfg").write_text(
         HAPROXY_COMMON + egress_section(EGRESS) + front_section(FRONT, EGRESS)
@@ -203,10 +205,11 @@ def write_configs(workdir: Path, workers: int = 2) -> None:
     (workdir / "front-nt1.cfg").write_text(HAPROXY_NT1 + front_section(FRONT_NT1, EGRESS_NT1))
     (workdir / "sidecar.toml").write_text(sidecar_config(SIDECAR_ADDRESS, 1))
     (workdir / "sidecar-warn.toml").write_text(sidecar_config(WARN_ADDRESS, 1))
-    (workdir / "sidecar-workers.toml").write_text(sidecar_config(WORKERS_ADDRESS, workers))
+    second = sidecar_config(WORKERS_ADDRESS, '"auto"' if auto else str(workers))
+    (workdir / "sidecar-workers.toml").write_text(second)
 
 
-def sidecar_config(address: str, workers: int) -> str:
+def sidecar_config(address: str, workers: int | str) -> str:
     return f"""[server]
 hostname = "sidecar.bench.test"
 max_connections = 8000
@@ -241,10 +244,12 @@ RCPT = f"RCPT TO:<{RECIPIENT}>\r\n".encode()
 ISSUE_RSS_TARGET_MIB = 40
 
 
-def workers_path(workers: int, baseline: Path | None = None) -> str:
-    """The name (and column) of the second sidecar: the one with server.workers, or the
-    baseline checkout's."""
-    return "baseline" if baseline is not None else f"sidecar x{workers}"
+def workers_path(workers: int, baseline: Path | None = None, auto: bool = False) -> str:
+    """The name (and column) of the second sidecar: the one with server.workers ("auto":
+    one per CPU), or the baseline checkout's."""
+    if baseline is not None:
+        return "baseline"
+    return "sidecar auto" if auto else f"sidecar x{workers}"
 
 
 class SmtpError(RuntimeError):
@@ -454,6 +459,7 @@ class Plan:
     profile: str | None
     workers: int  # of the second sidecar (server.workers); 1: no second sidecar
     baseline: Path | None = None  # the second sidecar is this checkout's, one process
+    workers_auto: bool = False  # the second sidecar has workers = "auto" (= workers CPUs)
 
 
 def throughput_loads(messages: int, big: int) -> list[Load]:
@@ -487,9 +493,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--workers",
-        type=int,
-        default=2,
-        help="server.workers of a second sidecar in the throughput table (1: none; default 2)",
+        default="auto",
+        help='server.workers of a second sidecar in the throughput table: N or "auto" (one per '
+        'CPU: on 1 CPU, none); 1: none; default "auto"',
     )
     parser.add_argument(
         "--baseline",
@@ -513,6 +519,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
             return given
         return quick_default if quick else default
 
+    auto = args.workers == "auto"
+    workers = available_cpus() if auto else int(args.workers)
     loads = (
         []
         if args.no_throughput
@@ -526,8 +534,9 @@ def plan_from(args: argparse.Namespace) -> Plan:
         soak_messages=count(args.soak_messages, args.no_soak, 10_000, 100_000),
         soak_interval=0.5 if quick else 2.0,
         profile=args.profile,
-        workers=1 if args.profile else (2 if args.baseline else args.workers),
+        workers=1 if args.profile else (2 if args.baseline else workers),
         baseline=args.baseline,
+        workers_auto=auto and not args.baseline,
     )
 
 
@@ -542,14 +551,18 @@ def missing_prerequisite() -> str | None:
 
 @contextmanager
 def services(
-    workdir: Path, profile: str | None, workers: int, baseline: Path | None = None
+    workdir: Path,
+    profile: str | None,
+    workers: int,
+    baseline: Path | None = None,
+    auto: bool = False,
 ) -> Iterator[dict[str, int]]:
     """smtp-sink, dnsmasq, both HAProxies and the sidecars; yields their pids by path."""
     profiler: list[str] = []
     if profile:
         py_spy = ROOT / ".venv" / "bin" / "py-spy"
         profiler = [str(py_spy), "record", "-r", "250", "-f", "raw", "-o", profile, "--"]
-    write_configs(workdir, 1 if baseline is not None else workers)
+    write_configs(workdir, 1 if baseline is not None else workers, auto)
     dnsmasq = [
         "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
         "--bind-interfaces", f"--listen-address={DNS}", f"--port={DNS_PORT}",
@@ -584,7 +597,7 @@ def services(
             argv = [str(second), "run", "-c", "sidecar-workers.toml"]
             ready = (WORKERS_ADDRESS, SIDECAR_PORT)
             with started(argv, "sidecar-workers", workdir, ready) as workers_pid:
-                yield {**pids, workers_path(workers, baseline): workers_pid}
+                yield {**pids, workers_path(workers, baseline, auto): workers_pid}
 
 
 @dataclass
@@ -677,12 +690,13 @@ def main() -> int:
         "chain nt1": (FRONT_NT1, FRONT_PORT),
     }
     if plan.workers > 1:
-        paths[workers_path(plan.workers, plan.baseline)] = (WORKERS_ADDRESS, SIDECAR_PORT)
+        second = workers_path(plan.workers, plan.baseline, plan.workers_auto)
+        paths[second] = (WORKERS_ADDRESS, SIDECAR_PORT)
     if plan.profile:
         paths = {"sidecar": paths["sidecar"]}
     with (
         tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp,
-        services(Path(tmp), plan.profile, plan.workers, plan.baseline) as pids,
+        services(Path(tmp), plan.profile, plan.workers, plan.baseline, plan.workers_auto) as pids,
     ):
         results = run_plan(plan, paths, pids)
     if plan.profile:
@@ -701,7 +715,9 @@ def report(plan: Plan, results: Results) -> list[str]:
         f"{os.cpu_count()} cores, python {platform.python_version()}{rounds}",
     ]
     if plan.loads:
-        lines += report_throughput(plan.loads, results, plan.workers, plan.baseline)
+        lines += report_throughput(
+            plan.loads, results, plan.workers, plan.baseline, plan.workers_auto
+        )
     if results.latency is not None:
         lines += report_latency(results.latency, "one command at a time")
     if results.latency_pipelined is not None:
@@ -714,13 +730,17 @@ def report(plan: Plan, results: Results) -> list[str]:
 
 
 def report_throughput(
-    loads: list[Load], results: Results, workers: int, baseline: Path | None = None
+    loads: list[Load],
+    results: Results,
+    workers: int,
+    baseline: Path | None = None,
+    auto: bool = False,
 ) -> list[str]:
     """One row per load: each path's rate, and for each sidecar its ratio to the chain (default
     threading) and its CPU seconds per 1000 messages (all its processes); then the sidecar's
     ratio to the nbthread 1 chain and what its INFO log costs (CPU against ``sidecar warn``)."""
     sidecars = ["sidecar", "sidecar warn"]
-    sidecars += [workers_path(workers, baseline)] if workers > 1 else []
+    sidecars += [workers_path(workers, baseline, auto)] if workers > 1 else []
     header = f"{'load':48} {'direct':>8} {'chain':>8}"
     for path in sidecars:
         header += f" | {path:>12} {'vs chain':>8} {'CPU/1000':>8}"
@@ -750,6 +770,11 @@ def report_throughput(
         " egress too); chain nt1: two HAProxy processes with nbthread 1.",
         "INFO log CPU: (sidecar - sidecar warn) / sidecar, CPU per message.",
         "CPU/1000: the sidecar's CPU seconds per 1000 messages, all its processes together.",
+        *(
+            [f'sidecar auto: server.workers = "auto", here {workers} worker processes (INFO).']
+            if auto and baseline is None
+            else []
+        ),
         f"sidecar peak RSS (one process): {mib(results.peak_rss)} MiB",
     ]
     return lines

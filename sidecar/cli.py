@@ -77,7 +77,9 @@ def status_urls(config: Config, path: str) -> list[str]:
     if address is None:
         return []
     host = f"[{address.host}]" if ":" in address.host else address.host
-    return [f"http://{host}:{address.port + index}{path}" for index in range(config.server.workers)]
+    return [
+        f"http://{host}:{address.port + index}{path}" for index in range(config.server.worker_count)
+    ]
 
 
 def config_option(f: _F) -> _F:
@@ -170,6 +172,12 @@ def check(config_path: str) -> None:
     dane_warning = dane_resolver_warning(config)
     if dane_warning is not None:
         click.echo(f"warning: {dane_warning}", err=True)
+    if config.server.workers == "auto":
+        click.echo(
+            f'note: workers = "auto" starts {config.server.worker_count} worker process(es) '
+            "here (the CPUs this process may use)",
+            err=True,
+        )
     budget = expected_budget(config)
     if budget.reduced:
         click.echo(
@@ -241,7 +249,7 @@ def run(config_path: str, log_level: str, log_format: str) -> None:
         shutdown_logging()
         sys.exit(EXIT_CONFIG_ERROR)
     try:
-        if config.server.workers > 1:
+        if config.server.worker_count > 1:
             sys.exit(supervise(config, config_path))
         trio.run(partial(run_until_signal, config, config_path, tls_store=tls_store))
     except ListenError as e:

@@ -188,7 +188,7 @@ def expected_budget(config: Config) -> DescriptorBudget:
     the descriptors open at start estimated: stdio, the event loop's, and the listening
     sockets (each worker inherits every worker's). For ``sidecar check``."""
     listening = len(config.listeners) + (1 if config.status.address is not None else 0)
-    estimate = 8 + listening * max(1, config.server.workers)
+    estimate = 8 + listening * config.server.worker_count
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return plan_descriptors(_reachable(hard), estimate, config)
 

@@ -111,8 +111,11 @@ def _trio_listeners(sockets: list[socket.socket]) -> list[trio.SocketListener]:
     return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
 
 
-def run_worker(index: int, sockets: WorkerSockets, config: Config, config_path: str) -> int:
-    """In a forked child: serve on this worker's sockets until a signal; the exit code."""
+def run_worker(
+    index: int, count: int, sockets: WorkerSockets, config: Config, config_path: str
+) -> int:
+    """In a forked child: serve on this worker's sockets (worker ``index`` of ``count``)
+    until a signal; the exit code."""
     tag_worker(index)
     with contextlib.suppress(OSError, AttributeError):
         # The kernel ends this worker if the supervisor dies without stopping it.
@@ -131,7 +134,7 @@ def run_worker(index: int, sockets: WorkerSockets, config: Config, config_path: 
             config_path,
             opened=sockets.listeners,
             status_sockets=_trio_listeners(sockets.status),
-            worker=(index, config.server.workers),
+            worker=(index, count),
             tls_store=tls_store,
         )
 
@@ -183,7 +186,9 @@ class Supervisor:
             try:
                 for signum in FORWARDED_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
-                code = run_worker(index, self.sockets[index], self.config, self.config_path)
+                code = run_worker(
+                    index, len(self.sockets), self.sockets[index], self.config, self.config_path
+                )
             finally:
                 shutdown_logging()  # the buffered lines: os._exit runs no atexit hook
                 sys.stderr.flush()
@@ -244,6 +249,7 @@ class Supervisor:
 
 
 def supervise(config: Config, config_path: str) -> int:
-    """``sidecar run`` with ``server.workers`` > 1; raises :class:`ListenError` before forking."""
-    sockets = bind_workers(config, config.server.workers)
+    """``sidecar run`` with more than one worker (``server.workers``); raises
+    :class:`ListenError` before forking."""
+    sockets = bind_workers(config, config.server.worker_count)
     return Supervisor(config, config_path, sockets).run()

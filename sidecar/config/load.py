@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import Field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from sidecar.config.schema import (
     DEFAULT_DNS_PORT,
@@ -739,6 +739,18 @@ def _bool(value: object, path: str) -> bool:
     return value
 
 
+def _parse_workers(value: object, path: str) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            path,
+            f'must be a positive integer or "auto" (one per CPU this process may use), '
+            f"got {_show(value)}",
+        )
+    return value
+
+
 def _positive_int(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(path, f"must be a positive integer, got {_show(value)}")
@@ -867,6 +879,7 @@ def _status_address(value: object, path: str) -> HostPort:
 _BY_NAME: dict[tuple[type[Any], str], _Parser] = {
     (ServerConfig, "hostname"): _parse_hostname,
     (ServerConfig, "allowed_clients"): _parse_networks,
+    (ServerConfig, "workers"): _parse_workers,
     (DnsConfig, "nameservers"): _parse_nameservers,
     (DnsConfig, "static"): _parse_static,
     (DeliveryConfig, "port"): _port,

@@ -24,6 +24,7 @@ from dataclasses import Field, dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Literal
 
+from sidecar.cpus import available_cpus
 from sidecar.shaping.model import PathLimits, Rate
 
 TlsPolicy = Literal["disabled", "opportunistic", "required", "verify"]
@@ -378,12 +379,21 @@ class ServerConfig:
         default=30.0,
         metadata=doc("seconds open sessions get to finish their transaction on shutdown"),
     )
-    workers: int = field(
+    workers: int | Literal["auto"] = field(
         default=1,
         metadata=doc(
-            "processes sharing the listeners (SO_REUSEPORT), each with its own event loop"
+            "processes sharing the listeners (SO_REUSEPORT), each with its own event loop; "
+            '"auto": one per CPU this process may use (affinity and cgroup CPU limit)'
         ),
     )
+
+    @property
+    def worker_count(self) -> int:
+        """The number of worker processes ``workers`` means here ("auto" resolved with
+        :func:`sidecar.cpus.available_cpus`)."""
+        if self.workers == "auto":
+            return available_cpus()
+        return self.workers
 
 
 @dataclass(frozen=True)

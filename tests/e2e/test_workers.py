@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -190,3 +191,52 @@ async def test_workers_lose_no_transaction_line_on_sigterm(
     assert await wait_exit(started) == 0
     lines = [line for line in started.stderr.splitlines() if "sidecar.transaction" in line]
     assert len(lines) == count + 1, lines
+
+
+def pinned_to(cpus: list[int]) -> Callable[[], None]:
+    """A ``preexec_fn`` that gives the started ``sidecar run`` this affinity mask."""
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+async def test_workers_auto_starts_one_per_cpu_of_the_affinity_mask(
+    cli_stack: CliStack, processes: Processes, lab: Lab
+) -> None:
+    """``workers = "auto"``: as many workers as CPUs the process may use (here its affinity
+    mask: two CPUs), and ``sidecar status`` asks each of them."""
+    mask = sorted(os.sched_getaffinity(0))
+    assert len(mask) >= 2, "this test needs a machine with two CPUs"
+    status = with_status(cli_stack, lab)
+    server = {**cli_stack.config["server"], "workers": "auto"}
+    cli_stack.config = {**cli_stack.config, "server": server}
+    write_config(cli_stack, cli_stack.config)
+    started = await processes.start(
+        ["run", "-c", str(cli_stack.config_path)], preexec_fn=pinned_to(mask[:2])
+    )
+    await wait_listening(cli_stack.listener, started)
+    await wait_for_log(started, "supervising 2 workers")
+    await send_ok(cli_stack, 8)
+    assert len(await cli_stack.mxes[0].wait_for_messages(8)) == 8
+    code, body = await http_get(Endpoint(status.host, status.port + 1), "/status")
+    assert code == 200 and json.loads(body)["workers"] == 2
+    shown = await run_cli("status", "-c", str(cli_stack.config_path))
+    assert "worker 0 of 2" in shown.stdout.decode(), shown
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started, timeout=10) == 0
+
+
+async def test_workers_auto_on_one_cpu_is_a_single_process(
+    cli_stack: CliStack, processes: Processes
+) -> None:
+    server = {**cli_stack.config["server"], "workers": "auto"}
+    cli_stack.config = {**cli_stack.config, "server": server}
+    write_config(cli_stack, cli_stack.config)
+    mask = sorted(os.sched_getaffinity(0))
+    started = await processes.start(
+        ["run", "-c", str(cli_stack.config_path)], preexec_fn=pinned_to(mask[:1])
+    )
+    await wait_listening(cli_stack.listener, started)
+    await send_ok(cli_stack, 2)
+    assert len(await cli_stack.mxes[0].wait_for_messages(2)) == 2
+    assert "supervising" not in started.stderr and not worker_pids(started)
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started, timeout=10) == 0

@@ -58,6 +58,17 @@ def test_check_prints_effective_config_and_exits_0(runner: CliRunner, tmp_path: 
     assert parse_config(effective) == load_config(path)
 
 
+def test_check_says_how_many_workers_auto_starts(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.config.schema.available_cpus", lambda: 3)
+    path = write(tmp_path, VALID.replace('hostname = "mta1.example.com"', 'workers = "auto"'))
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.stdout)["server"]["workers"] == "auto"
+    assert 'note: workers = "auto" starts 3 worker process(es) here' in result.stderr
+
+
 def test_check_long_option(runner: CliRunner, tmp_path: Path) -> None:
     path = write(tmp_path, VALID)
     result = runner.invoke(main, ["check", "--config", str(path)])

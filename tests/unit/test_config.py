@@ -332,6 +332,24 @@ def test_unknown_keys_are_errors(data: dict[str, Any], message: str) -> None:
     ("section", "key", "value", "message"),
     [
         ("server", "max_connections", -1, "must be a positive integer, got -1"),
+        (
+            "server",
+            "workers",
+            0,
+            'must be a positive integer or "auto" (one per CPU this process may use), got 0',
+        ),
+        (
+            "server",
+            "workers",
+            "all",
+            'must be a positive integer or "auto" (one per CPU this process may use), got "all"',
+        ),
+        (
+            "server",
+            "workers",
+            True,
+            'must be a positive integer or "auto" (one per CPU this process may use), got true',
+        ),
         ("server", "max_connections", 0, "must be a positive integer, got 0"),
         ("server", "max_connections", True, "must be a positive integer, got true"),
         ("server", "max_connections", 1.5, "must be a positive integer, got 1.5"),
