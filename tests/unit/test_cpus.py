@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import cpus
 from sidecar.config import ServerConfig, parse_config
 from sidecar.cpus import available_cpus, cgroup_cpu_limit
 
@@ -94,7 +93,6 @@ def test_available_cpus_rounds_a_quota_up_and_never_exceeds_the_affinity(
 
 
 def test_workers_auto_in_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpus, "available_cpus", lambda: 3)
     monkeypatch.setattr("sidecar.config.schema.available_cpus", lambda: 3)
     config = parse_config(
         {
