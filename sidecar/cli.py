@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import click
 import trio
 
-from sidecar.config import Config, ConfigError, config_to_dict, load_config
+from sidecar.config import MAX_WORKERS, Config, ConfigError, config_to_dict, load_config
 from sidecar.errors import describe_error
 from sidecar.explain import dane_resolver_warning, explain_route, status_reader
 from sidecar.limits import expected_budget, raise_nofile_limit
@@ -70,16 +70,47 @@ def _urlopen(url: str, timeout: float, data: bytes | None = None) -> Any:
     return urllib.request.urlopen(request, timeout=timeout)
 
 
-def status_urls(config: Config, path: str) -> list[str]:
-    """``path`` on the status endpoint of every worker (worker i serves on port + i); [] when
-    [status] address is not set."""
+def _get(url: str, timeout: float = 3) -> bytes:
+    with _urlopen(url, timeout) as response:
+        data: bytes = response.read()
+        return data
+
+
+def running_workers(config: Config, fetch: Callable[[str], bytes]) -> int:
+    """How many workers the running sidecar has: the ``workers`` of worker 0's /status.
+
+    Not ``server.workers`` as this command reads it: the sidecar resolved ``"auto"`` with its
+    own affinity mask and cgroup (a systemd ``CPUAffinity=``/``CPUQuota=``, ``taskset``),
+    which need not be this command's, and a changed ``workers`` applies only at a restart.
+    The configuration's count when worker 0 does not answer (at least one)."""
+    address = config.status.address
+    if address is None:
+        return 0
+    try:
+        count = json.loads(fetch(f"http://{_url_host(address.host)}:{address.port}/status"))[
+            "workers"
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return config.server.worker_count
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        return config.server.worker_count
+    return min(count, MAX_WORKERS, 65536 - address.port)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def status_urls(config: Config, path: str, workers: int | None = None) -> list[str]:
+    """``path`` on the status endpoint of every worker (worker i serves on port + i) of
+    ``workers`` (default: :func:`running_workers`); [] when [status] address is not set."""
     address = config.status.address
     if address is None:
         return []
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    return [
-        f"http://{host}:{address.port + index}{path}" for index in range(config.server.worker_count)
-    ]
+    if workers is None:
+        workers = running_workers(config, _get)
+    host = _url_host(address.host)
+    return [f"http://{host}:{address.port + index}{path}" for index in range(workers)]
 
 
 def config_option(f: _F) -> _F:
@@ -289,12 +320,7 @@ def route(config_path: str, listener_address: str | None, address: str) -> None:
         click.echo(f"error: {address}: {e.reply.text}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
 
-    def fetch(url: str) -> bytes:
-        with _urlopen(url, 3) as response:
-            data: bytes = response.read()
-            return data
-
-    reader = status_reader(status_urls(config, "/status"), fetch)
+    reader = status_reader(status_urls(config, "/status"), _get)
     lines, ok = trio.run(explain_route, config, listener, recipient, reader)
     for line in lines:
         click.echo(line)

@@ -35,8 +35,10 @@ def cgroup_cpu_limit(proc_cgroup: Path, root: Path) -> float | None:
     """The CPU bandwidth limit in CPUs (quota / period) of the process's cgroup, the
     smallest of it and its ancestors' below ``root``; ``None`` when there is none."""
     try:
-        membership = proc_cgroup.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError):
+        # a group's name may be any bytes but "/" (a container runtime's, not only systemd's
+        # escaped ones): decoded as the file system names them, not refused as not ASCII
+        membership = os.fsdecode(proc_cgroup.read_bytes())
+    except OSError:
         return None
     limits: list[float] = []
     for line in membership.splitlines():
@@ -64,9 +66,14 @@ def cgroup_cpu_limit(proc_cgroup: Path, root: Path) -> float | None:
 
 
 def _walk(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
-    """The limits ``read`` finds in the group ``path`` under ``mount`` and its ancestors."""
+    """The limits ``read`` finds in the group ``path`` under ``mount`` and its ancestors.
+    None for a path with ".." (a process outside its cgroup namespace's root): the groups
+    this mount shows are not its own nor its ancestors."""
     found: list[float] = []
-    group = mount.joinpath(*[part for part in path.split("/") if part and part != ".."])
+    parts = [part for part in path.split("/") if part]
+    if ".." in parts:
+        return found
+    group = mount.joinpath(*parts)
     while True:
         limit = read(group)
         if limit is not None:

@@ -97,6 +97,8 @@ def bind_workers(config: Config, workers: int) -> list[WorkerSockets]:
                 address = HostPort(status.host, status.port + index)
                 what = f"status endpoint {address} (worker {index})"
                 try:
+                    if address.port > 65535:  # getaddrinfo would wrap it to 0, 1, ...
+                        raise OSError(0, f"port {address.port} is beyond 65535")
                     worker.status = listen(address.host, address.port)
                 except OSError as error:
                     raise ListenError(what, error) from error

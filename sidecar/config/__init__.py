@@ -17,6 +17,7 @@ from sidecar.config.load import (
 )
 from sidecar.config.schema import (
     DEFAULT_DNS_PORT,
+    MAX_WORKERS,
     SELECTIONS,
     TLS_POLICIES,
     Binding,
@@ -37,6 +38,7 @@ from sidecar.config.schema import (
 
 __all__ = [
     "DEFAULT_DNS_PORT",
+    "MAX_WORKERS",
     "SELECTIONS",
     "TLS_POLICIES",
     "Binding",

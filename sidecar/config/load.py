@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from sidecar.config.schema import (
     DEFAULT_DNS_PORT,
     LISTENER_PROTOCOLS,
+    MAX_WORKERS,
     RULE_ACTIONS,
     SELECTIONS,
     SHAPING_BACKENDS,
@@ -132,6 +133,18 @@ def parse_config(data: Mapping[str, object]) -> Config:
     listeners = _parse_listeners(root.get("listener"), bindings, groups, warnings)
     domains = _parse_domains(root.get("domain", {}), "domain", warnings)
     status = _parse_section(StatusConfig, root.get("status", {}), "status", warnings)
+    if (
+        status.address is not None
+        and isinstance(server.workers, int)
+        and status.address.port + server.workers - 1 > 65535
+    ):
+        # worker i serves its status on port + i; getaddrinfo would wrap 65536 to 0 (a
+        # random port) and 65537 to 1, silently
+        raise ConfigError(
+            "status.address",
+            f"the port {status.address.port} leaves no room for the status ports of "
+            f"{server.workers} workers (port + 0 to port + {server.workers - 1}, at most 65535)",
+        )
 
     for warning in warnings:
         log.warning("%s", warning)
@@ -742,11 +755,11 @@ def _bool(value: object, path: str) -> bool:
 def _parse_workers(value: object, path: str) -> int | Literal["auto"]:
     if value == "auto":
         return "auto"
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise ConfigError(
             path,
-            f'must be a positive integer or "auto" (one per CPU this process may use), '
-            f"got {_show(value)}",
+            f'must be an integer from 1 to {MAX_WORKERS} or "auto" (one per CPU this process '
+            f"may use), got {_show(value)}",
         )
     return value
 

@@ -27,6 +27,10 @@ from typing import Any, Literal
 from sidecar.cpus import available_cpus
 from sidecar.shaping.model import PathLimits, Rate
 
+# server.workers at most (and what "auto" starts at most): each worker is a process of about
+# 40 MiB holding every worker's listening sockets, and worker i serves its status on port + i.
+MAX_WORKERS = 1024
+
 TlsPolicy = Literal["disabled", "opportunistic", "required", "verify"]
 TLS_POLICIES: tuple[TlsPolicy, ...] = ("disabled", "opportunistic", "required", "verify")
 # How a binding_group picks a member: in turn, or by a hash of the recipient domain (each
@@ -390,9 +394,9 @@ class ServerConfig:
     @property
     def worker_count(self) -> int:
         """The number of worker processes ``workers`` means here ("auto" resolved with
-        :func:`sidecar.cpus.available_cpus`)."""
+        :func:`sidecar.cpus.available_cpus`, at most :data:`MAX_WORKERS`)."""
         if self.workers == "auto":
-            return available_cpus()
+            return min(available_cpus(), MAX_WORKERS)
         return self.workers
 
 

@@ -240,3 +240,25 @@ async def test_workers_auto_on_one_cpu_is_a_single_process(
     assert "supervising" not in started.stderr and not worker_pids(started)
     started.process.send_signal(signal.SIGTERM)
     assert await wait_exit(started, timeout=10) == 0
+
+
+async def test_workers_auto_whose_status_ports_pass_65535_refuses_to_start(
+    cli_stack: CliStack, processes: Processes, lab: Lab
+) -> None:
+    """``check`` cannot know how many workers "auto" starts: ``run`` refuses a status port
+    + i beyond 65535 (getaddrinfo would wrap 65536 to 0, a random port, without a word)."""
+    mask = sorted(os.sched_getaffinity(0))
+    assert len(mask) >= 2, "this test needs a machine with two CPUs"
+    status = Endpoint(lab.addresses.ipv4(), 65535)
+    server = {**cli_stack.config["server"], "workers": "auto"}
+    cli_stack.config = {**cli_stack.config, "server": server, "status": {"address": str(status)}}
+    write_config(cli_stack, cli_stack.config)
+    started = await processes.start(
+        ["run", "-c", str(cli_stack.config_path)], preexec_fn=pinned_to(mask[:2])
+    )
+    assert await wait_exit(started, timeout=10) == 1
+    assert (
+        f"error: cannot listen on status endpoint {status.host}:65536 (worker 1): "
+        "port 65536 is beyond 65535"
+    ) in started.stderr, started.stderr
+    assert "supervising" not in started.stderr

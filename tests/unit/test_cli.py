@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -346,3 +347,69 @@ def test_check_and_run_say_a_read_only_state_dir_is_read_only(
     assert result.stderr.endswith(": Read-only file system\n"), result.stderr
     with pytest.raises(StateDirError, match="Read-only file system"):
         StsStore.in_state_dir(str(state))
+
+
+class _Answer:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __enter__(self) -> _Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read(self) -> bytes:
+        return self.body
+
+
+@pytest.mark.parametrize(("here", "running"), [(1, 3), (4, 2)])
+def test_control_reaches_the_workers_the_running_sidecar_has(
+    runner: CliRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    here: int,
+    running: int,
+) -> None:
+    """workers = "auto" resolved where the sidecar runs (its systemd CPUAffinity/CPUQuota,
+    taskset) need not be what this command resolves: suspend goes to each worker the
+    running sidecar says it has (worker 0's /status), not to the count resolved here
+    (too few left workers delivering, too many failed against closed ports)."""
+    monkeypatch.setattr("sidecar.config.schema.available_cpus", lambda: here)
+    asked: list[str] = []
+
+    def urlopen(url: str, timeout: float, data: bytes | None = None) -> _Answer:
+        asked.append(f"{'POST' if data else 'GET'} {url}")
+        if url.endswith("/status"):
+            return _Answer(json.dumps({"workers": running, "worker": 0}).encode())
+        port = int(url.split(":")[2].split("/")[0])
+        if port >= 9925 + running:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return _Answer(b'{"paths": []}')
+
+    monkeypatch.setattr("sidecar.cli._urlopen", urlopen)
+    text = VALID.replace('hostname = "mta1.example.com"', 'workers = "auto"')
+    path = write(tmp_path, text + '\n[status]\naddress = "127.0.0.1:9925"\n')
+    result = runner.invoke(
+        main, ["suspend", "-c", str(path), "--binding", "b1", "--site", "x", "--duration", "1h"]
+    )
+    assert result.exit_code == 0, result.output
+    posted = [url for url in asked if url.startswith("POST")]
+    assert posted == [
+        f"POST http://127.0.0.1:{9925 + i}/shaping/suspend" for i in range(running)
+    ], asked
+
+
+def test_control_without_an_answer_from_worker_0_uses_the_configured_count(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def urlopen(url: str, timeout: float, data: bytes | None = None) -> _Answer:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr("sidecar.cli._urlopen", urlopen)
+    text = VALID.replace('hostname = "mta1.example.com"', "workers = 2")
+    path = write(tmp_path, text + '\n[status]\naddress = "[::1]:9925"\n')
+    result = runner.invoke(main, ["resume", "-c", str(path), "--binding", "b1", "--site", "x"])
+    assert result.exit_code == 1
+    assert "no answer from http://[::1]:9925/shaping/resume" in result.stderr
+    assert "no answer from http://[::1]:9926/shaping/resume" in result.stderr

@@ -336,19 +336,35 @@ def test_unknown_keys_are_errors(data: dict[str, Any], message: str) -> None:
             "server",
             "workers",
             0,
-            'must be a positive integer or "auto" (one per CPU this process may use), got 0',
+            'must be an integer from 1 to 1024 or "auto" (one per CPU this process may use), got 0',
         ),
         (
             "server",
             "workers",
             "all",
-            'must be a positive integer or "auto" (one per CPU this process may use), got "all"',
+            'must be an integer from 1 to 1024 or "auto" (one per CPU this process may use), '
+            'got "all"',
+        ),
+        (
+            "server",
+            "workers",
+            1025,
+            'must be an integer from 1 to 1024 or "auto" (one per CPU this process may use), '
+            "got 1025",
+        ),
+        (
+            "server",
+            "workers",
+            " auto",
+            'must be an integer from 1 to 1024 or "auto" (one per CPU this process may use), '
+            'got " auto"',
         ),
         (
             "server",
             "workers",
             True,
-            'must be a positive integer or "auto" (one per CPU this process may use), got true',
+            'must be an integer from 1 to 1024 or "auto" (one per CPU this process may use), '
+            "got true",
         ),
         ("server", "max_connections", 0, "must be a positive integer, got 0"),
         ("server", "max_connections", True, "must be a positive integer, got true"),
@@ -1009,6 +1025,18 @@ def test_status_section() -> None:
         parse_config({**base, "status": {"address": "nowhere"}})
     with pytest.raises(ConfigError, match=r"^status\.port: unknown key"):
         parse_config({**base, "status": {"port": 1}})
+
+
+def test_status_port_leaves_room_for_every_worker() -> None:
+    """Worker i serves its status on port + i: past 65535 getaddrinfo would wrap the port to
+    0 (a random one) or 1, silently."""
+    status = {"address": "127.0.0.1:65534"}
+    assert parse_config(minimal(server={"workers": 2}, status=status)).server.workers == 2
+    with pytest.raises(ConfigError) as info:
+        parse_config(minimal(server={"workers": 3}, status=status))
+    assert info.value.path == "status.address"
+    assert "no room for the status ports of 3 workers" in info.value.problem
+    assert parse_config(minimal(server={"workers": "auto"}, status=status)).status.address
 
 
 def test_tls_verify_ca_file_and_per_domain_tls(tmp_path: Path) -> None:

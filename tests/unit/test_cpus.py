@@ -106,3 +106,25 @@ def test_workers_auto_in_the_configuration(monkeypatch: pytest.MonkeyPatch) -> N
     assert config.server.workers == "auto"
     assert config.server.worker_count == 3
     assert ServerConfig(workers=2).worker_count == 2
+
+
+def test_a_path_outside_the_namespace_root_reads_no_other_group(tmp_path: Path) -> None:
+    """In a cgroup namespace a process outside its root shows as "/../x": x under the mount
+    is another group (a sibling of the namespace's root), not this process's."""
+    proc, root = _tree(
+        tmp_path, "0::/../x\n", {"cgroup.controllers": "cpu\n", "x/cpu.max": "50000 100000\n"}
+    )
+    assert cgroup_cpu_limit(proc, root) is None
+
+
+def test_a_group_name_that_is_not_ascii(tmp_path: Path) -> None:
+    proc, root = _tree(
+        tmp_path,
+        "0::/c\u00f6ntainer\n",
+        {"cgroup.controllers": "cpu\n", "c\u00f6ntainer/cpu.max": "100000 100000\n"},
+    )
+    assert cgroup_cpu_limit(proc, root) == 1.0
+    proc.write_bytes(b"0::/c\xf6\n")  # not UTF-8 either: still the group's file name
+    (root / os.fsdecode(b"c\xf6")).mkdir()
+    (root / os.fsdecode(b"c\xf6") / "cpu.max").write_text("200000 100000\n")
+    assert cgroup_cpu_limit(proc, root) == 2.0
