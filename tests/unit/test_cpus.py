@@ -23,59 +23,71 @@ def _tree(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path,
     return proc, root
 
 
-def test_v2_quota_of_the_own_group(tmp_path: Path) -> None:
-    proc, root = _tree(
-        tmp_path,
-        "0::/system.slice/mta.service\n",
-        {
-            "cgroup.controllers": "cpu memory\n",
-            "system.slice/mta.service/cpu.max": "150000 100000\n",
-        },
-    )
-    assert cgroup_cpu_limit(proc, root) == 1.5
+@pytest.mark.parametrize(
+    ("membership", "files", "limit"),
+    [
+        pytest.param(
+            "0::/system.slice/mta.service\n",
+            {
+                "cgroup.controllers": "cpu memory\n",
+                "system.slice/mta.service/cpu.max": "150000 100000\n",
+            },
+            1.5,
+            id="v2 quota of the own group",
+        ),
+        pytest.param(
+            "0::/kubepods/pod1/ctr\n",
+            {
+                "cgroup.controllers": "cpu\n",
+                "kubepods/pod1/cpu.max": "50000 100000\n",
+                "kubepods/pod1/ctr/cpu.max": "max 100000\n",
+                "kubepods/cpu.max": "400000 100000\n",
+            },
+            0.5,
+            id="v2 smallest along the ancestors",
+        ),
+        pytest.param(
+            "0::/\n",
+            {"cgroup.controllers": "cpu\n", "cpu.max": "max 100000\n"},
+            None,
+            id="v2 no limit",
+        ),
+        pytest.param(
+            "0::/c\n",
+            {"unified/cgroup.controllers": "\n", "unified/c/cpu.max": "300000 100000\n"},
+            3.0,
+            id="v2 under unified/ on a hybrid host",
+        ),
+        pytest.param(
+            "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n0::/\n",
+            {
+                "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+                "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            },
+            2.0,
+            id="v1 quota",
+        ),
+        pytest.param(
+            "1:cpu:/\n0::/\n",
+            {
+                "cpu/cpu.cfs_quota_us": "-1\n",
+                "cpu/cpu.cfs_period_us": "100000\n",
+                "cpu.max": "junk",
+            },
+            None,
+            id="v1 unlimited, v2 malformed",
+        ),
+    ],
+)
+def test_cgroup_cpu_limit(
+    tmp_path: Path, membership: str, files: dict[str, str], limit: float | None
+) -> None:
+    proc, root = _tree(tmp_path, membership, files)
+    assert cgroup_cpu_limit(proc, root) == limit
 
 
-def test_v2_smallest_limit_along_the_ancestors(tmp_path: Path) -> None:
-    proc, root = _tree(
-        tmp_path,
-        "0::/kubepods/pod1/ctr\n",
-        {
-            "cgroup.controllers": "cpu\n",
-            "kubepods/pod1/cpu.max": "50000 100000\n",
-            "kubepods/pod1/ctr/cpu.max": "max 100000\n",
-            "kubepods/cpu.max": "400000 100000\n",
-        },
-    )
-    assert cgroup_cpu_limit(proc, root) == 0.5
-
-
-def test_v2_no_limit(tmp_path: Path) -> None:
-    proc, root = _tree(
-        tmp_path, "0::/\n", {"cgroup.controllers": "cpu\n", "cpu.max": "max 100000\n"}
-    )
-    assert cgroup_cpu_limit(proc, root) is None
-
-
-def test_v1_quota(tmp_path: Path) -> None:
-    proc, root = _tree(
-        tmp_path,
-        "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n0::/\n",
-        {
-            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
-            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
-        },
-    )
-    assert cgroup_cpu_limit(proc, root) == 2.0
-
-
-def test_v1_unlimited_and_malformed_files_mean_no_limit(tmp_path: Path) -> None:
-    proc, root = _tree(
-        tmp_path,
-        "1:cpu:/\n0::/../x\n",
-        {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n", "cpu.max": "junk"},
-    )
-    assert cgroup_cpu_limit(proc, root) is None
-    assert cgroup_cpu_limit(tmp_path / "missing", root) is None
+def test_no_membership_file_means_no_limit(tmp_path: Path) -> None:
+    assert cgroup_cpu_limit(tmp_path / "missing", tmp_path) is None
 
 
 def test_available_cpus_rounds_a_quota_up_and_never_exceeds_the_affinity(
