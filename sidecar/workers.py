@@ -20,16 +20,17 @@ import signal
 import socket
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
 import trio
 
-from sidecar.config import Config, HostPort, Listener
+from sidecar.config import Config, ConfigError, HostPort, Listener, parse_config
 from sidecar.logs import shutdown_logging, tag_worker
 from sidecar.mxtls.tlsrpt_store import StateDirError, TlsRptStore
-from sidecar.server import ListenError, run_until_signal
+from sidecar.server import ListenError, reload_problem, run_until_signal
 from sidecar.tcp import addresses_of, listen, listening_socket
 
 log = logging.getLogger("sidecar.workers")
@@ -173,8 +174,14 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.failed = False
+        # The file's content at the last SIGHUP, read by the signal handler; a worker
+        # (re)started after it gets what the running workers reloaded, not the start-up one.
+        self.reloaded: bytes | None = None
+        self.reload_pending = False
 
     def _spawn(self, index: int, delay: float = RESTART_DELAY) -> None:
+        if self.reload_pending:
+            self._take_reload()
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Signals wait until the child has dropped the supervisor's handlers: a SIGTERM
@@ -202,6 +209,14 @@ class Supervisor:
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if signum != signal.SIGHUP:
             self.stopping = True
+        else:
+            # Only the bytes here: parsing logs, and a handler must not take the log's locks.
+            try:
+                with open(self.config_path, "rb") as f:
+                    self.reloaded = f.read()
+            except OSError:
+                self.reloaded = None
+            self.reload_pending = True
         for pid in list(self.workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -230,6 +245,22 @@ class Supervisor:
         for sockets in self.sockets:
             sockets.close()
         return 1 if self.failed else 0
+
+    def _take_reload(self) -> None:
+        """Make the configuration of the last SIGHUP the one new workers get, when the
+        workers could take it (valid, and no change that needs a restart); else keep ours,
+        as they did (each logged why)."""
+        self.reload_pending = False
+        content = self.reloaded
+        try:
+            if content is None:
+                raise ConfigError("", f"cannot read {self.config_path} as at the last SIGHUP")
+            new = parse_config(tomllib.loads(content.decode("utf-8")))
+        except (ConfigError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+            log.info("a restarted worker keeps the running configuration: %s", error)
+            return
+        if reload_problem(self.config, new) is None:
+            self.config = new
 
     def _restart(self, worker: _Worker, code: int) -> None:
         lived = time.monotonic() - worker.started

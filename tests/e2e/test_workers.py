@@ -262,3 +262,55 @@ async def test_workers_auto_whose_status_ports_pass_65535_refuses_to_start(
         "port 65536 is beyond 65535"
     ) in started.stderr, started.stderr
     assert "supervising" not in started.stderr
+
+
+def banner(endpoint: Endpoint) -> bytes:
+    with socket.create_connection((endpoint.host, endpoint.port), timeout=5) as sock:
+        line = sock.recv(512)
+        sock.sendall(b"QUIT\r\n")
+        return line
+
+
+async def test_a_restarted_worker_gets_the_configuration_reloaded_before(
+    cli_stack: CliStack, processes: Processes, lab: Lab
+) -> None:
+    """A SIGHUP reloads every worker; a worker restarted after it must serve that
+    configuration too, not the one the supervisor started with."""
+    with_workers(cli_stack, lab)
+    started = await start_workers(cli_stack, processes)
+    await trio.sleep(0.5)  # both workers past start-up (their signal handlers installed)
+    config = dict(cli_stack.config)
+    config["server"] = {**config["server"], "hostname": "reloaded.example"}
+    write_config(cli_stack, config)
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "[worker 0] sidecar.server: configuration reloaded")
+    await wait_for_log(started, "[worker 1] sidecar.server: configuration reloaded")
+    killed = worker_pids(started)[1]
+    os.kill(killed, signal.SIGKILL)
+    with trio.fail_after(10):
+        while worker_pids(started)[1] == killed:
+            await trio.sleep(0.05)
+    await trio.sleep(0.5)  # the new worker 1 accepting
+    # SO_REUSEPORT spreads connections by their ports: 24 reach both workers.
+    banners = [await trio.to_thread.run_sync(banner, cli_stack.listener) for _ in range(24)]
+    assert all(b"reloaded.example" in line for line in banners), banners
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started, timeout=10) == 0
+
+
+async def test_a_restarted_worker_keeps_the_running_configuration_after_a_bad_reload(
+    cli_stack: CliStack, processes: Processes, lab: Lab
+) -> None:
+    with_workers(cli_stack, lab)
+    started = await start_workers(cli_stack, processes)
+    await trio.sleep(0.5)
+    cli_stack.config_path.write_text("[server]\nworkers = 0\n")
+    started.process.send_signal(signal.SIGHUP)
+    await wait_for_log(started, "reload failed, keeping the running configuration")
+    os.kill(worker_pids(started)[1], signal.SIGKILL)
+    await wait_for_log(started, "a restarted worker keeps the running configuration")
+    await trio.sleep(0.5)
+    await send_ok(cli_stack, 8)
+    assert len(await cli_stack.mxes[0].wait_for_messages(8)) == 8
+    started.process.send_signal(signal.SIGTERM)
+    assert await wait_exit(started, timeout=10) == 0
