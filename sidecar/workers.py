@@ -20,14 +20,13 @@ import signal
 import socket
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
 import trio
 
-from sidecar.config import Config, ConfigError, HostPort, Listener, parse_config
+from sidecar.config import Config, ConfigError, HostPort, Listener, load_config_bytes
 from sidecar.logs import shutdown_logging, tag_worker
 from sidecar.mxtls.tlsrpt_store import StateDirError, TlsRptStore
 from sidecar.server import ListenError, reload_problem, run_until_signal
@@ -255,8 +254,8 @@ class Supervisor:
         try:
             if content is None:
                 raise ConfigError("", f"cannot read {self.config_path} as at the last SIGHUP")
-            new = parse_config(tomllib.loads(content.decode("utf-8")))
-        except (ConfigError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+            new = load_config_bytes(content, self.config_path)
+        except ConfigError as error:
             log.info("a restarted worker keeps the running configuration: %s", error)
             return
         if reload_problem(self.config, new) is None:

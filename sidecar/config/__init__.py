@@ -11,6 +11,7 @@ from sidecar.config.dump import config_to_dict
 from sidecar.config.load import (
     load_ca_file,
     load_config,
+    load_config_bytes,
     parse_config,
     parse_host_port,
     verifying_context,
@@ -58,6 +59,7 @@ __all__ = [
     "config_to_dict",
     "load_ca_file",
     "load_config",
+    "load_config_bytes",
     "parse_config",
     "parse_host_port",
     "verifying_context",

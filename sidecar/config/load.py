@@ -82,9 +82,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
-            data = tomllib.load(f)
+            content = f.read()
     except OSError as e:
         raise ConfigError("", f"cannot read {name}: {e.strerror or describe_error(e)}") from e
+    return load_config_bytes(content, name)
+
+
+def load_config_bytes(content: bytes, name: str) -> Config:
+    """Validate ``content``, the bytes of the TOML file ``name`` (for messages), as
+    :func:`load_config` does; raises :class:`ConfigError`."""
+    try:
+        data = tomllib.loads(content.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError("", f"{name}: not valid TOML: the file is not UTF-8 ({e})") from e
     except tomllib.TOMLDecodeError as e:
