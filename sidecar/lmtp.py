@@ -377,10 +377,7 @@ class LmtpSession(Session):
                 await self._abort_leg(leg)
                 return
         leg.upstream = None
-        if self.context.pool is None:
-            await upstream.quit()
-        else:
-            await self.context.pool.put(upstream)
+        await self._park(upstream)
 
     async def _abort_leg(self, leg: Leg) -> None:
         """Close the leg's connection without QUIT (mid-DATA: its MX discards the message)."""
@@ -402,10 +399,8 @@ class LmtpSession(Session):
                 continue
             if leg.txn.mail_sent:
                 await upstream.quit()  # a transaction is open at the MX
-            elif self.context.pool is not None:
-                await self.context.pool.put(upstream)
             else:
-                await upstream.quit()
+                await self._park(upstream)
         raise _CloseSession
 
     async def _wind_up(self) -> None:
@@ -422,8 +417,6 @@ class LmtpSession(Session):
                     continue
                 if leg.txn.mail_sent and not leg.finished:
                     await upstream.abort()
-                elif self.context.pool is not None:
-                    await self.context.pool.put(upstream)
                 else:
-                    await upstream.quit()
+                    await self._park(upstream)
         await super()._wind_up()

@@ -759,8 +759,12 @@ class Session:
     async def _release_upstream(self) -> None:
         """Between transactions: park the upstream for reuse (or QUIT it)."""
         upstream, self.upstream = self.upstream, None
-        if upstream is None:
-            return
+        if upstream is not None:
+            await self._park(upstream)
+
+    async def _park(self, upstream: Upstream) -> None:
+        """An upstream with no transaction open: into the connection cache for reuse, or
+        QUIT when caching is off."""
         if self.context.pool is None:
             await upstream.quit()
         else:
