@@ -103,17 +103,22 @@ async def test_workers_share_the_listener_and_each_serve_status(
     assert not any(alive(pid) for pid in worker_pids(started).values())
 
 
+async def kill_and_await_restart(started: SidecarProcess, index: int) -> None:
+    """SIGKILL worker ``index``; return once the supervisor has started its successor."""
+    killed = worker_pids(started)[index]
+    os.kill(killed, signal.SIGKILL)
+    await wait_for_log(started, "restarting it")
+    with trio.fail_after(10):
+        while worker_pids(started)[index] == killed:
+            await trio.sleep(0.05)
+
+
 async def test_a_worker_that_dies_is_restarted(
     cli_stack: CliStack, processes: Processes, lab: Lab
 ) -> None:
     with_workers(cli_stack, lab)
     started = await start_workers(cli_stack, processes)
-    killed = worker_pids(started)[1]
-    os.kill(killed, signal.SIGKILL)
-    await wait_for_log(started, "restarting it")
-    with trio.fail_after(10):
-        while worker_pids(started)[1] == killed:
-            await trio.sleep(0.05)
+    await kill_and_await_restart(started, 1)
     # Connections that arrive while a worker is down wait in its backlog: none is refused.
     await send_ok(cli_stack, 16)
     assert len(await cli_stack.mxes[0].wait_for_messages(16)) == 16
@@ -285,11 +290,7 @@ async def test_a_restarted_worker_gets_the_configuration_reloaded_before(
     started.process.send_signal(signal.SIGHUP)
     await wait_for_log(started, "[worker 0] sidecar.server: configuration reloaded")
     await wait_for_log(started, "[worker 1] sidecar.server: configuration reloaded")
-    killed = worker_pids(started)[1]
-    os.kill(killed, signal.SIGKILL)
-    with trio.fail_after(10):
-        while worker_pids(started)[1] == killed:
-            await trio.sleep(0.05)
+    await kill_and_await_restart(started, 1)
     await trio.sleep(0.5)  # the new worker 1 accepting
     # SO_REUSEPORT spreads connections by their ports: 24 reach both workers.
     banners = [await trio.to_thread.run_sync(banner, cli_stack.listener) for _ in range(24)]
